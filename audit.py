@@ -1,0 +1,29 @@
+"""The audit log: who did what to which subject, and when."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Index, String
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db import Base, utcnow
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_subject", "subject"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))  # "cli:<user>", "link", "webhook", "worker"
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(200))  # e.g. "invoice:INV-0001"
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+def record(session: AsyncSession, actor: str, action: str, subject: str, **details: Any) -> None:
+    """Add an audit entry to the caller's transaction."""
+    session.add(AuditEntry(actor=actor, action=action, subject=subject, details=details or None))

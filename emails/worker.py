@@ -1,0 +1,209 @@
+"""The outbox worker: `python -m emails.worker` sends due messages over one reused SMTP connection.
+
+`--once` sends what is due and exits. The demo and the tests may run `run_forever` in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate
+
+import aiosmtplib
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from emails.outbox import ClaimedMessage, claim_due_messages, mark_failed, mark_sent
+from settings import ConfigError, Settings
+
+log = logging.getLogger("paylink.outbox")
+
+
+class TransientSendError(Exception):
+    """The server or the network said "not now": retry later."""
+
+
+class PermanentSendError(Exception):
+    """The server refused this message for good (5xx): do not retry."""
+
+
+def build_mime(settings: Settings, message: ClaimedMessage) -> EmailMessage:
+    mime = EmailMessage()
+    mime["From"] = settings.mail_from
+    mime["To"] = message.recipient
+    if settings.reply_to:
+        mime["Reply-To"] = settings.reply_to
+    mime["Subject"] = message.subject
+    mime["Date"] = formatdate(localtime=False, usegmt=True)
+    mime["Message-ID"] = message.message_id
+    mime["Auto-Submitted"] = "auto-generated"
+    mime["X-Auto-Response-Suppress"] = "All"
+    mime.set_content(message.text)
+    mime.add_alternative(message.html, subtype="html")
+    return mime
+
+
+class SmtpSender:
+    """One SMTP connection, opened on first use and reused across messages and batches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        if self._smtp is not None and self._smtp.is_connected:
+            return self._smtp
+        s = self._settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            timeout=s.smtp_timeout_seconds,
+            use_tls=s.smtp_tls == "tls",
+            start_tls=True if s.smtp_tls == "starttls" else False,
+            username=s.smtp_username,
+            password=str(s.smtp_password) if s.smtp_password else None,
+        )
+        try:
+            await smtp.connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientSendError(f"cannot connect to {s.smtp_host}:{s.smtp_port}: {exc}") from None
+        self._smtp = smtp
+        return smtp
+
+    async def send(self, mime: EmailMessage) -> None:
+        smtp = await self._connection()
+        try:
+            await smtp.send_message(mime)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+            if all(500 <= c < 600 for c in codes):
+                raise PermanentSendError(detail) from None
+            raise TransientSendError(detail) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            detail = f"{exc.code} {exc.message}"
+            if 500 <= exc.code < 600:
+                raise PermanentSendError(detail) from None
+            await self.close()
+            raise TransientSendError(detail) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self.close()
+            raise TransientSendError(str(exc) or type(exc).__name__) from None
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None and smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    retrying: int = 0
+    dead: int = 0
+
+
+async def send_batch(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender, report: SendReport
+) -> int:
+    """Claim one batch of due messages and send them. Returns how many were claimed."""
+    batch = await claim_due_messages(sessions, batch_size=settings.outbox_batch_size, lease_seconds=settings.outbox_lease_seconds)
+    sent: list[int] = []
+    for message in batch:
+        try:
+            await sender.send(build_mime(settings, message))
+        except (TransientSendError, PermanentSendError) as exc:
+            permanent = isinstance(exc, PermanentSendError)
+            status = await mark_failed(sessions, settings, message, str(exc), permanent=permanent)
+            log.warning("email.failed id=%s kind=%s status=%s error=%s", message.id, message.kind, status, exc)
+            if status == "dead":
+                report.dead += 1
+            else:
+                report.retrying += 1
+            continue
+        sent.append(message.id)
+        # Record in small groups: a crash loses the record of at most a few sends (resent, same Message-ID).
+        if len(sent) >= 20:
+            await mark_sent(sessions, sent)
+            report.sent += len(sent)
+            sent = []
+    await mark_sent(sessions, sent)
+    report.sent += len(sent)
+    return len(batch)
+
+
+async def run_once(sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender | None = None) -> SendReport:
+    """Send everything that is due now, batch after batch, then return what happened."""
+    own_sender = sender is None
+    sender = sender or SmtpSender(settings)
+    report = SendReport()
+    try:
+        while await send_batch(sessions, settings, sender, report) >= settings.outbox_batch_size:
+            pass
+    finally:
+        if own_sender:
+            await sender.close()
+    return report
+
+
+async def run_forever(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, wakeup: asyncio.Event | None = None
+) -> None:
+    """Poll the outbox until cancelled; `wakeup.set()` makes it look at once (used after a commit)."""
+    sender = SmtpSender(settings)
+    wakeup = wakeup or asyncio.Event()
+    try:
+        while True:
+            try:
+                await run_once(sessions, settings, sender)
+            except Exception:  # the loop must survive a database hiccup; the error is logged
+                log.exception("outbox.loop_error")
+            wakeup.clear()
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout=settings.outbox_poll_seconds)
+            except TimeoutError:
+                pass
+    finally:
+        await sender.close()
+
+
+async def _main(once: bool) -> int:
+    from db import create_engine, create_session_factory
+
+    settings = Settings.from_env()
+    engine = create_engine(settings.database_url)
+    sessions = create_session_factory(engine)
+    try:
+        if once:
+            report = await run_once(sessions, settings)
+            print(f"sent {report.sent}, retrying {report.retrying}, dead {report.dead}")
+        else:
+            log.info("outbox worker started")
+            await run_forever(sessions, settings)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emails.worker", description="Send queued emails from the outbox.")
+    parser.add_argument("--once", action="store_true", help="send what is due now and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return asyncio.run(_main(args.once))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

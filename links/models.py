@@ -1,0 +1,92 @@
+"""Customers, invoices and the payment links that point at them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db import Base, new_id, utcnow
+
+
+class InvoiceStatus:
+    OPEN = "open"
+    PROCESSING = "processing"
+    PAID = "paid"
+    VOID = "void"
+    REFUNDED = "refunded"
+    PARTIALLY_REFUNDED = "partially_refunded"
+
+    ALL = (OPEN, PROCESSING, PAID, VOID, REFUNDED, PARTIALLY_REFUNDED)
+    PAYABLE = (OPEN,)
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # normalized: trimmed, lower-case
+    name: Mapped[str] = mapped_column(String(200))
+    email_verified_at: Mapped[datetime | None]
+    email_verified_by: Mapped[str | None] = mapped_column(String(200))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    locale: Mapped[str | None] = mapped_column(String(16))
+    # Set when mail to this address failed permanently; sends to it pause until the address changes.
+    email_undeliverable_at: Mapped[datetime | None]
+    email_undeliverable_reason: Mapped[str | None] = mapped_column(Text)
+    address_line1: Mapped[str | None] = mapped_column(String(200))
+    address_line2: Mapped[str | None] = mapped_column(String(200))
+    postal_code: Mapped[str | None] = mapped_column(String(32))
+    city: Mapped[str | None] = mapped_column(String(100))
+    country: Mapped[str | None] = mapped_column(String(2))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def is_verified(self) -> bool:
+        return self.email_verified_at is not None
+
+    @property
+    def address_lines(self) -> list[str]:
+        city_line = " ".join(p for p in (self.postal_code, self.city) if p)
+        return [p for p in (self.address_line1, self.address_line2, city_line, self.country) if p]
+
+
+class Invoice(Base):
+    __tablename__ = "invoices"
+    __table_args__ = (
+        CheckConstraint("amount_due > 0", name="amount_due_positive"),
+        Index("ix_invoices_customer_id", "customer_id"),
+        Index("ix_invoices_status", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    number: Mapped[str] = mapped_column(String(64), unique=True)
+    customer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("customers.id"))
+    currency: Mapped[str] = mapped_column(String(3))  # ISO 4217, lower-case as Stripe wants it
+    amount_due: Mapped[int]  # minor units
+    amount_paid: Mapped[int] = mapped_column(default=0)
+    amount_refunded: Mapped[int] = mapped_column(default=0)
+    description: Mapped[str] = mapped_column(Text)
+    line_items: Mapped[list[dict[str, object]] | None] = mapped_column(JSON)
+    due_date: Mapped[date | None]
+    status: Mapped[str] = mapped_column(String(24), default=InvoiceStatus.OPEN)
+    needs_attention: Mapped[str | None] = mapped_column(Text)  # why finance must look at it
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    paid_at: Mapped[datetime | None]
+
+
+class PaymentLink(Base):
+    __tablename__ = "payment_links"
+    __table_args__ = (Index("ix_payment_links_invoice_id", "invoice_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)  # the UUID in the URL
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    first_opened_at: Mapped[datetime | None]
+    last_opened_at: Mapped[datetime | None]
+    open_count: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,70 @@
+"""Signed, expiring link tokens.
+
+A token carries a link's UUID and its expiry, signed with HMAC-SHA256 (itsdangerous). Forged and
+expired tokens are rejected here, in memory, before any database query. Keys come from
+LINK_SECRET_KEYS, newest first: the newest signs, every listed key verifies, so keys rotate by
+prepending a new one and later dropping the old. Each purpose has its own salt, so a token made
+for one purpose (pay) can never be used for another (verify an email address).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from itsdangerous import BadSignature, URLSafeSerializer
+
+
+class Purpose:
+    PAY = "paylink.pay.v1"
+    VERIFY_EMAIL = "paylink.verify-email.v1"
+
+
+class TokenInvalid(Exception):
+    """The token was not made by us (forged, tampered, truncated, wrong purpose or retired key)."""
+
+
+class TokenExpired(Exception):
+    """The token is ours but its time is up; `subject_id` says which link or customer it named."""
+
+    def __init__(self, subject_id: uuid.UUID, expired_at: datetime) -> None:
+        super().__init__("token expired")
+        self.subject_id = subject_id
+        self.expired_at = expired_at
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    subject_id: uuid.UUID
+    expires_at: datetime
+
+
+class TokenSigner:
+    def __init__(self, keys: Sequence[str], purpose: str) -> None:
+        if not keys:
+            raise ValueError("at least one signing key is required")
+        # itsdangerous signs with the *last* key and verifies with all of them.
+        self._serializer = URLSafeSerializer(
+            list(reversed(keys)), salt=purpose, signer_kwargs={"digest_method": hashlib.sha256}
+        )
+
+    def sign(self, subject_id: uuid.UUID, expires_at: datetime) -> str:
+        return self._serializer.dumps([subject_id.hex, int(expires_at.timestamp())])
+
+    def verify(self, token: str, now: datetime | None = None) -> TokenClaims:
+        """Return the claims of a valid token; raise TokenExpired or TokenInvalid otherwise."""
+        if len(token) > 512:
+            raise TokenInvalid("token too long")
+        try:
+            payload = self._serializer.loads(token)
+            subject_hex, expires_ts = payload
+            subject_id = uuid.UUID(hex=subject_hex)
+            expires_at = datetime.fromtimestamp(int(expires_ts), UTC)
+        except (BadSignature, ValueError, TypeError) as exc:
+            raise TokenInvalid(str(exc)) from None
+        if (now or datetime.now(UTC)) >= expires_at:
+            raise TokenExpired(subject_id, expires_at)
+        return TokenClaims(subject_id, expires_at)

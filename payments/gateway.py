@@ -1,0 +1,280 @@
+"""The Stripe gateway: the only module that imports `stripe`.
+
+Every call here is valid for the real Stripe API *and* accepted by localstripe, the stateful
+emulator the tests and the demo run against. localstripe rejects parameters it does not know, so
+each call sends only what both accept (noted beside each call). Results come back as plain
+dataclasses so that services never touch SDK objects.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import stripe
+
+from settings import Settings
+
+
+class GatewayError(Exception):
+    """Stripe refused the request (bad parameters, unknown object). Not the customer's fault."""
+
+
+class GatewayUnavailable(GatewayError):
+    """We could not hear Stripe's answer (timeout, connection error, 5xx, rate limit)."""
+
+
+class CardDeclined(GatewayError):
+    def __init__(self, message: str, code: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class InvalidSignature(Exception):
+    """A webhook whose Stripe-Signature does not verify (or is older than the tolerance)."""
+
+
+@dataclass(frozen=True)
+class CardSummary:
+    payment_method_id: str
+    brand: str
+    last4: str
+    exp_month: int | None
+    exp_year: int | None
+    customer_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IntentSnapshot:
+    """What Stripe says about a PaymentIntent right now."""
+
+    id: str
+    status: str
+    amount: int
+    currency: str
+    customer_id: str | None
+    payment_method_id: str | None
+    client_secret: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    error_code: str | None = None
+    error_message: str | None = None
+    latest_charge_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SetupSnapshot:
+    id: str
+    status: str
+    customer_id: str | None
+    payment_method_id: str | None
+    client_secret: str | None
+
+
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def card_summary(pm: Any) -> CardSummary:
+    card = _get(pm, "card") or {}
+    return CardSummary(
+        payment_method_id=_get(pm, "id"),
+        brand=str(_get(card, "brand") or "card"),
+        last4=str(_get(card, "last4") or "????"),
+        exp_month=_get(card, "exp_month"),
+        exp_year=_get(card, "exp_year"),
+        customer_id=_get(pm, "customer"),
+    )
+
+
+def intent_snapshot(pi: Any) -> IntentSnapshot:
+    """Build a snapshot from an SDK object or from a webhook's plain `data.object` dict."""
+    error = _get(pi, "last_payment_error") or {}
+    charge = _get(pi, "latest_charge")
+    if charge is not None and not isinstance(charge, str):
+        charge = _get(charge, "id")
+    metadata = _get(pi, "metadata") or {}
+    return IntentSnapshot(
+        id=_get(pi, "id"),
+        status=_get(pi, "status"),
+        amount=int(_get(pi, "amount")),
+        currency=str(_get(pi, "currency")).lower(),
+        customer_id=_get(pi, "customer"),
+        payment_method_id=_ref_id(_get(pi, "payment_method")),
+        client_secret=_get(pi, "client_secret"),
+        metadata={str(k): str(v) for k, v in dict(metadata).items()},
+        error_code=_get(error, "code"),
+        error_message=_get(error, "message"),
+        latest_charge_id=charge,
+    )
+
+
+def _ref_id(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return str(_get(value, "id"))
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    try:
+        return obj[key]
+    except (KeyError, TypeError):
+        return getattr(obj, key, None)
+
+
+class StripeGateway:
+    def __init__(self, settings: Settings) -> None:
+        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+        self._client = stripe.StripeClient(
+            str(settings.stripe_secret_key),
+            base_addresses=base,  # type: ignore[arg-type]
+            max_network_retries=settings.stripe_max_network_retries,
+            http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
+        )
+        self._webhook_secret = str(settings.stripe_webhook_secret)
+
+    # --- customers and payment methods ---------------------------------------------------------
+
+    async def create_customer(self, email: str, name: str) -> str:
+        # localstripe accepts: name, email, description, phone, address, metadata, ...
+        customer = await self._call(self._client.v1.customers.create_async, {"email": email, "name": name})
+        return str(customer.id)
+
+    async def default_payment_method(self, customer_id: str) -> str | None:
+        customer = await self._call(self._client.v1.customers.retrieve_async, customer_id)
+        settings = _get(customer, "invoice_settings") or {}
+        return _ref_id(_get(settings, "default_payment_method"))
+
+    async def list_cards(self, customer_id: str) -> list[CardSummary]:
+        # localstripe requires both `customer` and `type=card`; Stripe accepts both.
+        result = await self._call(
+            self._client.v1.payment_methods.list_async, {"customer": customer_id, "type": "card", "limit": 100}
+        )
+        return [card_summary(pm) for pm in result.data]
+
+    async def retrieve_card(self, payment_method_id: str) -> CardSummary:
+        pm = await self._call(self._client.v1.payment_methods.retrieve_async, payment_method_id)
+        return card_summary(pm)
+
+    async def attach_card(self, payment_method_id: str, customer_id: str) -> CardSummary:
+        # localstripe accepts only `customer` here (as does Stripe for cards).
+        pm = await self._call(
+            self._client.v1.payment_methods.attach_async, payment_method_id, {"customer": customer_id}
+        )
+        return card_summary(pm)
+
+    async def set_default_payment_method(self, customer_id: str, payment_method_id: str) -> None:
+        await self._call(
+            self._client.v1.customers.update_async,
+            customer_id,
+            {"invoice_settings": {"default_payment_method": payment_method_id}},
+        )
+
+    # --- payment intents -----------------------------------------------------------------------
+
+    async def create_payment_intent(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        customer_id: str,
+        payment_method_id: str,
+        metadata: dict[str, str],
+        idempotency_key: str,
+    ) -> IntentSnapshot:
+        # Only parameters localstripe knows: amount, currency, customer, payment_method, metadata,
+        # payment_method_types. Not confirmed here: the id is committed first, then confirmed.
+        # localstripe ignores Idempotency-Key; our database's unique attempt key is the first line.
+        params: dict[str, Any] = {
+            "amount": amount,
+            "currency": currency,
+            "customer": customer_id,
+            "payment_method": payment_method_id,
+            "payment_method_types": ["card"],
+            "metadata": metadata,
+        }
+        pi = await self._call(
+            self._client.v1.payment_intents.create_async, params, {"idempotency_key": idempotency_key}
+        )
+        return intent_snapshot(pi)
+
+    async def confirm_payment_intent(self, intent_id: str, idempotency_key: str) -> IntentSnapshot:
+        """Confirm; a decline comes back as a snapshot carrying the error, not as an exception."""
+        try:
+            # localstripe's confirm takes no parameters beyond the id (the method is already set).
+            pi = await self._call(
+                self._client.v1.payment_intents.confirm_async, intent_id, None, {"idempotency_key": idempotency_key}
+            )
+        except CardDeclined:
+            return await self.retrieve_payment_intent(intent_id)
+        return intent_snapshot(pi)
+
+    async def retrieve_payment_intent(self, intent_id: str) -> IntentSnapshot:
+        pi = await self._call(self._client.v1.payment_intents.retrieve_async, intent_id)
+        return intent_snapshot(pi)
+
+    # --- new cards -----------------------------------------------------------------------------
+
+    async def create_setup_intent(self, customer_id: str) -> SetupSnapshot:
+        # localstripe accepts customer, usage, payment_method_types, metadata.
+        seti = await self._call(
+            self._client.v1.setup_intents.create_async,
+            {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"]},
+        )
+        return self._setup_snapshot(seti)
+
+    async def retrieve_setup_intent(self, setup_intent_id: str) -> SetupSnapshot:
+        seti = await self._call(self._client.v1.setup_intents.retrieve_async, setup_intent_id)
+        return self._setup_snapshot(seti)
+
+    @staticmethod
+    def _setup_snapshot(seti: Any) -> SetupSnapshot:
+        return SetupSnapshot(
+            id=str(seti.id),
+            status=str(seti.status),
+            customer_id=_ref_id(_get(seti, "customer")),
+            payment_method_id=_ref_id(_get(seti, "payment_method")),
+            client_secret=_get(seti, "client_secret"),
+        )
+
+    # --- events --------------------------------------------------------------------------------
+
+    def parse_webhook(self, payload: bytes, signature: str | None) -> dict[str, Any]:
+        """Verify Stripe-Signature before anything reads the body, then return the event as a dict."""
+        try:
+            stripe.WebhookSignature.verify_header(
+                payload.decode("utf-8"), signature or "", self._webhook_secret, WEBHOOK_TOLERANCE_SECONDS
+            )
+            event = json.loads(payload)
+        except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidSignature(str(exc)) from None
+        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or "type" not in event:
+            raise InvalidSignature("payload is not a Stripe event")
+        return event
+
+    async def list_events(self, created_after: int | None, limit: int = 100) -> list[dict[str, Any]]:
+        """Events newer than `created_after`, oldest first (localstripe accepts type, created, limit)."""
+        params: dict[str, Any] = {"limit": limit}
+        if created_after is not None:
+            params["created"] = {"gt": created_after}
+        result = await self._call(self._client.v1.events.list_async, params)
+        events = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in result.data]
+        return sorted(events, key=lambda e: (e.get("created") or 0, e.get("id")))
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    async def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return await method(*args)
+        except stripe.CardError as exc:
+            raise CardDeclined(exc.user_message or str(exc), exc.code) from None
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+            raise GatewayUnavailable(str(exc)) from None
+        except stripe.StripeError as exc:
+            if (exc.http_status or 0) >= 500:
+                raise GatewayUnavailable(str(exc)) from None
+            raise GatewayError(exc.user_message or str(exc)) from None

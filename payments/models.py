@@ -1,0 +1,76 @@
+"""Payments (one per PaymentIntent attempt), saved payment profiles and received webhook events."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from db import Base, new_id, utcnow
+
+
+class PaymentStatus:
+    CREATED = "created"  # attempt claimed in our database, no PaymentIntent yet
+    REQUIRES_CONFIRMATION = "requires_confirmation"  # PaymentIntent created, not yet confirmed
+    REQUIRES_ACTION = "requires_action"  # 3-D Secure in progress
+    PROCESSING = "processing"
+    PENDING = "pending"  # we could not hear Stripe's answer; webhook or reconcile will tell
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    FINAL = (SUCCEEDED, FAILED, CANCELED)
+    LIVE = (CREATED, REQUIRES_CONFIRMATION, REQUIRES_ACTION, PROCESSING, PENDING)
+
+
+class Payment(Base):
+    __tablename__ = "payments"
+    __table_args__ = (Index("ix_payments_invoice_id", "invoice_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
+    # Set to invoice_id while the attempt is live and cleared when it ends: the unique constraint
+    # allows one live attempt per invoice (NULLs never collide), so a double submit finds it.
+    live_invoice_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    stripe_payment_method_id: Mapped[str | None] = mapped_column(String(255))
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    amount: Mapped[int]
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(32), default=PaymentStatus.CREATED)
+    brand: Mapped[str | None] = mapped_column(String(32))
+    last4: Mapped[str | None] = mapped_column(String(4))
+    failure_code: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    amount_refunded: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    succeeded_at: Mapped[datetime | None]
+
+
+class PaymentProfile(Base):
+    __tablename__ = "payment_profiles"
+    __table_args__ = (Index("ix_payment_profiles_customer_id", "customer_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    customer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("customers.id"))
+    stripe_payment_method_id: Mapped[str] = mapped_column(String(255), unique=True)
+    brand: Mapped[str] = mapped_column(String(32))
+    last4: Mapped[str] = mapped_column(String(4))
+    exp_month: Mapped[int | None]
+    exp_year: Mapped[int | None]
+    is_default: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookEvent(Base):
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # Stripe's event id
+    type: Mapped[str] = mapped_column(String(100))
+    stripe_created: Mapped[int | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None]

@@ -1,0 +1,480 @@
+"""Money state: pay with a saved profile, apply what Stripe says, keep saved profiles in sync.
+
+One state machine (`apply_intent`) serves the pay POST, the webhooks and reconcile alike. Its rules:
+a succeeded payment never moves back; a paid invoice never moves back to open; every transition
+that a customer should hear about queues its email in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import audit
+from db import utcnow
+from emails import outbox
+from emails.messages import receipt_message
+from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
+from links.service import customer_locale, invoice_facts
+from payments.gateway import CardDeclined, CardSummary, GatewayError, GatewayUnavailable, IntentSnapshot, StripeGateway, intent_snapshot
+from payments.models import Payment, PaymentProfile, PaymentStatus, WebhookEvent
+from settings import Settings
+
+log = logging.getLogger("paylink.payments")
+
+# A claimed attempt that never got a PaymentIntent id (the process died, or Stripe never answered
+# the create) cannot have charged anyone: it is released after this long so the customer can retry.
+STALE_CLAIM = timedelta(minutes=2)
+
+
+class PaymentRefused(Exception):
+    """The pay request cannot go ahead (link or invoice not payable, unknown card); one clear line."""
+
+
+@dataclass(frozen=True)
+class PayOutcome:
+    status: str  # a PaymentStatus value
+    payment_id: uuid.UUID
+    client_secret: str | None = None  # for 3-D Secure in the browser
+    error_message: str | None = None
+
+
+# --- saved payment profiles -----------------------------------------------------------------------
+
+
+async def upsert_profile(session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None) -> PaymentProfile:
+    profile = (
+        await session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
+    ).scalar_one_or_none()
+    if profile is None:
+        profile = PaymentProfile(customer_id=customer_id, stripe_payment_method_id=card.payment_method_id, brand=card.brand, last4=card.last4)
+        session.add(profile)
+    profile.customer_id = customer_id
+    profile.brand, profile.last4 = card.brand, card.last4
+    profile.exp_month, profile.exp_year = card.exp_month, card.exp_year
+    if is_default is not None:
+        await _set_default(session, customer_id, card.payment_method_id if is_default else None)
+        profile.is_default = is_default
+    await session.flush()
+    return profile
+
+
+async def _set_default(session: AsyncSession, customer_id: uuid.UUID, payment_method_id: str | None) -> None:
+    await session.execute(
+        update(PaymentProfile)
+        .where(PaymentProfile.customer_id == customer_id)
+        .values(is_default=PaymentProfile.stripe_payment_method_id == payment_method_id if payment_method_id else False)
+    )
+
+
+async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, customer_id: uuid.UUID) -> list[PaymentProfile]:
+    """Replace a customer's saved profiles with what Stripe holds (called when a link is issued).
+
+    Stripe is asked before the write transaction opens, so no lock is held across the network."""
+    async with sessions() as session:
+        customer = await session.get_one(Customer, customer_id)
+    if not customer.stripe_customer_id:
+        return []
+    cards = await gateway.list_cards(customer.stripe_customer_id)
+    default = await gateway.default_payment_method(customer.stripe_customer_id)
+    if default is None and cards:
+        default = cards[0].payment_method_id
+    async with sessions.begin() as session:
+        await session.execute(
+            delete(PaymentProfile).where(
+                PaymentProfile.customer_id == customer_id,
+                PaymentProfile.stripe_payment_method_id.not_in([c.payment_method_id for c in cards]),
+            )
+        )
+        profiles = [await upsert_profile(session, customer_id, card, is_default=card.payment_method_id == default) for card in cards]
+    return profiles
+
+
+# --- paying ---------------------------------------------------------------------------------------
+
+
+async def pay_with_saved_profile(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    *,
+    link_id: uuid.UUID,
+    payment_method_id: str,
+) -> PayOutcome:
+    """Pay the invoice's stored amount with a saved card, in phases that survive a crash anywhere.
+
+    1. Claim the attempt in our database (one live attempt per invoice, by a unique key): a double
+       submit or a second tab finds the first attempt instead of starting another.
+    2. Create the PaymentIntent with an idempotency key derived from the attempt; commit its id.
+    3. Confirm it and record the result through the state machine.
+    A crash after 2 leaves an id that the webhook, the next request or `reconcile` can look up;
+    money only moves at 3, which runs only for an id we have committed.
+    """
+    claimed = await _claim_attempt(sessions, link_id=link_id, payment_method_id=payment_method_id)
+    if isinstance(claimed, PayOutcome):
+        return claimed
+    payment, customer_stripe_id, invoice_number = claimed
+
+    try:
+        snapshot = await gateway.create_payment_intent(
+            amount=payment.amount,
+            currency=payment.currency,
+            customer_id=customer_stripe_id,
+            payment_method_id=payment_method_id,
+            metadata={"invoice_id": str(payment.invoice_id), "payment_id": str(payment.id), "invoice_number": invoice_number},
+            idempotency_key=payment.idempotency_key,
+        )
+    except GatewayUnavailable as exc:
+        return await _mark_pending(sessions, payment.id, str(exc))
+    except GatewayError as exc:
+        return await _fail_attempt(sessions, payment.id, exc)
+
+    async with sessions.begin() as session:
+        row = await session.get_one(Payment, payment.id)
+        row.stripe_payment_intent_id = snapshot.id
+        row.status = PaymentStatus.REQUIRES_CONFIRMATION
+
+    try:
+        snapshot = await gateway.confirm_payment_intent(snapshot.id, f"{payment.idempotency_key}:confirm")
+    except GatewayUnavailable as exc:
+        return await _mark_pending(sessions, payment.id, str(exc))
+    except GatewayError as exc:
+        # Stripe refused to confirm: ask it what state the intent is in rather than guess.
+        try:
+            snapshot = await gateway.retrieve_payment_intent(snapshot.id)
+        except GatewayError:
+            return await _fail_attempt(sessions, payment.id, exc)
+    async with sessions.begin() as session:
+        row = await apply_intent(session, settings, snapshot, actor="link")
+        assert row is not None  # the payment row exists: we committed its intent id above
+        return _outcome(row, snapshot)
+
+
+class _ClaimedElsewhere(Exception):
+    """Another request claimed the invoice between our read and our write."""
+
+
+async def _claim_attempt(
+    sessions: async_sessionmaker[AsyncSession], *, link_id: uuid.UUID, payment_method_id: str
+) -> tuple[Payment, str, str] | PayOutcome:
+    try:
+        return await _try_claim(sessions, link_id=link_id, payment_method_id=payment_method_id)
+    except _ClaimedElsewhere as exc:
+        async with sessions() as session:
+            existing = await _live_payment(session, uuid.UUID(str(exc)))
+        if existing is None:
+            raise PaymentRefused("Please try again.") from None
+        return PayOutcome(existing.status, existing.id)
+
+
+async def _try_claim(
+    sessions: async_sessionmaker[AsyncSession], *, link_id: uuid.UUID, payment_method_id: str
+) -> tuple[Payment, str, str] | PayOutcome:
+    async with sessions.begin() as session:
+        row = (
+            await session.execute(
+                select(PaymentLink, Invoice, Customer)
+                .join(Invoice, Invoice.id == PaymentLink.invoice_id)
+                .join(Customer, Customer.id == Invoice.customer_id)
+                .where(PaymentLink.id == link_id)
+            )
+        ).one_or_none()
+        if row is None:
+            raise PaymentRefused("This payment link does not exist.")
+        link, invoice, customer = row
+        now = utcnow()
+        if link.revoked_at is not None or link.expires_at <= now:
+            raise PaymentRefused("This payment link is no longer valid.")
+        live = await _live_payment(session, invoice.id)
+        if live is not None:
+            if live.stripe_payment_intent_id is None and live.status == PaymentStatus.CREATED and now - live.created_at > STALE_CLAIM:
+                _release(live, PaymentStatus.CANCELED, "abandoned before reaching Stripe")
+                await session.flush()
+            else:
+                return PayOutcome(live.status, live.id)
+        if invoice.status != InvoiceStatus.OPEN:
+            raise PaymentRefused(f"This invoice is {invoice.status}.")
+        profile = (
+            await session.execute(
+                select(PaymentProfile).where(
+                    PaymentProfile.customer_id == customer.id, PaymentProfile.stripe_payment_method_id == payment_method_id
+                )
+            )
+        ).scalar_one_or_none()
+        if profile is None or not customer.stripe_customer_id:
+            raise PaymentRefused("That card is not saved for this customer.")
+        payment_id = uuid.uuid4()
+        payment = Payment(
+            id=payment_id,
+            invoice_id=invoice.id,
+            live_invoice_id=invoice.id,
+            stripe_payment_method_id=payment_method_id,
+            idempotency_key=f"paylink-{invoice.id}-{payment_id}",
+            amount=invoice.amount_due - invoice.amount_paid,
+            currency=invoice.currency,
+            brand=profile.brand,
+            last4=profile.last4,
+            status=PaymentStatus.CREATED,
+        )
+        session.add(payment)
+        try:
+            await session.flush()
+        except IntegrityError:
+            raise _ClaimedElsewhere(str(invoice.id)) from None
+        audit.record(session, "link", "payment.claim", f"invoice:{invoice.number}", payment=str(payment_id))
+        return payment, customer.stripe_customer_id, invoice.number
+
+
+async def _live_payment(session: AsyncSession, invoice_id: uuid.UUID) -> Payment | None:
+    return (await session.execute(select(Payment).where(Payment.live_invoice_id == invoice_id))).scalar_one_or_none()
+
+
+def _release(payment: Payment, status: str, message: str | None = None, code: str | None = None) -> None:
+    payment.status = status
+    payment.live_invoice_id = None
+    payment.failure_message = message
+    payment.failure_code = code
+
+
+async def _mark_pending(sessions: async_sessionmaker[AsyncSession], payment_id: uuid.UUID, error: str) -> PayOutcome:
+    """We could not hear Stripe: the money may or may not have moved. Never say "failed"."""
+    log.warning("payment.pending payment=%s error=%s", payment_id, error)
+    async with sessions.begin() as session:
+        row = await session.get_one(Payment, payment_id)
+        if row.status not in PaymentStatus.FINAL:
+            row.status = PaymentStatus.PENDING
+        return PayOutcome(row.status, row.id)
+
+
+async def _fail_attempt(sessions: async_sessionmaker[AsyncSession], payment_id: uuid.UUID, exc: GatewayError) -> PayOutcome:
+    code = exc.code if isinstance(exc, CardDeclined) else None
+    async with sessions.begin() as session:
+        row = await session.get_one(Payment, payment_id)
+        _release(row, PaymentStatus.FAILED, str(exc), code)
+        return PayOutcome(row.status, row.id, error_message=row.failure_message)
+
+
+def _outcome(payment: Payment, snapshot: IntentSnapshot) -> PayOutcome:
+    secret = snapshot.client_secret if payment.status == PaymentStatus.REQUIRES_ACTION else None
+    return PayOutcome(payment.status, payment.id, client_secret=secret, error_message=payment.failure_message)
+
+
+async def refresh_payment(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, payment_id: uuid.UUID, *, actor: str) -> PayOutcome:
+    """Ask Stripe about one payment and apply its answer (after 3-D Secure, for `reconcile`)."""
+    async with sessions() as session:
+        payment = await session.get_one(Payment, payment_id)
+    if payment.stripe_payment_intent_id is None:
+        return PayOutcome(payment.status, payment.id)
+    try:
+        snapshot = await gateway.retrieve_payment_intent(payment.stripe_payment_intent_id)
+    except GatewayError:
+        return PayOutcome(payment.status, payment.id, error_message=payment.failure_message)
+    async with sessions.begin() as session:
+        row = await apply_intent(session, settings, snapshot, actor=actor)
+        assert row is not None
+        return _outcome(row, snapshot)
+
+
+# --- the state machine ----------------------------------------------------------------------------
+
+
+async def apply_intent(session: AsyncSession, settings: Settings, snapshot: IntentSnapshot, *, actor: str) -> Payment | None:
+    """Apply what Stripe says about a PaymentIntent. Idempotent; order of arrival does not matter."""
+    payment = await _payment_for_intent(session, snapshot)
+    if payment is None:
+        return None
+    invoice = await session.get_one(Invoice, payment.invoice_id)
+    status = snapshot.status
+    if payment.status == PaymentStatus.SUCCEEDED:
+        return payment  # money that arrived never un-arrives; late failures are ignored
+    if status == "succeeded":
+        await _payment_succeeded(session, settings, payment, invoice, snapshot, actor=actor)
+    elif status == "processing":
+        payment.status = PaymentStatus.PROCESSING
+        if invoice.status == InvoiceStatus.OPEN:
+            invoice.status = InvoiceStatus.PROCESSING
+    elif status == "requires_action":
+        if payment.status not in PaymentStatus.FINAL:
+            payment.status = PaymentStatus.REQUIRES_ACTION
+    elif status == "requires_payment_method" and (snapshot.error_message or snapshot.error_code or payment.status != PaymentStatus.CREATED):
+        if payment.status not in PaymentStatus.FINAL:
+            _release(payment, PaymentStatus.FAILED, snapshot.error_message or "The payment was not completed.", snapshot.error_code)
+            audit.record(session, actor, "payment.failed", f"invoice:{invoice.number}", payment=str(payment.id), code=snapshot.error_code)
+        if invoice.status == InvoiceStatus.PROCESSING:
+            invoice.status = InvoiceStatus.OPEN
+    elif status == "canceled":
+        if payment.status not in PaymentStatus.FINAL:
+            _release(payment, PaymentStatus.CANCELED, "The payment was canceled.")
+        if invoice.status == InvoiceStatus.PROCESSING:
+            invoice.status = InvoiceStatus.OPEN
+    await session.flush()
+    return payment
+
+
+async def _payment_for_intent(session: AsyncSession, snapshot: IntentSnapshot) -> Payment | None:
+    payment = (await session.execute(select(Payment).where(Payment.stripe_payment_intent_id == snapshot.id))).scalar_one_or_none()
+    if payment is not None:
+        return payment
+    # The process may have died before committing the intent id: find the attempt by its metadata.
+    payment_id = _uuid(snapshot.metadata.get("payment_id"))
+    if payment_id is not None:
+        payment = await session.get(Payment, payment_id)
+        if payment is not None and payment.stripe_payment_intent_id is None:
+            payment.stripe_payment_intent_id = snapshot.id
+            return payment
+    invoice_id = _uuid(snapshot.metadata.get("invoice_id"))
+    if invoice_id is None or await session.get(Invoice, invoice_id) is None:
+        return None  # not ours
+    # A payment for one of our invoices that we did not start (or whose row is gone): record it.
+    payment = Payment(
+        invoice_id=invoice_id,
+        stripe_payment_intent_id=snapshot.id,
+        stripe_payment_method_id=snapshot.payment_method_id,
+        idempotency_key=f"external-{snapshot.id}",
+        amount=snapshot.amount,
+        currency=snapshot.currency,
+        status=PaymentStatus.PROCESSING,
+    )
+    session.add(payment)
+    await session.flush()
+    return payment
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
+
+
+async def _payment_succeeded(
+    session: AsyncSession, settings: Settings, payment: Payment, invoice: Invoice, snapshot: IntentSnapshot, *, actor: str
+) -> None:
+    now = utcnow()
+    payment.status = PaymentStatus.SUCCEEDED
+    payment.live_invoice_id = None
+    payment.succeeded_at = now
+    payment.failure_code = payment.failure_message = None
+    payment.amount = snapshot.amount
+    subject = f"invoice:{invoice.number}"
+    audit.record(session, actor, "payment.succeeded", subject, payment=str(payment.id), intent=snapshot.id, amount=snapshot.amount)
+    if invoice.status in (InvoiceStatus.OPEN, InvoiceStatus.PROCESSING):
+        invoice.amount_paid += snapshot.amount
+        invoice.status = InvoiceStatus.PAID
+        invoice.paid_at = now
+        if invoice.amount_paid > invoice.amount_due:
+            _flag(session, settings, invoice, f"overpaid by {invoice.amount_paid - invoice.amount_due} (minor units)", actor)
+        await _queue_receipt(session, settings, invoice, payment)
+    else:
+        # Paid twice, or paid after it was voided: keep the money on record and tell finance.
+        invoice.amount_paid += snapshot.amount
+        _flag(session, settings, invoice, f"payment {snapshot.id} received while the invoice was {invoice.status}", actor)
+
+
+def _flag(session: AsyncSession, settings: Settings, invoice: Invoice, reason: str, actor: str) -> None:
+    invoice.needs_attention = reason if not invoice.needs_attention else f"{invoice.needs_attention}; {reason}"
+    audit.record(session, actor, "invoice.flagged", f"invoice:{invoice.number}", reason=reason)
+    outbox.alert_finance(session, settings, f"Invoice {invoice.number} needs attention", [reason], invoice_id=invoice.id)
+
+
+async def _queue_receipt(session: AsyncSession, settings: Settings, invoice: Invoice, payment: Payment) -> None:
+    customer = await session.get_one(Customer, invoice.customer_id)
+    content = receipt_message(
+        invoice_facts(settings, invoice, customer),
+        amount_paid=payment.amount,
+        brand=payment.brand,
+        last4=payment.last4,
+        paid_at=payment.succeeded_at or utcnow(),
+        link_url=None,
+        locale=customer_locale(settings, customer),
+    )
+    outbox.enqueue(session, settings, customer.email, content, invoice_id=invoice.id)
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+
+async def record_event(session: AsyncSession, event: dict[str, Any]) -> bool:
+    """Store the event id first, with an insert that cannot race. True if it is new."""
+    values = {"id": event["id"], "type": str(event.get("type")), "stripe_created": event.get("created"), "received_at": utcnow()}
+    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    result = await session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def apply_stripe_event(session: AsyncSession, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> None:
+    """Apply one verified, newly recorded event. Unknown types are stored and acknowledged."""
+    kind = str(event.get("type"))
+    obj = (event.get("data") or {}).get("object") or {}
+    if kind.startswith("payment_intent."):
+        await apply_intent(session, settings, intent_snapshot(obj), actor=actor)
+    elif kind == "charge.refunded":
+        await _apply_refund(session, settings, obj, actor)
+    elif kind == "charge.dispute.created":
+        await _apply_dispute(session, settings, obj, actor)
+    elif kind in ("payment_method.attached", "payment_method.updated", "payment_method.automatically_updated"):
+        await _apply_card(session, obj)
+    elif kind == "payment_method.detached":
+        await session.execute(delete(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == obj.get("id")))
+    elif kind == "customer.updated":
+        await _apply_customer(session, obj)
+    await session.execute(update(WebhookEvent).where(WebhookEvent.id == event["id"]).values(processed_at=utcnow()))
+
+
+async def _payment_by_intent_id(session: AsyncSession, intent_id: Any) -> Payment | None:
+    if not isinstance(intent_id, str):
+        return None
+    return (await session.execute(select(Payment).where(Payment.stripe_payment_intent_id == intent_id))).scalar_one_or_none()
+
+
+async def _apply_refund(session: AsyncSession, settings: Settings, charge: dict[str, Any], actor: str) -> None:
+    payment = await _payment_by_intent_id(session, charge.get("payment_intent"))
+    if payment is None:
+        return
+    # Stripe's amount_refunded is cumulative: keep the largest seen, so late or repeated events are harmless.
+    payment.amount_refunded = max(payment.amount_refunded, int(charge.get("amount_refunded") or 0))
+    invoice = await session.get_one(Invoice, payment.invoice_id)
+    refunded = sum((await session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
+    invoice.amount_refunded = refunded
+    if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED) and refunded > 0:
+        invoice.status = InvoiceStatus.REFUNDED if refunded >= invoice.amount_paid else InvoiceStatus.PARTIALLY_REFUNDED
+    audit.record(session, actor, "payment.refunded", f"invoice:{invoice.number}", refunded=refunded, intent=payment.stripe_payment_intent_id)
+
+
+async def _apply_dispute(session: AsyncSession, settings: Settings, dispute: dict[str, Any], actor: str) -> None:
+    payment = await _payment_by_intent_id(session, dispute.get("payment_intent"))
+    if payment is None:
+        return
+    invoice = await session.get_one(Invoice, payment.invoice_id)
+    reason = f"disputed: {dispute.get('reason') or 'no reason given'} ({dispute.get('amount')} {dispute.get('currency') or invoice.currency})"
+    _flag(session, settings, invoice, reason, actor)
+
+
+async def _apply_card(session: AsyncSession, pm: dict[str, Any]) -> None:
+    customer_stripe_id = pm.get("customer")
+    if not customer_stripe_id or pm.get("type", "card") != "card":
+        return
+    customer = (await session.execute(select(Customer).where(Customer.stripe_customer_id == customer_stripe_id))).scalar_one_or_none()
+    if customer is not None:
+        from payments.gateway import card_summary
+
+        await upsert_profile(session, customer.id, card_summary(pm))
+
+
+async def _apply_customer(session: AsyncSession, obj: dict[str, Any]) -> None:
+    customer = (await session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")))).scalar_one_or_none()
+    if customer is None:
+        return
+    default = ((obj.get("invoice_settings") or {}).get("default_payment_method"))
+    if isinstance(default, dict):
+        default = default.get("id")
+    await _set_default(session, customer.id, default)

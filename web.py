@@ -1,0 +1,137 @@
+"""Shared web plumbing: the per-app context, page rendering, CSRF tokens, security headers."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from i18n import LOCALE_NAMES, SUPPORTED_LOCALES, negotiate_locale, normalize_locale
+from links.opens import OpenRecorder
+from payments.gateway import StripeGateway
+from rendering import pages
+from settings import Settings
+
+CSRF_MAX_AGE_SECONDS = 24 * 3600
+
+
+@dataclass
+class Paylink:
+    """Everything a request needs, built once by the lifespan."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]  # read-write (BEGIN IMMEDIATE on SQLite)
+    readers: async_sessionmaker[AsyncSession]  # read-only transactions
+    gateway: StripeGateway
+    opens: OpenRecorder
+    outbox_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def paylink(request: Request) -> Paylink:
+    return request.state.paylink  # type: ignore[no-any-return]
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def request_locale(request: Request, stored: str | None, default: str) -> str:
+    """The customer's choice on this page (?lang=), then their stored locale, then Accept-Language."""
+    chosen = request.query_params.get("lang")
+    if chosen and normalize_locale(chosen, default="") in SUPPORTED_LOCALES:
+        return normalize_locale(chosen)
+    if stored:
+        return normalize_locale(stored, default)
+    return negotiate_locale(request.headers.get("accept-language"), normalize_locale(default))
+
+
+def render_page(request: Request, name: str, *, locale: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    settings = paylink(request).settings
+    html = pages.render(
+        name,
+        locale,
+        request=request,
+        csp_nonce=request.scope.get("csp_nonce", ""),
+        merchant=settings.merchant_name,
+        languages=LOCALE_NAMES,
+        **context,
+    )
+    return HTMLResponse(html, status_code=status_code)
+
+
+# --- CSRF: a signed token bound to the link the form belongs to ------------------------------------
+
+
+def _csrf_serializer(settings: Settings) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer([str(k) for k in reversed(settings.link_secret_keys)], salt="paylink.csrf.v1")
+
+
+def csrf_token(settings: Settings, link_id: uuid.UUID) -> str:
+    return _csrf_serializer(settings).dumps(link_id.hex)
+
+
+def csrf_valid(request: Request, settings: Settings, link_id: uuid.UUID, token: str | None) -> bool:
+    # A browser tells us when a form was posted from another site; refuse those outright.
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return False
+    if not token:
+        return False
+    try:
+        return bool(_csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS) == link_id.hex)
+    except BadSignature:
+        return False
+
+
+# --- security headers --------------------------------------------------------------------------------
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: CSP with a per-request nonce, and the other strict headers."""
+
+    def __init__(self, app: ASGIApp, *, stripe_origins: list[str], hsts: bool) -> None:
+        self.app = app
+        self.stripe = " ".join(dict.fromkeys(stripe_origins))
+        self.hsts = hsts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        nonce = secrets.token_urlsafe(16)
+        scope["csp_nonce"] = nonce
+        csp = (
+            f"default-src 'self'; script-src 'self' 'nonce-{nonce}' {self.stripe}; frame-src {self.stripe}; "
+            f"connect-src 'self' {self.stripe}; img-src 'self' data:; style-src 'self' 'nonce-{nonce}'; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+        )
+        path: str = scope.get("path", "")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", csp.encode()),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=(self)"),
+                ]
+                if self.hsts:
+                    headers.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+                if not path.startswith("/static/"):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
