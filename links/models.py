@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 
-from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db import Base, new_id, utcnow
@@ -90,3 +90,39 @@ class PaymentLink(Base):
     last_opened_at: Mapped[datetime | None]
     open_count: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LinkOpen(Base):
+    """The access log behind the usage report: one row per page open (no token, no IP address)."""
+
+    __tablename__ = "link_opens"
+    __table_args__ = (Index("ix_link_opens_opened_at", "opened_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    link_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("payment_links.id"))
+    opened_at: Mapped[datetime]
+
+
+class LinkRequest(Base):
+    """A customer asked for a fresh link from an expired one; kept for the rate limit."""
+
+    __tablename__ = "link_requests"
+    __table_args__ = (Index("ix_link_requests_invoice", "invoice_id", "requested_at"), Index("ix_link_requests_customer", "customer_id", "requested_at"))
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
+    customer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("customers.id"))
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent: Mapped[bool] = mapped_column(default=False)
+
+
+class ReminderSent(Base):
+    """One row per invoice and reminder point: the unique key makes `remind` safe to re-run."""
+
+    __tablename__ = "reminders_sent"
+    __table_args__ = (UniqueConstraint("invoice_id", "point"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
+    point: Mapped[str] = mapped_column(String(64))  # e.g. "due-3d", "link-expiry:<link id>"
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)

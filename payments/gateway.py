@@ -75,7 +75,14 @@ class SetupSnapshot:
 WEBHOOK_TOLERANCE_SECONDS = 300
 
 
+def _plain(obj: Any) -> Any:
+    """SDK objects become plain dicts (webhook payloads already are)."""
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if callable(to_dict) else obj
+
+
 def card_summary(pm: Any) -> CardSummary:
+    pm = _plain(pm)
     card = _get(pm, "card") or {}
     return CardSummary(
         payment_method_id=_get(pm, "id"),
@@ -89,6 +96,7 @@ def card_summary(pm: Any) -> CardSummary:
 
 def intent_snapshot(pi: Any) -> IntentSnapshot:
     """Build a snapshot from an SDK object or from a webhook's plain `data.object` dict."""
+    pi = _plain(pi)
     error = _get(pi, "last_payment_error") or {}
     charge = _get(pi, "latest_charge")
     if charge is not None and not isinstance(charge, str):
@@ -116,14 +124,7 @@ def _ref_id(value: Any) -> str | None:
 
 
 def _get(obj: Any, key: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, dict):
-        return obj.get(key)
-    try:
-        return obj[key]
-    except (KeyError, TypeError):
-        return getattr(obj, key, None)
+    return obj.get(key) if isinstance(obj, dict) else None
 
 
 class StripeGateway:
@@ -146,7 +147,7 @@ class StripeGateway:
 
     async def default_payment_method(self, customer_id: str) -> str | None:
         customer = await self._call(self._client.v1.customers.retrieve_async, customer_id)
-        settings = _get(customer, "invoice_settings") or {}
+        settings = _get(_plain(customer), "invoice_settings") or {}
         return _ref_id(_get(settings, "default_payment_method"))
 
     async def list_cards(self, customer_id: str) -> list[CardSummary]:
@@ -233,9 +234,10 @@ class StripeGateway:
 
     @staticmethod
     def _setup_snapshot(seti: Any) -> SetupSnapshot:
+        seti = _plain(seti)
         return SetupSnapshot(
-            id=str(seti.id),
-            status=str(seti.status),
+            id=str(seti["id"]),
+            status=str(seti["status"]),
             customer_id=_ref_id(_get(seti, "customer")),
             payment_method_id=_ref_id(_get(seti, "payment_method")),
             client_secret=_get(seti, "client_secret"),
@@ -256,13 +258,19 @@ class StripeGateway:
             raise InvalidSignature("payload is not a Stripe event")
         return event
 
-    async def list_events(self, created_after: int | None, limit: int = 100) -> list[dict[str, Any]]:
-        """Events newer than `created_after`, oldest first (localstripe accepts type, created, limit)."""
-        params: dict[str, Any] = {"limit": limit}
+    async def list_events(self, created_after: int | None, max_events: int = 10_000) -> list[dict[str, Any]]:
+        """Events newer than `created_after`, oldest first (localstripe accepts created, limit, starting_after)."""
+        params: dict[str, Any] = {"limit": 100}
         if created_after is not None:
             params["created"] = {"gt": created_after}
-        result = await self._call(self._client.v1.events.list_async, params)
-        events = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in result.data]
+        events: list[dict[str, Any]] = []
+        while len(events) < max_events:
+            page = await self._call(self._client.v1.events.list_async, dict(params))
+            batch = [_plain(e) for e in page.data]
+            events += batch
+            if not page.has_more or not batch:
+                break
+            params["starting_after"] = batch[-1]["id"]
         return sorted(events, key=lambda e: (e.get("created") or 0, e.get("id")))
 
     # --- plumbing ------------------------------------------------------------------------------

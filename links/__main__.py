@@ -1,0 +1,5 @@
+import sys
+
+from links.cli import main
+
+sys.exit(main())

@@ -1,0 +1,535 @@
+"""The finance CLI: `python -m links …`. Thin: parse, call a service, print. Every command takes --json.
+
+Exit codes: 0 ok, 1 user error (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from i18n import MoneyError, format_money
+from settings import ConfigError, Settings
+
+EPILOG_EXAMPLES = {
+    "customer add": 'python -m links customer add --email ann@example.com --name "Ann Lee" --verified',
+    "customer show": "python -m links customer show ann@example.com",
+    "invoice create": 'python -m links invoice create --customer ann@example.com --amount 120.50 --currency eur --description "Consulting, November" --send',
+    "invoice list": "python -m links invoice list --status open",
+    "invoice show": "python -m links invoice show INV-000001",
+    "invoice void": "python -m links invoice void INV-000001",
+    "link issue": "python -m links link issue INV-000001 --ttl-days 14",
+    "link resend": "python -m links link resend INV-000001",
+    "link revoke": "python -m links link revoke INV-000001",
+    "reconcile": "python -m links reconcile --json",
+    "outbox status": "python -m links outbox status",
+    "outbox retry": "python -m links outbox retry --dead",
+    "migrate": "python -m links migrate",
+}
+
+
+class UserError(Exception):
+    """Something the operator can fix; printed as one line on stderr, exit code 1."""
+
+
+@dataclass
+class Context:
+    settings: Settings
+    args: argparse.Namespace
+    console: Console
+
+    @property
+    def actor(self) -> str:
+        return f"cli:{self.args.actor or _os_user()}"
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def parse_date(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a date (use YYYY-MM-DD)") from None
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def emit(ctx: Context, result: dict[str, Any], human: Callable[[], None]) -> None:
+    if ctx.args.json:
+        print(json.dumps(_jsonable(result), indent=2, ensure_ascii=False))
+    else:
+        human()
+
+
+def _table(*columns: str) -> Table:
+    table = Table(*columns, show_edge=False, header_style="bold")
+    return table
+
+
+# --- runtime -----------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """Engine, sessions and the Stripe gateway for one command."""
+
+    def __init__(self, settings: Settings) -> None:
+        from db import create_engine, create_session_factory
+        from payments.gateway import StripeGateway
+
+        self.engine = create_engine(settings.database_url)
+        self.sessions = create_session_factory(self.engine)
+        self.gateway = StripeGateway(settings)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def invoice_record(invoice: Any, customer: Any | None = None) -> dict[str, Any]:
+    record = {
+        "id": str(invoice.id),
+        "number": invoice.number,
+        "status": invoice.status,
+        "currency": invoice.currency,
+        "amount_due": invoice.amount_due,
+        "amount_paid": invoice.amount_paid,
+        "amount_refunded": invoice.amount_refunded,
+        "amount_due_formatted": format_money(invoice.amount_due, invoice.currency),
+        "description": invoice.description,
+        "due_date": invoice.due_date,
+        "needs_attention": invoice.needs_attention,
+        "created_at": invoice.created_at,
+        "paid_at": invoice.paid_at,
+    }
+    if customer is not None:
+        record["customer"] = customer.email
+        record["customer_name"] = customer.name
+    return record
+
+
+def customer_record(customer: Any) -> dict[str, Any]:
+    return {
+        "id": str(customer.id),
+        "email": customer.email,
+        "name": customer.name,
+        "locale": customer.locale,
+        "verified": customer.email_verified_at is not None,
+        "email_verified_at": customer.email_verified_at,
+        "email_verified_by": customer.email_verified_by,
+        "stripe_customer_id": customer.stripe_customer_id,
+        "email_undeliverable_at": customer.email_undeliverable_at,
+        "email_undeliverable_reason": customer.email_undeliverable_reason,
+        "created_at": customer.created_at,
+    }
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
+    from links import service
+
+    a = ctx.args
+    email = service.normalize_email(a.email)
+    async with rt.sessions() as session:
+        if await _exists_customer(session, email):
+            raise UserError(f"a customer with email {email} already exists")
+    stripe_id = a.stripe_customer or await rt.gateway.create_customer(email, a.name)
+    async with rt.sessions.begin() as session:
+        customer = await service.add_customer(
+            session, email=email, name=a.name, actor=ctx.actor, locale=a.locale, stripe_customer_id=stripe_id, verified=a.verified
+        )
+    if stripe_id:
+        from payments.service import sync_profiles
+
+        await sync_profiles(rt.sessions, rt.gateway, customer.id)
+    record = customer_record(customer)
+    emit(ctx, record, lambda: ctx.console.print(f"Added customer {customer.email} ({'verified' if a.verified else 'not verified'}), Stripe {stripe_id}"))
+
+
+async def _exists_customer(session: Any, email: str) -> bool:
+    from sqlalchemy import select
+
+    from links.models import Customer
+
+    return (await session.execute(select(Customer.id).where(Customer.email == email))).first() is not None
+
+
+async def cmd_customer_show(ctx: Context, rt: Runtime) -> None:
+    from sqlalchemy import select
+
+    from links import service
+    from payments.models import PaymentProfile
+
+    async with rt.sessions() as session:
+        customer = await service.find_customer(session, ctx.args.email)
+        profiles = (await session.execute(select(PaymentProfile).where(PaymentProfile.customer_id == customer.id))).scalars().all()
+    record = customer_record(customer)
+    record["payment_profiles"] = [
+        {"payment_method": p.stripe_payment_method_id, "brand": p.brand, "last4": p.last4, "exp_month": p.exp_month, "exp_year": p.exp_year, "default": p.is_default}
+        for p in profiles
+    ]
+
+    def human() -> None:
+        table = _table("Field", "Value")
+        table.add_row("Email", customer.email)
+        table.add_row("Name", customer.name)
+        verified = f"yes, {customer.email_verified_at:%Y-%m-%d %H:%M} UTC ({customer.email_verified_by})" if customer.email_verified_at else "no"
+        table.add_row("Verified", verified)
+        if customer.email_undeliverable_at:
+            table.add_row("Undeliverable", customer.email_undeliverable_reason or "yes")
+        table.add_row("Stripe customer", customer.stripe_customer_id or "-")
+        table.add_row("Locale", customer.locale or "-")
+        for p in profiles:
+            table.add_row("Saved card", f"{p.brand.title()} •••• {p.last4} exp {p.exp_month:02d}/{p.exp_year}{' (default)' if p.is_default else ''}")
+        ctx.console.print(table)
+
+    emit(ctx, record, human)
+
+
+async def cmd_invoice_create(ctx: Context, rt: Runtime) -> None:
+    from links import service
+    from payments.service import sync_profiles
+
+    a = ctx.args
+    async with rt.sessions() as session:
+        customer = await service.find_customer(session, a.customer)
+    if a.send and customer.stripe_customer_id:
+        await _sync_quietly(ctx, lambda: sync_profiles(rt.sessions, rt.gateway, customer.id))
+    async with rt.sessions.begin() as session:
+        customer = await service.find_customer(session, a.customer)
+        invoice = await service.create_invoice(
+            session, customer=customer, amount=a.amount, currency=a.currency, description=a.description, actor=ctx.actor, due_date=a.due, number=a.number
+        )
+        issued = await service.issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, send=True) if a.send else None
+    record = invoice_record(invoice, customer)
+    if issued:
+        record["link"] = _link_record(issued)
+
+    def human() -> None:
+        ctx.console.print(f"Created invoice {invoice.number} for {customer.email}: {format_money(invoice.amount_due, invoice.currency)}")
+        if issued:
+            _print_link(ctx, issued)
+
+    emit(ctx, record, human)
+
+
+async def _sync_quietly(ctx: Context, sync: Callable[[], Awaitable[Any]]) -> None:
+    from payments.gateway import GatewayError
+
+    try:
+        await sync()
+    except GatewayError as exc:
+        print(f"warning: could not refresh saved cards from Stripe ({exc}); the page shows the last known ones", file=sys.stderr)
+
+
+def _link_record(issued: Any) -> dict[str, Any]:
+    return {"id": str(issued.link_id), "url": issued.url, "expires_at": issued.expires_at, "emailed": issued.emailed, "held_reason": issued.held_reason}
+
+
+def _print_link(ctx: Context, issued: Any) -> None:
+    if issued.emailed:
+        ctx.console.print(f"Link emailed (queued in the outbox), valid until {issued.expires_at:%Y-%m-%d}:")
+    else:
+        ctx.console.print(f"Link issued, email held: {issued.held_reason}. Valid until {issued.expires_at:%Y-%m-%d}:")
+    ctx.console.print(issued.url, soft_wrap=True, highlight=False)
+
+
+async def cmd_invoice_list(ctx: Context, rt: Runtime) -> None:
+    from sqlalchemy import select
+
+    from links.models import Customer, Invoice
+
+    query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at)
+    if ctx.args.status:
+        query = query.where(Invoice.status == ctx.args.status)
+    async with rt.sessions() as session:
+        rows = (await session.execute(query)).all()
+    records = [invoice_record(i, c) for i, c in rows]
+
+    def human() -> None:
+        table = _table("Number", "Customer", "Amount", "Status", "Due", "Attention")
+        for invoice, customer in rows:
+            table.add_row(
+                invoice.number, customer.email, format_money(invoice.amount_due, invoice.currency), invoice.status,
+                invoice.due_date.isoformat() if invoice.due_date else "-", invoice.needs_attention or "",
+            )
+        ctx.console.print(table)
+
+    emit(ctx, {"invoices": records}, human)
+
+
+async def cmd_invoice_show(ctx: Context, rt: Runtime) -> None:
+    from sqlalchemy import select
+
+    from links import service
+    from links.models import Customer, PaymentLink
+    from payments.models import Payment
+
+    async with rt.sessions() as session:
+        invoice = await service.find_invoice(session, ctx.args.number)
+        customer = await session.get_one(Customer, invoice.customer_id)
+        links = (await session.execute(select(PaymentLink).where(PaymentLink.invoice_id == invoice.id).order_by(PaymentLink.created_at))).scalars().all()
+        payments = (await session.execute(select(Payment).where(Payment.invoice_id == invoice.id).order_by(Payment.created_at))).scalars().all()
+    record = invoice_record(invoice, customer)
+    record["links"] = [
+        {"id": str(k.id), "expires_at": k.expires_at, "revoked_at": k.revoked_at, "sent_at": k.sent_at, "open_count": k.open_count, "last_opened_at": k.last_opened_at}
+        for k in links
+    ]
+    record["payments"] = [
+        {"id": str(p.id), "status": p.status, "amount": p.amount, "payment_intent": p.stripe_payment_intent_id, "card": f"{p.brand} {p.last4}", "failure": p.failure_message, "created_at": p.created_at}
+        for p in payments
+    ]
+
+    def human() -> None:
+        table = _table("Field", "Value")
+        table.add_row("Number", invoice.number)
+        table.add_row("Customer", f"{customer.name} <{customer.email}>")
+        table.add_row("Amount", format_money(invoice.amount_due, invoice.currency))
+        table.add_row("Paid", format_money(invoice.amount_paid, invoice.currency))
+        table.add_row("Status", invoice.status)
+        if invoice.needs_attention:
+            table.add_row("Needs attention", invoice.needs_attention)
+        for k in links:
+            state = "revoked" if k.revoked_at else f"expires {k.expires_at:%Y-%m-%d}"
+            table.add_row("Link", f"{k.id} {state}, sent {k.sent_at:%Y-%m-%d %H:%M}" if k.sent_at else f"{k.id} {state}, not sent")
+        for p in payments:
+            table.add_row("Payment", f"{p.status} {format_money(p.amount, p.currency)} {p.stripe_payment_intent_id or ''} {p.failure_message or ''}")
+        ctx.console.print(table)
+
+    emit(ctx, record, human)
+
+
+async def cmd_invoice_void(ctx: Context, rt: Runtime) -> None:
+    from links import lifecycle
+
+    async with rt.sessions.begin() as session:
+        invoice = await lifecycle.void_invoice(session, ctx.args.number, actor=ctx.actor)
+    emit(ctx, invoice_record(invoice), lambda: ctx.console.print(f"Invoice {invoice.number} is void; its links no longer work."))
+
+
+async def cmd_link_issue(ctx: Context, rt: Runtime, *, resend: bool = False) -> None:
+    from emails.messages import Kind
+    from links import service
+    from links.models import Customer
+    from payments.service import sync_profiles
+
+    async with rt.sessions() as session:
+        invoice = await service.find_invoice(session, ctx.args.number)
+        customer = await session.get_one(Customer, invoice.customer_id)
+    if customer.stripe_customer_id:
+        await _sync_quietly(ctx, lambda: sync_profiles(rt.sessions, rt.gateway, customer.id))
+    async with rt.sessions.begin() as session:
+        invoice = await service.find_invoice(session, ctx.args.number)
+        customer = await session.get_one(Customer, invoice.customer_id)
+        issued = await service.issue_link(
+            session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor,
+            ttl_days=getattr(ctx.args, "ttl_days", None), kind=Kind.NEW_LINK if resend else Kind.INVOICE,
+        )
+    emit(ctx, {"invoice": invoice.number, "link": _link_record(issued)}, lambda: _print_link(ctx, issued))
+
+
+async def cmd_link_resend(ctx: Context, rt: Runtime) -> None:
+    await cmd_link_issue(ctx, rt, resend=True)
+
+
+async def cmd_link_revoke(ctx: Context, rt: Runtime) -> None:
+    from links import lifecycle
+
+    async with rt.sessions.begin() as session:
+        count = await lifecycle.revoke_links(session, ctx.args.number, actor=ctx.actor)
+    emit(ctx, {"invoice": ctx.args.number, "revoked": count}, lambda: ctx.console.print(f"Revoked {count} live link(s) of invoice {ctx.args.number}."))
+
+
+async def cmd_reconcile(ctx: Context, rt: Runtime) -> None:
+    from payments.reconcile import reconcile
+
+    report = await reconcile(rt.sessions, rt.gateway, ctx.settings)
+    record = {"checked_payments": report.checked, "events_applied": report.events_applied, "changes": report.changes}
+
+    def human() -> None:
+        ctx.console.print(f"Checked {report.checked} payment(s), applied {report.events_applied} missed event(s).")
+        for change in report.changes:
+            ctx.console.print(f"  {change['invoice']}: payment {change['payment']} {change['from']} -> {change['to']}")
+        if not report.changes:
+            ctx.console.print("Nothing changed: our records match Stripe.")
+
+    emit(ctx, record, human)
+
+
+async def cmd_outbox_status(ctx: Context, rt: Runtime) -> None:
+    from db import utcnow
+    from emails.outbox import outbox_counts, recent_dead
+
+    async with rt.sessions() as session:
+        counts = await outbox_counts(session)
+        dead = await recent_dead(session)
+    age = (utcnow() - counts.oldest_pending_at).total_seconds() if counts.oldest_pending_at else None
+    record = {
+        "pending": counts.pending, "sent": counts.sent, "dead": counts.dead, "oldest_pending_age_seconds": age,
+        "recent_dead": [{"id": m.id, "kind": m.kind, "recipient": m.recipient, "error": m.last_error, "attempts": m.attempts} for m in dead],
+    }
+
+    def human() -> None:
+        ctx.console.print(f"pending {counts.pending}, sent {counts.sent}, dead {counts.dead}")
+        if age is not None:
+            ctx.console.print(f"oldest pending message waiting {age:.0f} s")
+        if dead:
+            table = _table("Id", "Kind", "Recipient", "Attempts", "Reason")
+            for m in dead:
+                table.add_row(str(m.id), m.kind, m.recipient, str(m.attempts), m.last_error or "")
+            ctx.console.print(table)
+
+    emit(ctx, record, human)
+
+
+async def cmd_outbox_retry(ctx: Context, rt: Runtime) -> None:
+    import audit
+    from emails.outbox import requeue
+
+    async with rt.sessions.begin() as session:
+        count = await requeue(session, include_dead=ctx.args.dead)
+        audit.record(session, ctx.actor, "outbox.retry", "outbox", count=count, dead=ctx.args.dead)
+    emit(ctx, {"requeued": count}, lambda: ctx.console.print(f"Re-queued {count} message(s); the worker sends them now."))
+
+
+def cmd_migrate(ctx: Context) -> None:
+    from db import migrate_sync
+
+    migrate_sync(ctx.settings.database_url)
+    emit(ctx, {"migrated": True}, lambda: ctx.console.print("Database schema is up to date."))
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a machine-readable JSON result")
+    common.add_argument("--actor", help="who is acting, for the audit log (default: your OS user)")
+    parser = argparse.ArgumentParser(prog="python -m links", description="Paylink finance desk.", parents=[common])
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    def command(sub: Any, name: str, key: str, help_text: str) -> argparse.ArgumentParser:
+        example = EPILOG_EXAMPLES.get(key)
+        return sub.add_parser(  # type: ignore[no-any-return]
+            name, parents=[common], help=help_text, description=help_text,
+            epilog=f"example:\n  {example}" if example else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    customer = groups.add_parser("customer", help="add and look up customers").add_subparsers(dest="command", required=True, metavar="ACTION")
+    p = command(customer, "add", "customer add", "Add a customer (creates the Stripe customer unless --stripe-customer is given).")
+    p.add_argument("--email", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--locale", help="language for pages and emails: en, de, fr, es")
+    p.add_argument("--stripe-customer", help="an existing Stripe customer id (cus_…)")
+    p.add_argument("--verified", action="store_true", help="finance attests the address (e.g. from the CRM); recorded in the audit log")
+    p.set_defaults(handler=cmd_customer_add)
+    p = command(customer, "show", "customer show", "Show a customer, verification state and saved cards.")
+    p.add_argument("email")
+    p.set_defaults(handler=cmd_customer_show)
+
+    invoice = groups.add_parser("invoice", help="create, list, show and void invoices").add_subparsers(dest="command", required=True, metavar="ACTION")
+    p = command(invoice, "create", "invoice create", "Create an invoice; with --send, issue its link and email it.")
+    p.add_argument("--customer", required=True, help="the customer's email")
+    p.add_argument("--amount", required=True, help="in major units, e.g. 120.50")
+    p.add_argument("--currency", required=True, help="ISO 4217 code, e.g. eur")
+    p.add_argument("--description", required=True)
+    p.add_argument("--due", type=parse_date, help="due date, YYYY-MM-DD")
+    p.add_argument("--number", help="invoice number (default: the next INV-nnnnnn)")
+    p.add_argument("--send", action="store_true", help="issue a payment link and email it now")
+    p.set_defaults(handler=cmd_invoice_create)
+    p = command(invoice, "list", "invoice list", "List invoices.")
+    p.add_argument("--status", choices=["open", "processing", "paid", "void", "refunded", "partially_refunded"])
+    p.set_defaults(handler=cmd_invoice_list)
+    p = command(invoice, "show", "invoice show", "Show an invoice with its links and payments.")
+    p.add_argument("number")
+    p.set_defaults(handler=cmd_invoice_show)
+    p = command(invoice, "void", "invoice void", "Void an open invoice; its links stop working.")
+    p.add_argument("number")
+    p.set_defaults(handler=cmd_invoice_void)
+
+    link = groups.add_parser("link", help="issue, resend and revoke payment links").add_subparsers(dest="command", required=True, metavar="ACTION")
+    p = command(link, "issue", "link issue", "Issue a new payment link for an invoice and email it.")
+    p.add_argument("number")
+    p.add_argument("--ttl-days", type=int, help="how long the link works (default LINK_TTL_DAYS)")
+    p.set_defaults(handler=cmd_link_issue)
+    p = command(link, "resend", "link resend", "Email a fresh link; older links keep working until they expire.")
+    p.add_argument("number")
+    p.set_defaults(handler=cmd_link_resend)
+    p = command(link, "revoke", "link revoke", "Revoke every live link of an invoice.")
+    p.add_argument("number")
+    p.set_defaults(handler=cmd_link_revoke)
+
+    p = command(groups, "reconcile", "reconcile", "Ask Stripe for the truth about every unfinished payment and missed event.")
+    p.set_defaults(handler=cmd_reconcile)
+
+    outbox = groups.add_parser("outbox", help="see and retry queued email").add_subparsers(dest="command", required=True, metavar="ACTION")
+    p = command(outbox, "status", "outbox status", "Counts by status, oldest pending age, recent failures.")
+    p.set_defaults(handler=cmd_outbox_status)
+    p = command(outbox, "retry", "outbox retry", "Make waiting messages due now; with --dead, re-queue failed ones too.")
+    p.add_argument("--dead", action="store_true")
+    p.set_defaults(handler=cmd_outbox_retry)
+
+    p = command(groups, "migrate", "migrate", "Bring the database schema up to date (alembic upgrade head).")
+    p.set_defaults(sync_handler=cmd_migrate)
+    return parser
+
+
+async def _run(ctx: Context) -> None:
+    rt = Runtime(ctx.settings)
+    try:
+        await ctx.args.handler(ctx, rt)
+    finally:
+        await rt.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from links.service import LinkError
+    from payments.gateway import GatewayError
+    from payments.service import PaymentRefused
+
+    args = build_parser().parse_args(argv)
+    try:
+        ctx = Context(Settings.from_env(), args, Console(highlight=False, soft_wrap=True))
+        if getattr(args, "sync_handler", None):
+            args.sync_handler(ctx)
+        else:
+            asyncio.run(_run(ctx))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    except (UserError, LinkError, MoneyError, PaymentRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except GatewayError as exc:
+        print(f"error: Stripe: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,130 @@
+"""Session-wide real components and per-test app instances. See tests/harness.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from settings import Settings  # noqa: E402
+from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port  # noqa: E402
+
+LINK_KEY = "test-link-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStripe]:
+    server = LocalStripe(tmp_path_factory.mktemp("localstripe"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'paylink.db'}"
+
+
+@pytest.fixture
+def env(database_url: str, localstripe: LocalStripe, smtp: SmtpServer) -> dict[str, str]:
+    """The environment an operator would set, pointed at this test's real components."""
+    port = free_port()
+    return {
+        "DATABASE_URL": database_url,
+        "BASE_URL": f"http://127.0.0.1:{port}",
+        "LINK_SECRET_KEYS": LINK_KEY,
+        "STRIPE_SECRET_KEY": STRIPE_SECRET,
+        "STRIPE_PUBLISHABLE_KEY": "pk_test_paylink",
+        "STRIPE_API_BASE": localstripe.base,
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "STRIPE_MAX_NETWORK_RETRIES": "0",
+        "STRIPE_TIMEOUT_SECONDS": "10",
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(smtp.port),
+        "MAIL_FROM": "Acme Billing <billing@acme.test>",
+        "MERCHANT_NAME": "Acme Consulting",
+        "FINANCE_EMAIL": "finance@acme.test",
+        "OUTBOX_IN_PROCESS": "true",
+        "OUTBOX_POLL_SECONDS": "0.2",
+        "OUTBOX_BACKOFF_BASE_SECONDS": "0.2",
+        "OUTBOX_BACKOFF_MAX_SECONDS": "1",
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    from db import migrate_sync
+
+    migrate_sync(env["DATABASE_URL"])
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def server(settings: Settings, env: dict[str, str], localstripe: LocalStripe) -> Iterator[AppServer]:
+    from app import create_app
+
+    port = int(env["BASE_URL"].rsplit(":", 1)[1])
+    app_server = AppServer(create_app(settings), port).start()
+    localstripe.register_webhook(f"{app_server.base}/webhooks/stripe")
+    yield app_server
+    app_server.stop()
+
+
+@pytest.fixture
+def browser_client(server: AppServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base, timeout=30, follow_redirects=True) as client:
+        yield client
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(env: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run `python -m links …` in-process with the test's environment."""
+    from links.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def run(*args: str) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse usage errors
+                code = int(exc.code or 0)
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+def pytest_report_header() -> list[str]:
+    url = os.environ.get("TEST_POSTGRES_URL")
+    return [f"postgres: {url or 'not set (SQLite only)'}"]

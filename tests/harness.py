@@ -1,0 +1,201 @@
+"""Real components for the tests: localstripe, aiosmtpd, uvicorn, all on free ports of this machine."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import hashlib
+import hmac
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+import stripe
+import uvicorn
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "whsec_paylink_test_secret"
+STRIPE_SECRET = "sk_test_paylink"
+PAY_LINK = re.compile(r"https?://[^\s<>\"]+/pay/[A-Za-z0-9_.\-]+")
+VERIFY_LINK = re.compile(r"https?://[^\s<>\"]+/verify/[A-Za-z0-9_.\-]+")
+
+CARD_OK = "4242424242424242"
+CARD_3DS = "4000002760003184"
+CARD_DECLINED = "4000000000000341"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- localstripe -------------------------------------------------------------------------------------
+
+
+class LocalStripe:
+    """localstripe as its own process, with its pickled store in a private temp directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "localstripe.log", "wb")  # noqa: SIM115 (closed in stop)
+        env = dict(os.environ, TMPDIR=str(workdir))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+        )
+        wait_until(self._answers, timeout=20, what="localstripe to start")
+        self.client = stripe.StripeClient(STRIPE_SECRET, base_addresses={"api": self.base}, max_network_retries=0)  # type: ignore[arg-type]
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError("localstripe exited; see localstripe.log")
+        try:
+            return httpx.get(f"{self.base}/js.stripe.com/v3/", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def register_webhook(self, url: str, secret: str = WEBHOOK_SECRET) -> None:
+        response = httpx.post(f"{self.base}/_config/webhooks/paylink", data={"url": url, "secret": secret}, timeout=5)
+        response.raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+    # Test data, made through the real SDK the way a merchant's other systems would.
+
+    def customer_with_cards(self, email: str, name: str, *cards: str) -> tuple[str, list[str]]:
+        customer = self.client.v1.customers.create({"email": email, "name": name})
+        pm_ids = [self.add_card(customer.id, number) for number in cards]
+        if pm_ids:
+            self.client.v1.customers.update(customer.id, {"invoice_settings": {"default_payment_method": pm_ids[0]}})
+        return customer.id, pm_ids
+
+    def add_card(self, customer_id: str, number: str) -> str:
+        pm = self.client.v1.payment_methods.create(
+            {"type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}  # type: ignore[typeddict-item]
+        )
+        self.client.v1.payment_methods.attach(pm.id, {"customer": customer_id})
+        return str(pm.id)
+
+    def payment_intents_for(self, customer_id: str) -> list[Any]:
+        intents = self.client.v1.payment_intents.list({"limit": 100})
+        return [pi for pi in intents.auto_paging_iter() if pi.customer == customer_id]
+
+
+def signed_event(event: dict[str, Any], secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> tuple[bytes, str]:
+    """A payload and Stripe-Signature header exactly as Stripe would send them."""
+    payload = json.dumps(event).encode()
+    t = int(time.time()) if timestamp is None else timestamp
+    signature = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
+    return payload, f"t={t},v1={signature}"
+
+
+# --- SMTP --------------------------------------------------------------------------------------------
+
+
+class Mailbox:
+    """An aiosmtpd handler that keeps what it receives; `replies` scripts failures (e.g. '451 ...')."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.replies: deque[str] = deque()
+        self._lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's hook name)
+        with self._lock:
+            if self.replies:
+                return self.replies.popleft()
+            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            self.messages.append(message)  # type: ignore[arg-type]
+        return "250 Message accepted for delivery"
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[EmailMessage]:
+        wait_until(lambda: len(self.messages) >= count, timeout=timeout, what=f"{count} email(s), have {len(self.messages)}")
+        return list(self.messages)
+
+    def to(self, recipient: str) -> list[EmailMessage]:
+        return [m for m in self.messages if recipient in str(m["To"])]
+
+
+class SmtpServer:
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.mailbox = Mailbox()
+        self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> SmtpServer:
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+
+def text_part(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None, "email has no text part"
+    return str(part.get_content())
+
+
+def html_part(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("html",))
+    assert part is not None, "email has no html part"
+    return str(part.get_content())
+
+
+def pay_link_in(message: EmailMessage) -> str:
+    match = PAY_LINK.search(text_part(message))
+    assert match, "no payment link in the email's text part"
+    return match.group(0)
+
+
+# --- the app under uvicorn -----------------------------------------------------------------------------
+
+
+class AppServer:
+    """The real app under uvicorn in a thread, so localstripe's webhooks reach it over HTTP."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.port = port
+        self.base = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", access_log=False, loop="asyncio")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> AppServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=20, what="the app to start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)

@@ -1,0 +1,88 @@
+"""The core journey on real parts: CLI -> email -> link -> prefilled page -> one click -> webhook -> receipt."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "the page has no CSRF field"
+    return match.group(1)
+
+
+def payment_method_of(html: str) -> str:
+    match = re.search(r'name="payment_method" value="(pm_[^"]+)"', html)
+    assert match, "the page offers no saved card"
+    return match.group(1)
+
+
+class TestCoreJourney:
+    """Finance issues an invoice from the CLI; the customer pays it with one click from the email."""
+
+    def test_invoice_email_link_page_one_click_webhook_paid_receipt(
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client
+    ) -> None:
+        cus_id, [pm_id] = localstripe.customer_with_cards("ann@example.com", "Ann Lee", CARD_OK)
+
+        added = cli("customer", "add", "--email", "Ann@Example.com", "--name", "Ann Lee", "--stripe-customer", cus_id, "--verified", "--json")
+        assert added.code == 0, added.err
+        assert added.json()["email"] == "ann@example.com"
+        assert added.json()["verified"] is True
+
+        created = cli(
+            "invoice", "create", "--customer", "ann@example.com", "--amount", "120.50", "--currency", "eur",
+            "--description", "Consulting, November", "--due", "2026-12-15", "--send", "--json",
+        )
+        assert created.code == 0, created.err
+        invoice = created.json()
+        assert invoice["status"] == "open"
+        assert invoice["amount_due"] == 12050
+        assert invoice["link"]["emailed"] is True
+
+        # The worker sends the invoice email over SMTP; the customer opens the link in it.
+        [mail] = smtp.mailbox.wait_for(1)
+        assert mail["To"] == "ann@example.com"
+        assert invoice["number"] in mail["Subject"]
+        assert "€120.50" in text_part(mail)
+        link = pay_link_in(mail)
+        assert link == invoice["link"]["url"]
+
+        page = browser_client.get(link)
+        assert page.status_code == 200
+        html = page.text
+        for expected in ("Acme Consulting", invoice["number"], "Consulting, November", "€120.50", "December 15, 2026",
+                         "Ann Lee", "ann@example.com", "Visa •••• 4242", "expires 12/30"):
+            assert expected in html, f"{expected!r} missing from the pay page"
+        assert payment_method_of(html) == pm_id
+        assert page.headers["cache-control"] == "no-store"
+        assert page.headers["referrer-policy"] == "no-referrer"
+
+        # One click: a plain form POST (works without JavaScript), then the receipt.
+        paid = browser_client.post(link, data={"csrf": csrf_of(html), "payment_method": pm_id})
+        assert paid.status_code == 200
+        assert "Payment received" in paid.text
+        assert "Visa •••• 4242" in paid.text
+
+        intents = localstripe.payment_intents_for(cus_id)
+        assert [(pi.amount, pi.currency, pi.status) for pi in intents] == [(12050, "eur", "succeeded")]
+
+        # localstripe's signed webhook arrives and is recorded (the POST already applied the same truth).
+        def webhook_recorded() -> bool:
+            shown = cli("invoice", "show", invoice["number"], "--json")
+            return shown.json()["status"] == "paid"
+
+        wait_until(webhook_recorded, what="invoice to be paid")
+        receipt = smtp.mailbox.wait_for(2)[1]
+        assert receipt["Subject"].startswith("Receipt for invoice")
+        assert "Visa **** 4242" in text_part(receipt)
+        assert "€120.50" in text_part(receipt)
+
+        # Opening the link again shows the receipt, not a pay button.
+        again = browser_client.get(link)
+        assert "Payment received" in again.text
+        assert 'name="payment_method"' not in again.text
