@@ -42,8 +42,15 @@ async def health(request: Request) -> Response:
 def _error_page(request: Request, status_code: int) -> Response:
     locale = negotiate_locale(request.headers.get("accept-language"))
     merchant = request.app.state.merchant_name
-    html = pages.render("error.html", locale, request=request, csp_nonce=request.scope.get("csp_nonce", ""), merchant=merchant,
-                        languages={}, reason=str(status_code))
+    html = pages.render(
+        "error.html",
+        locale,
+        request=request,
+        csp_nonce=request.scope.get("csp_nonce", ""),
+        merchant=merchant,
+        languages={},
+        reason=str(status_code),
+    )
     return Response(html, status_code=status_code, media_type="text/html")
 
 

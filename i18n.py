@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from babel import Locale, UnknownLocaleError
@@ -52,7 +52,7 @@ def negotiate_locale(accept_language: str | None, default: str = DEFAULT_LOCALE)
     return default
 
 
-@lru_cache(maxsize=None)
+@cache
 def translations(locale: str) -> NullTranslations:
     return Translations.load(str(LOCALES_DIR), [locale], domain="messages")
 

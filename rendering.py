@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parent
 
 
 class Renderer:
-    def __init__(self, directory: Path, *, autoescape: bool | Any = True) -> None:
+    def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._autoescape = autoescape
         self._env = lru_cache(maxsize=None)(self._build)
 
     def _build(self, locale: str) -> jinja2.Environment:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(self._directory),
-            autoescape=self._autoescape,
+            # HTML templates (pages, the HTML part of emails) escape everything; .txt parts are plain text.
+            autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=True, default=False),
             extensions=["jinja2.ext.i18n"],
             trim_blocks=True,
             lstrip_blocks=True,
@@ -57,9 +57,5 @@ class Renderer:
         return text % params if params else text
 
 
-def email_autoescape(template_name: str | None) -> bool:
-    return bool(template_name and template_name.endswith(".html"))
-
-
 pages = Renderer(ROOT / "templates")
-emails = Renderer(ROOT / "emails" / "templates", autoescape=email_autoescape)
+emails = Renderer(ROOT / "emails" / "templates")

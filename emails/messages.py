@@ -73,7 +73,9 @@ def receipt_message(
 
 def verification_message(merchant: str, customer_name: str, verify_url: str, expires_at: datetime, locale: str) -> EmailContent:
     subject = emails.gettext(locale, "Confirm this address for invoices from %(merchant)s", merchant=merchant)
-    return _build(Kind.VERIFICATION, locale, subject, merchant=merchant, customer_name=customer_name, link_url=verify_url, expires_at=expires_at)
+    return _build(
+        Kind.VERIFICATION, locale, subject, merchant=merchant, customer_name=customer_name, link_url=verify_url, expires_at=expires_at
+    )
 
 
 def finance_alert_message(merchant: str, title: str, lines: list[str]) -> EmailContent:

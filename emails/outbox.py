@@ -70,7 +70,9 @@ def enqueue(
 def alert_finance(session: AsyncSession, settings: Settings, title: str, lines: list[str], *, invoice_id: uuid.UUID | None = None) -> None:
     """Queue an alert for the finance team, if FINANCE_EMAIL is configured."""
     if settings.finance_email:
-        enqueue(session, settings, settings.finance_email, finance_alert_message(settings.merchant_name, title, lines), invoice_id=invoice_id)
+        enqueue(
+            session, settings, settings.finance_email, finance_alert_message(settings.merchant_name, title, lines), invoice_id=invoice_id
+        )
 
 
 async def claim_due_messages(
@@ -106,7 +108,7 @@ async def claim_due_messages(
     )
     async with sessions.begin() as session:
         rows = (await session.execute(claim)).all()
-    return sorted((ClaimedMessage(*row) for row in rows), key=lambda m: m.id)
+    return sorted((ClaimedMessage(*row) for row in rows), key=lambda m: m.id)  # type: ignore[call-arg]
 
 
 async def mark_sent(sessions: async_sessionmaker[AsyncSession], message_ids: list[int]) -> None:
@@ -163,8 +165,12 @@ async def _flag_undeliverable(session: AsyncSession, settings: Settings, row: Ou
         session,
         settings,
         f"Email undeliverable to {row.recipient}",
-        [f"Message: {row.subject}", f"Invoice: {invoice_number or '-'}", f"Reason: {error[:300]}",
-         "Sends to this address are paused until it is corrected (python -m links customer update)."],
+        [
+            f"Message: {row.subject}",
+            f"Invoice: {invoice_number or '-'}",
+            f"Reason: {error[:300]}",
+            "Sends to this address are paused until it is corrected (python -m links customer update).",
+        ],
         invoice_id=row.invoice_id,
     )
 
@@ -205,7 +211,11 @@ async def requeue(session: AsyncSession, *, include_dead: bool) -> int:
     statuses = [OutboxStatus.PENDING] + ([OutboxStatus.DEAD] if include_dead else [])
     result = await session.execute(
         update(OutboxMessage)
-        .where(and_(OutboxMessage.status.in_(statuses), or_(OutboxMessage.status == OutboxStatus.DEAD, OutboxMessage.next_attempt_at > utcnow())))
+        .where(
+            and_(
+                OutboxMessage.status.in_(statuses), or_(OutboxMessage.status == OutboxStatus.DEAD, OutboxMessage.next_attempt_at > utcnow())
+            )
+        )
         .values(status=OutboxStatus.PENDING, next_attempt_at=utcnow(), lease_until=None, attempts=0)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -109,9 +109,7 @@ class SendReport:
     dead: int = 0
 
 
-async def send_batch(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender, report: SendReport
-) -> int:
+async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender, report: SendReport) -> int:
     """Claim one batch of due messages and send them. Returns how many were claimed."""
     batch = await claim_due_messages(sessions, batch_size=settings.outbox_batch_size, lease_seconds=settings.outbox_lease_seconds)
     sent: list[int] = []
@@ -152,9 +150,7 @@ async def run_once(sessions: async_sessionmaker[AsyncSession], settings: Setting
     return report
 
 
-async def run_forever(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, wakeup: asyncio.Event | None = None
-) -> None:
+async def run_forever(sessions: async_sessionmaker[AsyncSession], settings: Settings, wakeup: asyncio.Event | None = None) -> None:
     """Poll the outbox until cancelled; `wakeup.set()` makes it look at once (used after a commit)."""
     sender = SmtpSender(settings)
     wakeup = wakeup or asyncio.Event()

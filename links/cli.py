@@ -24,7 +24,9 @@ from settings import ConfigError, Settings
 EPILOG_EXAMPLES = {
     "customer add": 'python -m links customer add --email ann@example.com --name "Ann Lee" --verified',
     "customer show": "python -m links customer show ann@example.com",
-    "invoice create": 'python -m links invoice create --customer ann@example.com --amount 120.50 --currency eur --description "Consulting, November" --send',
+    "invoice create": (
+        'python -m links invoice create --customer ann@example.com --amount 120.50 --currency eur --description "Consulting" --send'
+    ),
     "invoice list": "python -m links invoice list --status open",
     "invoice show": "python -m links invoice show INV-000001",
     "invoice void": "python -m links invoice void INV-000001",
@@ -171,7 +173,11 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
 
         await sync_profiles(rt.sessions, rt.gateway, customer.id)
     record = customer_record(customer)
-    emit(ctx, record, lambda: ctx.console.print(f"Added customer {customer.email} ({'verified' if a.verified else 'not verified'}), Stripe {stripe_id}"))
+    emit(
+        ctx,
+        record,
+        lambda: ctx.console.print(f"Added customer {customer.email} ({'verified' if a.verified else 'not verified'}), Stripe {stripe_id}"),
+    )
 
 
 async def _exists_customer(session: Any, email: str) -> bool:
@@ -193,7 +199,14 @@ async def cmd_customer_show(ctx: Context, rt: Runtime) -> None:
         profiles = (await session.execute(select(PaymentProfile).where(PaymentProfile.customer_id == customer.id))).scalars().all()
     record = customer_record(customer)
     record["payment_profiles"] = [
-        {"payment_method": p.stripe_payment_method_id, "brand": p.brand, "last4": p.last4, "exp_month": p.exp_month, "exp_year": p.exp_year, "default": p.is_default}
+        {
+            "payment_method": p.stripe_payment_method_id,
+            "brand": p.brand,
+            "last4": p.last4,
+            "exp_month": p.exp_month,
+            "exp_year": p.exp_year,
+            "default": p.is_default,
+        }
         for p in profiles
     ]
 
@@ -201,14 +214,18 @@ async def cmd_customer_show(ctx: Context, rt: Runtime) -> None:
         table = _table("Field", "Value")
         table.add_row("Email", customer.email)
         table.add_row("Name", customer.name)
-        verified = f"yes, {customer.email_verified_at:%Y-%m-%d %H:%M} UTC ({customer.email_verified_by})" if customer.email_verified_at else "no"
+        verified = (
+            f"yes, {customer.email_verified_at:%Y-%m-%d %H:%M} UTC ({customer.email_verified_by})" if customer.email_verified_at else "no"
+        )
         table.add_row("Verified", verified)
         if customer.email_undeliverable_at:
             table.add_row("Undeliverable", customer.email_undeliverable_reason or "yes")
         table.add_row("Stripe customer", customer.stripe_customer_id or "-")
         table.add_row("Locale", customer.locale or "-")
         for p in profiles:
-            table.add_row("Saved card", f"{p.brand.title()} •••• {p.last4} exp {p.exp_month:02d}/{p.exp_year}{' (default)' if p.is_default else ''}")
+            table.add_row(
+                "Saved card", f"{p.brand.title()} •••• {p.last4} exp {p.exp_month:02d}/{p.exp_year}{' (default)' if p.is_default else ''}"
+            )
         ctx.console.print(table)
 
     emit(ctx, record, human)
@@ -226,9 +243,20 @@ async def cmd_invoice_create(ctx: Context, rt: Runtime) -> None:
     async with rt.sessions.begin() as session:
         customer = await service.find_customer(session, a.customer)
         invoice = await service.create_invoice(
-            session, customer=customer, amount=a.amount, currency=a.currency, description=a.description, actor=ctx.actor, due_date=a.due, number=a.number
+            session,
+            customer=customer,
+            amount=a.amount,
+            currency=a.currency,
+            description=a.description,
+            actor=ctx.actor,
+            due_date=a.due,
+            number=a.number,
         )
-        issued = await service.issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, send=True) if a.send else None
+        issued = (
+            await service.issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, send=True)
+            if a.send
+            else None
+        )
     record = invoice_record(invoice, customer)
     if issued:
         record["link"] = _link_record(issued)
@@ -251,7 +279,13 @@ async def _sync_quietly(ctx: Context, sync: Callable[[], Awaitable[Any]]) -> Non
 
 
 def _link_record(issued: Any) -> dict[str, Any]:
-    return {"id": str(issued.link_id), "url": issued.url, "expires_at": issued.expires_at, "emailed": issued.emailed, "held_reason": issued.held_reason}
+    return {
+        "id": str(issued.link_id),
+        "url": issued.url,
+        "expires_at": issued.expires_at,
+        "emailed": issued.emailed,
+        "held_reason": issued.held_reason,
+    }
 
 
 def _print_link(ctx: Context, issued: Any) -> None:
@@ -278,8 +312,12 @@ async def cmd_invoice_list(ctx: Context, rt: Runtime) -> None:
         table = _table("Number", "Customer", "Amount", "Status", "Due", "Attention")
         for invoice, customer in rows:
             table.add_row(
-                invoice.number, customer.email, format_money(invoice.amount_due, invoice.currency), invoice.status,
-                invoice.due_date.isoformat() if invoice.due_date else "-", invoice.needs_attention or "",
+                invoice.number,
+                customer.email,
+                format_money(invoice.amount_due, invoice.currency),
+                invoice.status,
+                invoice.due_date.isoformat() if invoice.due_date else "-",
+                invoice.needs_attention or "",
             )
         ctx.console.print(table)
 
@@ -296,15 +334,36 @@ async def cmd_invoice_show(ctx: Context, rt: Runtime) -> None:
     async with rt.sessions() as session:
         invoice = await service.find_invoice(session, ctx.args.number)
         customer = await session.get_one(Customer, invoice.customer_id)
-        links = (await session.execute(select(PaymentLink).where(PaymentLink.invoice_id == invoice.id).order_by(PaymentLink.created_at))).scalars().all()
-        payments = (await session.execute(select(Payment).where(Payment.invoice_id == invoice.id).order_by(Payment.created_at))).scalars().all()
+        links = (
+            (await session.execute(select(PaymentLink).where(PaymentLink.invoice_id == invoice.id).order_by(PaymentLink.created_at)))
+            .scalars()
+            .all()
+        )
+        payments = (
+            (await session.execute(select(Payment).where(Payment.invoice_id == invoice.id).order_by(Payment.created_at))).scalars().all()
+        )
     record = invoice_record(invoice, customer)
     record["links"] = [
-        {"id": str(k.id), "expires_at": k.expires_at, "revoked_at": k.revoked_at, "sent_at": k.sent_at, "open_count": k.open_count, "last_opened_at": k.last_opened_at}
+        {
+            "id": str(k.id),
+            "expires_at": k.expires_at,
+            "revoked_at": k.revoked_at,
+            "sent_at": k.sent_at,
+            "open_count": k.open_count,
+            "last_opened_at": k.last_opened_at,
+        }
         for k in links
     ]
     record["payments"] = [
-        {"id": str(p.id), "status": p.status, "amount": p.amount, "payment_intent": p.stripe_payment_intent_id, "card": f"{p.brand} {p.last4}", "failure": p.failure_message, "created_at": p.created_at}
+        {
+            "id": str(p.id),
+            "status": p.status,
+            "amount": p.amount,
+            "payment_intent": p.stripe_payment_intent_id,
+            "card": f"{p.brand} {p.last4}",
+            "failure": p.failure_message,
+            "created_at": p.created_at,
+        }
         for p in payments
     ]
 
@@ -321,7 +380,9 @@ async def cmd_invoice_show(ctx: Context, rt: Runtime) -> None:
             state = "revoked" if k.revoked_at else f"expires {k.expires_at:%Y-%m-%d}"
             table.add_row("Link", f"{k.id} {state}, sent {k.sent_at:%Y-%m-%d %H:%M}" if k.sent_at else f"{k.id} {state}, not sent")
         for p in payments:
-            table.add_row("Payment", f"{p.status} {format_money(p.amount, p.currency)} {p.stripe_payment_intent_id or ''} {p.failure_message or ''}")
+            table.add_row(
+                "Payment", f"{p.status} {format_money(p.amount, p.currency)} {p.stripe_payment_intent_id or ''} {p.failure_message or ''}"
+            )
         ctx.console.print(table)
 
     emit(ctx, record, human)
@@ -350,8 +411,13 @@ async def cmd_link_issue(ctx: Context, rt: Runtime, *, resend: bool = False) -> 
         invoice = await service.find_invoice(session, ctx.args.number)
         customer = await session.get_one(Customer, invoice.customer_id)
         issued = await service.issue_link(
-            session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor,
-            ttl_days=getattr(ctx.args, "ttl_days", None), kind=Kind.NEW_LINK if resend else Kind.INVOICE,
+            session,
+            ctx.settings,
+            invoice=invoice,
+            customer=customer,
+            actor=ctx.actor,
+            ttl_days=getattr(ctx.args, "ttl_days", None),
+            kind=Kind.NEW_LINK if resend else Kind.INVOICE,
         )
     emit(ctx, {"invoice": invoice.number, "link": _link_record(issued)}, lambda: _print_link(ctx, issued))
 
@@ -365,7 +431,11 @@ async def cmd_link_revoke(ctx: Context, rt: Runtime) -> None:
 
     async with rt.sessions.begin() as session:
         count = await lifecycle.revoke_links(session, ctx.args.number, actor=ctx.actor)
-    emit(ctx, {"invoice": ctx.args.number, "revoked": count}, lambda: ctx.console.print(f"Revoked {count} live link(s) of invoice {ctx.args.number}."))
+    emit(
+        ctx,
+        {"invoice": ctx.args.number, "revoked": count},
+        lambda: ctx.console.print(f"Revoked {count} live link(s) of invoice {ctx.args.number}."),
+    )
 
 
 async def cmd_reconcile(ctx: Context, rt: Runtime) -> None:
@@ -393,8 +463,13 @@ async def cmd_outbox_status(ctx: Context, rt: Runtime) -> None:
         dead = await recent_dead(session)
     age = (utcnow() - counts.oldest_pending_at).total_seconds() if counts.oldest_pending_at else None
     record = {
-        "pending": counts.pending, "sent": counts.sent, "dead": counts.dead, "oldest_pending_age_seconds": age,
-        "recent_dead": [{"id": m.id, "kind": m.kind, "recipient": m.recipient, "error": m.last_error, "attempts": m.attempts} for m in dead],
+        "pending": counts.pending,
+        "sent": counts.sent,
+        "dead": counts.dead,
+        "oldest_pending_age_seconds": age,
+        "recent_dead": [
+            {"id": m.id, "kind": m.kind, "recipient": m.recipient, "error": m.last_error, "attempts": m.attempts} for m in dead
+        ],
     }
 
     def human() -> None:
@@ -440,11 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
     def command(sub: Any, name: str, key: str, help_text: str) -> argparse.ArgumentParser:
         example = EPILOG_EXAMPLES.get(key)
         return sub.add_parser(  # type: ignore[no-any-return]
-            name, parents=[common], help=help_text, description=help_text,
-            epilog=f"example:\n  {example}" if example else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {example}" if example else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    customer = groups.add_parser("customer", help="add and look up customers").add_subparsers(dest="command", required=True, metavar="ACTION")
+    customer = groups.add_parser("customer", help="add and look up customers").add_subparsers(
+        dest="command", required=True, metavar="ACTION"
+    )
     p = command(customer, "add", "customer add", "Add a customer (creates the Stripe customer unless --stripe-customer is given).")
     p.add_argument("--email", required=True)
     p.add_argument("--name", required=True)
@@ -456,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("email")
     p.set_defaults(handler=cmd_customer_show)
 
-    invoice = groups.add_parser("invoice", help="create, list, show and void invoices").add_subparsers(dest="command", required=True, metavar="ACTION")
+    invoice = groups.add_parser("invoice", help="create, list, show and void invoices").add_subparsers(
+        dest="command", required=True, metavar="ACTION"
+    )
     p = command(invoice, "create", "invoice create", "Create an invoice; with --send, issue its link and email it.")
     p.add_argument("--customer", required=True, help="the customer's email")
     p.add_argument("--amount", required=True, help="in major units, e.g. 120.50")
@@ -476,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("number")
     p.set_defaults(handler=cmd_invoice_void)
 
-    link = groups.add_parser("link", help="issue, resend and revoke payment links").add_subparsers(dest="command", required=True, metavar="ACTION")
+    link = groups.add_parser("link", help="issue, resend and revoke payment links").add_subparsers(
+        dest="command", required=True, metavar="ACTION"
+    )
     p = command(link, "issue", "link issue", "Issue a new payment link for an invoice and email it.")
     p.add_argument("number")
     p.add_argument("--ttl-days", type=int, help="how long the link works (default LINK_TTL_DAYS)")

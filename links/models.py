@@ -107,7 +107,10 @@ class LinkRequest(Base):
     """A customer asked for a fresh link from an expired one; kept for the rate limit."""
 
     __tablename__ = "link_requests"
-    __table_args__ = (Index("ix_link_requests_invoice", "invoice_id", "requested_at"), Index("ix_link_requests_customer", "customer_id", "requested_at"))
+    __table_args__ = (
+        Index("ix_link_requests_invoice", "invoice_id", "requested_at"),
+        Index("ix_link_requests_customer", "customer_id", "requested_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))

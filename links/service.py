@@ -205,7 +205,9 @@ async def issue_link(
     held = send_block_reason(customer) if send else None
     emailed = send and held is None
     if emailed:
-        content = invoice_message(invoice_facts(settings, invoice, customer), url, expires_at, customer_locale(settings, customer), kind=kind)
+        content = invoice_message(
+            invoice_facts(settings, invoice, customer), url, expires_at, customer_locale(settings, customer), kind=kind
+        )
         outbox.enqueue(session, settings, customer.email, content, invoice_id=invoice.id)
         link.sent_at = now
     audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)

@@ -47,9 +47,7 @@ class TokenSigner:
         if not keys:
             raise ValueError("at least one signing key is required")
         # itsdangerous signs with the *last* key and verifies with all of them.
-        self._serializer = URLSafeSerializer(
-            list(reversed(keys)), salt=purpose, signer_kwargs={"digest_method": hashlib.sha256}
-        )
+        self._serializer = URLSafeSerializer(list(reversed(keys)), salt=purpose, signer_kwargs={"digest_method": hashlib.sha256})
 
     def sign(self, subject_id: uuid.UUID, expires_at: datetime) -> str:
         return self._serializer.dumps([subject_id.hex, int(expires_at.timestamp())])

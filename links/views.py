@@ -7,6 +7,8 @@ counted in memory and written in the background. Stripe is never called here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -61,7 +63,7 @@ def render_pay_state(
 ) -> Response:
     app = paylink(request)
     locale = request_locale(request, page.customer.locale, app.settings.default_locale)
-    context = {"token": token, "invoice": page.invoice, "customer": page.customer, "link": page.link}
+    context: dict[str, Any] = {"token": token, "invoice": page.invoice, "customer": page.customer, "link": page.link}
     if page.link.revoked_at is not None:
         return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
     invoice = page.invoice

@@ -152,9 +152,7 @@ class StripeGateway:
 
     async def list_cards(self, customer_id: str) -> list[CardSummary]:
         # localstripe requires both `customer` and `type=card`; Stripe accepts both.
-        result = await self._call(
-            self._client.v1.payment_methods.list_async, {"customer": customer_id, "type": "card", "limit": 100}
-        )
+        result = await self._call(self._client.v1.payment_methods.list_async, {"customer": customer_id, "type": "card", "limit": 100})
         return [card_summary(pm) for pm in result.data]
 
     async def retrieve_card(self, payment_method_id: str) -> CardSummary:
@@ -163,9 +161,7 @@ class StripeGateway:
 
     async def attach_card(self, payment_method_id: str, customer_id: str) -> CardSummary:
         # localstripe accepts only `customer` here (as does Stripe for cards).
-        pm = await self._call(
-            self._client.v1.payment_methods.attach_async, payment_method_id, {"customer": customer_id}
-        )
+        pm = await self._call(self._client.v1.payment_methods.attach_async, payment_method_id, {"customer": customer_id})
         return card_summary(pm)
 
     async def set_default_payment_method(self, customer_id: str, payment_method_id: str) -> None:
@@ -198,18 +194,14 @@ class StripeGateway:
             "payment_method_types": ["card"],
             "metadata": metadata,
         }
-        pi = await self._call(
-            self._client.v1.payment_intents.create_async, params, {"idempotency_key": idempotency_key}
-        )
+        pi = await self._call(self._client.v1.payment_intents.create_async, params, {"idempotency_key": idempotency_key})
         return intent_snapshot(pi)
 
     async def confirm_payment_intent(self, intent_id: str, idempotency_key: str) -> IntentSnapshot:
         """Confirm; a decline comes back as a snapshot carrying the error, not as an exception."""
         try:
             # localstripe's confirm takes no parameters beyond the id (the method is already set).
-            pi = await self._call(
-                self._client.v1.payment_intents.confirm_async, intent_id, None, {"idempotency_key": idempotency_key}
-            )
+            pi = await self._call(self._client.v1.payment_intents.confirm_async, intent_id, None, {"idempotency_key": idempotency_key})
         except CardDeclined:
             return await self.retrieve_payment_intent(intent_id)
         return intent_snapshot(pi)
@@ -248,9 +240,7 @@ class StripeGateway:
     def parse_webhook(self, payload: bytes, signature: str | None) -> dict[str, Any]:
         """Verify Stripe-Signature before anything reads the body, then return the event as a dict."""
         try:
-            stripe.WebhookSignature.verify_header(
-                payload.decode("utf-8"), signature or "", self._webhook_secret, WEBHOOK_TOLERANCE_SECONDS
-            )
+            stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature or "", self._webhook_secret, WEBHOOK_TOLERANCE_SECONDS)
             event = json.loads(payload)
         except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
             raise InvalidSignature(str(exc)) from None

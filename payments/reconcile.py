@@ -38,7 +38,9 @@ async def reconcile(sessions: async_sessionmaker[AsyncSession], gateway: StripeG
     return report
 
 
-async def _unfinished_payments(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, report: ReconcileReport) -> None:
+async def _unfinished_payments(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, report: ReconcileReport
+) -> None:
     async with sessions() as session:
         rows = (
             await session.execute(
@@ -63,13 +65,15 @@ async def _unfinished_payments(sessions: async_sessionmaker[AsyncSession], gatew
             report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": before, "error": str(exc)})
             continue
         async with sessions.begin() as session:
-            payment = await apply_intent(session, settings, snapshot, actor="reconcile")
-            after = payment.status if payment else before
+            applied = await apply_intent(session, settings, snapshot, actor="reconcile")
+            after = applied.status if applied else before
         if after != before:
             report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": after})
 
 
-async def _missed_events(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, report: ReconcileReport) -> None:
+async def _missed_events(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, report: ReconcileReport
+) -> None:
     async with sessions() as session:
         newest = (await session.execute(select(func.max(WebhookEvent.stripe_created)))).scalar_one_or_none()
     since = newest - EVENT_OVERLAP_SECONDS if newest else int((utcnow() - FIRST_RUN_LOOKBACK).timestamp())

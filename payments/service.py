@@ -51,12 +51,16 @@ class PayOutcome:
 # --- saved payment profiles -----------------------------------------------------------------------
 
 
-async def upsert_profile(session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None) -> PaymentProfile:
+async def upsert_profile(
+    session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None
+) -> PaymentProfile:
     profile = (
         await session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
     ).scalar_one_or_none()
     if profile is None:
-        profile = PaymentProfile(customer_id=customer_id, stripe_payment_method_id=card.payment_method_id, brand=card.brand, last4=card.last4)
+        profile = PaymentProfile(
+            customer_id=customer_id, stripe_payment_method_id=card.payment_method_id, brand=card.brand, last4=card.last4
+        )
         session.add(profile)
     profile.customer_id = customer_id
     profile.brand, profile.last4 = card.brand, card.last4
@@ -154,9 +158,9 @@ async def pay_with_saved_profile(
         except GatewayError:
             return await _fail_attempt(sessions, payment.id, exc)
     async with sessions.begin() as session:
-        row = await apply_intent(session, settings, snapshot, actor="link")
-        assert row is not None  # the payment row exists: we committed its intent id above
-        return _outcome(row, snapshot)
+        applied = await apply_intent(session, settings, snapshot, actor="link")
+        assert applied is not None  # the payment row exists: we committed its intent id above
+        return _outcome(applied, snapshot)
 
 
 class _ClaimedElsewhere(Exception):
@@ -268,7 +272,9 @@ def _outcome(payment: Payment, snapshot: IntentSnapshot) -> PayOutcome:
     return PayOutcome(payment.status, payment.id, client_secret=secret, error_message=payment.failure_message)
 
 
-async def refresh_payment(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, payment_id: uuid.UUID, *, actor: str) -> PayOutcome:
+async def refresh_payment(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, payment_id: uuid.UUID, *, actor: str
+) -> PayOutcome:
     """Ask Stripe about one payment and apply its answer (after 3-D Secure, for `reconcile`)."""
     async with sessions() as session:
         payment = await session.get_one(Payment, payment_id)
@@ -406,7 +412,7 @@ async def _queue_receipt(session: AsyncSession, settings: Settings, invoice: Inv
 async def record_event(session: AsyncSession, event: dict[str, Any]) -> bool:
     """Store the event id first, with an insert that cannot race. True if it is new."""
     values = {"id": event["id"], "type": str(event.get("type")), "stripe_created": event.get("created"), "received_at": utcnow()}
-    insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     result = await session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
@@ -447,7 +453,9 @@ async def _apply_refund(session: AsyncSession, settings: Settings, charge: dict[
     invoice.amount_refunded = refunded
     if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED) and refunded > 0:
         invoice.status = InvoiceStatus.REFUNDED if refunded >= invoice.amount_paid else InvoiceStatus.PARTIALLY_REFUNDED
-    audit.record(session, actor, "payment.refunded", f"invoice:{invoice.number}", refunded=refunded, intent=payment.stripe_payment_intent_id)
+    audit.record(
+        session, actor, "payment.refunded", f"invoice:{invoice.number}", refunded=refunded, intent=payment.stripe_payment_intent_id
+    )
 
 
 async def _apply_dispute(session: AsyncSession, settings: Settings, dispute: dict[str, Any], actor: str) -> None:
@@ -455,7 +463,9 @@ async def _apply_dispute(session: AsyncSession, settings: Settings, dispute: dic
     if payment is None:
         return
     invoice = await session.get_one(Invoice, payment.invoice_id)
-    reason = f"disputed: {dispute.get('reason') or 'no reason given'} ({dispute.get('amount')} {dispute.get('currency') or invoice.currency})"
+    reason = (
+        f"disputed: {dispute.get('reason') or 'no reason given'} ({dispute.get('amount')} {dispute.get('currency') or invoice.currency})"
+    )
     _flag(session, settings, invoice, reason, actor)
 
 
@@ -474,7 +484,7 @@ async def _apply_customer(session: AsyncSession, obj: dict[str, Any]) -> None:
     customer = (await session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")))).scalar_one_or_none()
     if customer is None:
         return
-    default = ((obj.get("invoice_settings") or {}).get("default_payment_method"))
+    default = (obj.get("invoice_settings") or {}).get("default_payment_method")
     if isinstance(default, dict):
         default = default.get("id")
     await _set_default(session, customer.id, default)

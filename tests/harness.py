@@ -61,11 +61,14 @@ class LocalStripe:
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "localstripe.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.log = open(workdir / "localstripe.log", "wb")
         env = dict(os.environ, TMPDIR=str(workdir))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
         )
         wait_until(self._answers, timeout=20, what="localstripe to start")
         self.client = stripe.StripeClient(STRIPE_SECRET, base_addresses={"api": self.base}, max_network_retries=0)  # type: ignore[arg-type]
@@ -130,7 +133,7 @@ class Mailbox:
         self.replies: deque[str] = deque()
         self._lock = threading.Lock()
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self._lock:
             if self.replies:
                 return self.replies.popleft()

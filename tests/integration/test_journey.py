@@ -29,14 +29,28 @@ class TestCoreJourney:
     ) -> None:
         cus_id, [pm_id] = localstripe.customer_with_cards("ann@example.com", "Ann Lee", CARD_OK)
 
-        added = cli("customer", "add", "--email", "Ann@Example.com", "--name", "Ann Lee", "--stripe-customer", cus_id, "--verified", "--json")
+        added = cli(
+            "customer", "add", "--email", "Ann@Example.com", "--name", "Ann Lee", "--stripe-customer", cus_id, "--verified", "--json"
+        )
         assert added.code == 0, added.err
         assert added.json()["email"] == "ann@example.com"
         assert added.json()["verified"] is True
 
         created = cli(
-            "invoice", "create", "--customer", "ann@example.com", "--amount", "120.50", "--currency", "eur",
-            "--description", "Consulting, November", "--due", "2026-12-15", "--send", "--json",
+            "invoice",
+            "create",
+            "--customer",
+            "ann@example.com",
+            "--amount",
+            "120.50",
+            "--currency",
+            "eur",
+            "--description",
+            "Consulting, November",
+            "--due",
+            "2026-12-15",
+            "--send",
+            "--json",
         )
         assert created.code == 0, created.err
         invoice = created.json()
@@ -55,8 +69,17 @@ class TestCoreJourney:
         page = browser_client.get(link)
         assert page.status_code == 200
         html = page.text
-        for expected in ("Acme Consulting", invoice["number"], "Consulting, November", "€120.50", "December 15, 2026",
-                         "Ann Lee", "ann@example.com", "Visa •••• 4242", "expires 12/30"):
+        for expected in (
+            "Acme Consulting",
+            invoice["number"],
+            "Consulting, November",
+            "€120.50",
+            "December 15, 2026",
+            "Ann Lee",
+            "ann@example.com",
+            "Visa •••• 4242",
+            "expires 12/30",
+        ):
             assert expected in html, f"{expected!r} missing from the pay page"
         assert payment_method_of(html) == pm_id
         assert page.headers["cache-control"] == "no-store"

@@ -1,0 +1,198 @@
+"""`make demo`: localstripe, a mail catcher and the app on this machine, and one invoice to pay.
+
+Prints the payment link and where the emails are. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import stripe
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var" / "demo"
+MAIL_DIR = VAR / "mail"
+PY = sys.executable
+
+
+def port_or_free(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+
+def wait_for(url: str, what: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"{what} exited early; see {VAR}/*.log")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    sys.exit(f"{what} did not start within {timeout:.0f}s; see {VAR}/*.log")
+
+
+class MailCatcher:
+    """A local SMTP server: every message is saved as .eml and summarised on the terminal."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.count += 1
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        path = MAIL_DIR / f"{self.count:03d}.eml"
+        path.write_bytes(envelope.content)
+        body = message.get_body(preferencelist=("plain",))
+        text = body.get_content() if body else ""  # type: ignore[union-attr]
+        link = re.search(r"https?://\S+", text)
+        summary = f"\n📧 Mail to {message['To']}: {message['Subject']}\n   saved as {path}"
+        print(summary + (f"\n   link: {link.group(0)}" if link else ""), flush=True)
+        return "250 OK"
+
+
+def main() -> int:
+    shutil.rmtree(VAR, ignore_errors=True)
+    MAIL_DIR.mkdir(parents=True)
+    stripe_port, app_port, smtp_port = port_or_free(8420), port_or_free(8000), port_or_free(1025)
+    stripe_base = f"http://127.0.0.1:{stripe_port}"
+    base_url = f"http://127.0.0.1:{app_port}"
+    env = dict(
+        os.environ,
+        DATABASE_URL=f"sqlite+aiosqlite:///{VAR / 'paylink.db'}",
+        BASE_URL=base_url,
+        LINK_SECRET_KEYS=secrets.token_urlsafe(32),
+        STRIPE_SECRET_KEY="sk_test_demo",
+        STRIPE_PUBLISHABLE_KEY="pk_test_demo",
+        STRIPE_API_BASE=stripe_base,
+        STRIPE_WEBHOOK_SECRET="whsec_" + secrets.token_urlsafe(24),
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=str(smtp_port),
+        MAIL_FROM="Paylink Demo <billing@paylink.localhost>",
+        MERCHANT_NAME="Paylink Demo Ltd",
+        FINANCE_EMAIL="finance@paylink.localhost",
+        OUTBOX_IN_PROCESS="true",
+        OUTBOX_POLL_SECONDS="1",
+        TMPDIR=str(VAR),
+    )
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], log: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(VAR / log, "wb"), stderr=subprocess.STDOUT)
+        children.append(process)
+        return process
+
+    catcher = Controller(MailCatcher(), hostname="127.0.0.1", port=smtp_port)
+    try:
+        print(f"Starting the sandbox payment processor (localstripe) on {stripe_base} …", flush=True)
+        ls = start([PY, "-m", "localstripe", "--port", str(stripe_port), "--from-scratch"], "localstripe.log")
+        wait_for(f"{stripe_base}/js.stripe.com/v3/", "localstripe", ls)
+        catcher.start()
+        print(f"Mail catcher listening on 127.0.0.1:{smtp_port}; emails are saved in {MAIL_DIR}", flush=True)
+        subprocess.run([PY, "-m", "links", "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        web = start([PY, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port), "--no-access-log"], "app.log")
+        wait_for(f"{base_url}/health", "the app", web)
+        webhook = {"url": f"{base_url}/webhooks/stripe", "secret": env["STRIPE_WEBHOOK_SECRET"]}
+        httpx.post(f"{stripe_base}/_config/webhooks/demo", data=webhook).raise_for_status()
+
+        # A demo customer whose card is already saved in the sandbox processor.
+        client = stripe.StripeClient("sk_test_demo", base_addresses={"api": stripe_base})  # type: ignore[arg-type]
+        customer = client.v1.customers.create({"email": "ann@example.com", "name": "Ann Lee"})
+        for number in ("4242424242424242", "4000002760003184"):
+            card = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+            pm = client.v1.payment_methods.create({"type": "card", "card": card})  # type: ignore[typeddict-item]
+            client.v1.payment_methods.attach(pm.id, {"customer": customer.id})
+            if number.startswith("4242"):
+                client.v1.customers.update(customer.id, {"invoice_settings": {"default_payment_method": pm.id}})
+
+        def cli(*args: str) -> str:
+            return subprocess.run([PY, "-m", "links", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+
+        cli("customer", "add", "--email", "ann@example.com", "--name", "Ann Lee", "--stripe-customer", customer.id, "--verified")
+        created = cli(
+            "invoice",
+            "create",
+            "--customer",
+            "ann@example.com",
+            "--amount",
+            "120.50",
+            "--currency",
+            "eur",
+            "--description",
+            "Consulting, November",
+            "--send",
+            "--json",
+        )
+        import json
+
+        invoice = json.loads(created)
+        print("\n" + "=" * 72)
+        print(f"Demo invoice {invoice['number']} for Ann Lee: {invoice['amount_due_formatted']}")
+        print(f"Open the payment link:\n\n  {invoice['link']['url']}\n")
+        print("Ann has two saved cards: Visa 4242 pays at once; the 3184 card asks for 3-D Secure.")
+        print(f"Emails (invoice, receipt) appear below and in {MAIL_DIR}")
+        print(f"Finance CLI against this demo:  env $(cat {VAR / 'env'} | xargs) .venv/bin/python -m links invoice list")
+        print("Press Ctrl-C to stop everything.")
+        print("=" * 72, flush=True)
+        (VAR / "env").write_text(
+            "".join(
+                f"{k}={env[k]}\n"
+                for k in (
+                    "DATABASE_URL",
+                    "BASE_URL",
+                    "LINK_SECRET_KEYS",
+                    "STRIPE_SECRET_KEY",
+                    "STRIPE_PUBLISHABLE_KEY",
+                    "STRIPE_API_BASE",
+                    "STRIPE_WEBHOOK_SECRET",
+                    "SMTP_HOST",
+                    "SMTP_PORT",
+                    "MAIL_FROM",
+                    "MERCHANT_NAME",
+                )
+            )
+        )
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(p.poll() is None for p in children):
+            time.sleep(0.5)
+        print(f"A demo process stopped unexpectedly; see the logs in {VAR}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopping …")
+        return 0
+    finally:
+        for process in children:
+            process.terminate()
+        for process in children:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        try:
+            catcher.stop()
+        except AssertionError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

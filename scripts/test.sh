@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, unit, integration (real localstripe + aiosmtpd + SQLite files),
+# PostgreSQL where a server answers, and browser tests in Debian's Chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+
+echo "== ruff"; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
+echo "== mypy (strict)"; "$VENV/bin/mypy" .
+
+# PostgreSQL: the database-facing tests run again on it when it answers.
+if [ -z "${TEST_POSTGRES_URL:-}" ]; then
+  if "$VENV/bin/python" - <<'PY' 2>/dev/null
+import asyncio, asyncpg
+async def main():
+    conn = await asyncio.wait_for(asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test"), 3)
+    await conn.close()
+asyncio.run(main())
+PY
+  then
+    export TEST_POSTGRES_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    echo "== PostgreSQL answers at 127.0.0.1:5432: database tests run on it too"
+  else
+    echo "== PostgreSQL does not answer at 127.0.0.1:5432: database tests run on SQLite only"
+  fi
+fi
+
+# Browser tests use Debian's Chromium (no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium from Debian's packages"
+  if [ "$(id -u)" = "0" ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
+echo "== pytest"
+exec "$VENV/bin/python" -m pytest "$@"

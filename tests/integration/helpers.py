@@ -1,0 +1,75 @@
+"""Steps that many stories share: a customer with saved cards and an issued invoice, a page, a form."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tests.harness import LocalStripe
+
+_counter = {"n": 0}
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "the page has no CSRF field"
+    return match.group(1)
+
+
+def offered_cards(html: str) -> list[str]:
+    return re.findall(r'name="payment_method" value="(pm_[^"]+)"', html)
+
+
+@dataclass
+class Issued:
+    email: str
+    number: str
+    url: str
+    stripe_customer: str
+    cards: list[str]
+
+
+def unique_email(prefix: str = "customer") -> str:
+    _counter["n"] += 1
+    return f"{prefix}{_counter['n']}@example.com"
+
+
+def issue_invoice(
+    cli: Any,
+    localstripe: LocalStripe,
+    *cards: str,
+    amount: str = "120.50",
+    currency: str = "eur",
+    email: str | None = None,
+    locale: str | None = None,
+) -> Issued:
+    """Customer (verified) with these cards in Stripe, and an open invoice whose link was issued."""
+    email = email or unique_email()
+    cus_id, pm_ids = localstripe.customer_with_cards(email, "Test Customer", *cards)
+    extra = ["--locale", locale] if locale else []
+    result = cli("customer", "add", "--email", email, "--name", "Test Customer", "--stripe-customer", cus_id, "--verified", *extra)
+    assert result.code == 0, result.err
+    created = cli(
+        "invoice",
+        "create",
+        "--customer",
+        email,
+        "--amount",
+        amount,
+        "--currency",
+        currency,
+        "--description",
+        "Annual service",
+        "--send",
+        "--json",
+    )
+    assert created.code == 0, created.err
+    data = created.json()
+    return Issued(email, data["number"], data["link"]["url"], cus_id, pm_ids)
+
+
+def invoice_status(cli: Any, number: str) -> dict[str, Any]:
+    shown = cli("invoice", "show", number, "--json")
+    assert shown.code == 0, shown.err
+    return shown.json()  # type: ignore[no-any-return]

@@ -1,0 +1,114 @@
+"""Paying with a saved card: one charge per invoice, 3-D Secure, declines and second tries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe
+from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
+
+
+class TestNoDoubleCharge:
+    """However often the customer presses Pay, Stripe sees one PaymentIntent."""
+
+    def test_double_submit_creates_one_payment_intent(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        html = browser_client.get(issued.url).text
+        form = {"csrf": csrf_of(html), "payment_method": issued.cards[0]}
+
+        async def press_pay_twice() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30, follow_redirects=True) as client:
+                return list(await asyncio.gather(client.post(issued.url, data=form), client.post(issued.url, data=form)))
+
+        first, second = asyncio.run(press_pay_twice())
+        assert {first.status_code, second.status_code} == {200}
+        pages = first.text + second.text
+        assert "Payment received" in pages
+        # Pressing again after it is paid shows the receipt, and charges nothing.
+        third = browser_client.post(issued.url, data=form)
+        assert "Payment received" in third.text or "This invoice is paid" in third.text
+
+        intents = localstripe.payment_intents_for(issued.stripe_customer)
+        assert len(intents) == 1
+        assert intents[0].status == "succeeded"
+        assert invoice_status(cli, issued.number)["amount_paid"] == 12050
+
+    def test_amount_comes_from_the_invoice_not_the_form(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK, amount="99.99")
+        html = browser_client.get(issued.url).text
+        browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0], "amount": "1"})
+        [intent] = localstripe.payment_intents_for(issued.stripe_customer)
+        assert intent.amount == 9999
+
+
+class TestThreeDSecure:
+    """A card that needs the bank's confirmation hands over to Stripe.js; nothing is charged yet."""
+
+    def test_3ds_card_reports_authentication_needed(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_3DS)
+        html = browser_client.get(issued.url).text
+        page = browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0]})
+        assert page.status_code == 200
+        assert "Confirm with your bank" in page.text
+        assert 'data-client-secret="pi_' in page.text
+        assert localstripe.base + "/js.stripe.com/v3/" in page.text  # STRIPE_JS_URL
+        [intent] = localstripe.payment_intents_for(issued.stripe_customer)
+        assert intent.status == "requires_action"
+        assert invoice_status(cli, issued.number)["status"] == "open"
+
+        # Coming back later: the page offers to continue, not a second payment.
+        again = browser_client.get(issued.url).text
+        assert "Continue with my bank" in again
+        assert offered_cards(again) == []
+
+
+class TestDeclines:
+    """A declined card says why, leaves the invoice open, and another card can pay."""
+
+    def test_decline_then_second_saved_card_pays(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_DECLINED, CARD_OK)
+        declined_pm, good_pm = issued.cards
+        html = browser_client.get(issued.url).text
+        assert offered_cards(html) == [declined_pm, good_pm]
+
+        declined = browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": declined_pm})
+        assert declined.status_code == 402
+        assert "The payment did not go through." in declined.text
+        assert "declined" in declined.text.lower()
+        assert invoice_status(cli, issued.number)["status"] == "open"
+        assert offered_cards(declined.text) == [declined_pm, good_pm]  # try again, right there
+
+        paid = browser_client.post(issued.url, data={"csrf": csrf_of(declined.text), "payment_method": good_pm})
+        assert paid.status_code == 200
+        assert "Payment received" in paid.text
+        statuses = sorted(pi.status for pi in localstripe.payment_intents_for(issued.stripe_customer))
+        assert statuses == ["requires_payment_method", "succeeded"]
+        assert invoice_status(cli, issued.number)["status"] == "paid"
+
+
+class TestBadRequests:
+    """Forged forms and cards that are not the customer's are refused with a 4xx, nothing charged."""
+
+    def test_missing_csrf_is_refused(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        response = browser_client.post(issued.url, data={"payment_method": issued.cards[0]})
+        assert response.status_code == 400
+        assert "Please try again" in response.text
+        assert localstripe.payment_intents_for(issued.stripe_customer) == []
+
+    def test_someone_elses_card_is_refused(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        mine = issue_invoice(cli, localstripe, CARD_OK)
+        theirs = issue_invoice(cli, localstripe, CARD_OK)
+        html = browser_client.get(mine.url).text
+        response = browser_client.post(mine.url, data={"csrf": csrf_of(html), "payment_method": theirs.cards[0]})
+        assert response.status_code == 409
+        assert "not saved for this customer" in response.text
+        assert localstripe.payment_intents_for(mine.stripe_customer) == []
+        assert localstripe.payment_intents_for(theirs.stripe_customer) == []
+
+    def test_malformed_body_is_refused(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        response = browser_client.post(issued.url, content=b"\xff\xfe garbage", headers={"content-type": "multipart/form-data; boundary=x"})
+        assert response.status_code == 400

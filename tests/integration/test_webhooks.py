@@ -1,0 +1,116 @@
+"""Stripe webhooks: verified before read, recorded once, applied by one state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from typing import Any
+
+import httpx
+
+from settings import Settings
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, signed_event, wait_until
+from tests.integration.helpers import invoice_status, issue_invoice
+
+
+def db_rows(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    path = settings.database_url.split("///", 1)[1]
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def intent_event(event_id: str, intent: dict[str, Any], kind: str = "payment_intent.succeeded") -> dict[str, Any]:
+    return {"id": event_id, "object": "event", "type": kind, "created": int(time.time()), "data": {"object": intent}}
+
+
+def paid_intent_for(localstripe: LocalStripe, issued: Any) -> dict[str, Any]:
+    """A PaymentIntent really made in localstripe for this invoice, as another system would make it."""
+    intent = localstripe.client.v1.payment_intents.create(
+        {
+            "amount": 12050,
+            "currency": "eur",
+            "customer": issued.stripe_customer,
+            "payment_method": issued.cards[0],
+            "payment_method_types": ["card"],
+            "metadata": {"invoice_id": issued.invoice_id},
+            "confirm": True,
+        }
+    )
+    return intent.to_dict()
+
+
+def invoice_id(settings: Settings, number: str) -> str:
+    [(raw,)] = db_rows(settings, "SELECT id FROM invoices WHERE number = ?", number)
+    import uuid
+
+    return str(uuid.UUID(hex=raw))
+
+
+class TestSignature:
+    """Nothing is read or written for a webhook whose signature does not verify."""
+
+    def test_bad_signature_is_400_and_writes_nothing(self, server, settings: Settings) -> None:
+        payload, header = signed_event(
+            intent_event("evt_forged", {"id": "pi_x", "status": "succeeded", "amount": 1, "currency": "eur"}), secret="whsec_wrong"
+        )
+        response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
+        assert response.status_code == 400
+        assert db_rows(settings, "SELECT count(*) FROM webhook_events") == [(0,)]
+
+    def test_missing_and_stale_signatures_are_400(self, server, settings: Settings) -> None:
+        event = intent_event("evt_stale", {"id": "pi_x", "status": "succeeded", "amount": 1, "currency": "eur"})
+        payload, header = signed_event(event, timestamp=int(time.time()) - 301)
+        assert httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}).status_code == 400
+        assert httpx.post(f"{server.base}/webhooks/stripe", content=payload).status_code == 400
+        assert (
+            httpx.post(f"{server.base}/webhooks/stripe", content=b"not json", headers={"stripe-signature": "t=1,v1=00"}).status_code == 400
+        )
+        assert db_rows(settings, "SELECT count(*) FROM webhook_events") == [(0,)]
+
+
+class TestExactlyOnce:
+    """A replayed event is acknowledged and does nothing more."""
+
+    def test_replayed_event_is_processed_once(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, settings: Settings) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        issued.invoice_id = invoice_id(settings, issued.number)  # type: ignore[attr-defined]
+        smtp.mailbox.wait_for(1)  # the invoice email
+        event = intent_event("evt_replayed_1", paid_intent_for(localstripe, issued))
+        payload, header = signed_event(event)
+        responses = [httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}) for _ in range(5)]
+        assert [r.status_code for r in responses] == [200] * 5
+        assert [r.json()["duplicate"] for r in responses] == [False, True, True, True, True]
+
+        shown = invoice_status(cli, issued.number)
+        assert shown["status"] == "paid"
+        assert shown["amount_paid"] == 12050
+        wait_until(lambda: len(smtp.mailbox.to(issued.email)) >= 2, what="the receipt")
+        time.sleep(0.5)
+        receipts = [m for m in smtp.mailbox.to(issued.email) if m["Subject"].startswith("Receipt")]
+        assert len(receipts) == 1
+        assert db_rows(settings, "SELECT count(*) FROM webhook_events WHERE id = 'evt_replayed_1'") == [(1,)]
+
+    def test_concurrent_duplicates_apply_once(self, cli, localstripe: LocalStripe, server, settings: Settings) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        issued.invoice_id = invoice_id(settings, issued.number)  # type: ignore[attr-defined]
+        payload, header = signed_event(intent_event("evt_concurrent_1", paid_intent_for(localstripe, issued)))
+
+        async def deliver_twice() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                post = lambda: client.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})  # noqa: E731
+                return list(await asyncio.gather(post(), post()))
+
+        responses = asyncio.run(deliver_twice())
+        assert sorted(r.json()["duplicate"] for r in responses) == [False, True]
+        assert invoice_status(cli, issued.number)["amount_paid"] == 12050
+        receipts = db_rows(settings, "SELECT count(*) FROM outbox WHERE kind = 'receipt'")
+        assert receipts == [(1,)]
+
+    def test_unknown_event_types_are_stored_and_acknowledged(self, server, settings: Settings) -> None:
+        payload, header = signed_event(
+            {"id": "evt_unknown", "type": "balance.available", "created": int(time.time()), "data": {"object": {}}}
+        )
+        response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
+        assert response.status_code == 200
+        assert db_rows(settings, "SELECT type FROM webhook_events") == [("balance.available",)]

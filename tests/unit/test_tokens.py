@@ -1,0 +1,114 @@
+"""Link tokens: signed, expiring, rotatable, one purpose each."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from links.tokens import Purpose, TokenExpired, TokenInvalid, TokenSigner
+
+OLD_KEY = "old-key-0123456789abcdef"
+NEW_KEY = "new-key-0123456789abcdef"
+
+
+def in_days(days: float) -> datetime:
+    return datetime.now(UTC) + timedelta(days=days)
+
+
+class TestRoundTrip:
+    """A token we signed comes back with the same link id and expiry."""
+
+    def test_round_trip(self) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        link_id = uuid.uuid4()
+        expires = in_days(30).replace(microsecond=0)
+        claims = signer.verify(signer.sign(link_id, expires))
+        assert claims.subject_id == link_id
+        assert claims.expires_at == expires
+
+    def test_token_is_url_safe_and_short(self) -> None:
+        token = TokenSigner([NEW_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        assert len(token) < 140
+        assert all(c.isalnum() or c in "-_." for c in token)
+
+
+class TestTampering:
+    """Anything we did not sign is rejected, in memory."""
+
+    def test_tampered_signature(self) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        token = signer.sign(uuid.uuid4(), in_days(30))
+        forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+        with pytest.raises(TokenInvalid):
+            signer.verify(forged)
+
+    def test_tampered_payload(self) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        token = signer.sign(uuid.uuid4(), in_days(30))
+        other = signer.sign(uuid.uuid4(), in_days(30))
+        spliced = other.split(".")[0] + "." + token.split(".")[1]
+        with pytest.raises(TokenInvalid):
+            signer.verify(spliced)
+
+    @pytest.mark.parametrize("garbage", ["", "abc", "a.b", "x" * 600, "WyJ4Il0.sig", "../../etc/passwd"])
+    def test_garbage(self, garbage: str) -> None:
+        with pytest.raises(TokenInvalid):
+            TokenSigner([NEW_KEY], Purpose.PAY).verify(garbage)
+
+    def test_other_key(self) -> None:
+        token = TokenSigner(["attacker-key-0123456789"], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        with pytest.raises(TokenInvalid):
+            TokenSigner([NEW_KEY], Purpose.PAY).verify(token)
+
+    def test_one_purpose_cannot_serve_another(self) -> None:
+        link_id = uuid.uuid4()
+        pay_token = TokenSigner([NEW_KEY], Purpose.PAY).sign(link_id, in_days(30))
+        with pytest.raises(TokenInvalid):
+            TokenSigner([NEW_KEY], Purpose.VERIFY_EMAIL).verify(pay_token)
+
+
+class TestExpiry:
+    """An expired token is recognised as ours, so the page can offer a fresh link."""
+
+    def test_expired_token_names_its_link(self) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        link_id = uuid.uuid4()
+        token = signer.sign(link_id, in_days(-1))
+        with pytest.raises(TokenExpired) as caught:
+            signer.verify(token)
+        assert caught.value.subject_id == link_id
+
+    def test_valid_until_the_second_it_expires(self) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        expires = in_days(1).replace(microsecond=0)
+        token = signer.sign(uuid.uuid4(), expires)
+        signer.verify(token, now=expires - timedelta(seconds=1))
+        with pytest.raises(TokenExpired):
+            signer.verify(token, now=expires)
+
+    def test_expired_and_forged_is_invalid_not_expired(self) -> None:
+        token = TokenSigner(["attacker-key-0123456789"], Purpose.PAY).sign(uuid.uuid4(), in_days(-1))
+        with pytest.raises(TokenInvalid):
+            TokenSigner([NEW_KEY], Purpose.PAY).verify(token)
+
+
+class TestKeyRotation:
+    """New keys sign; old keys still verify while listed; removed keys stop working."""
+
+    def test_old_key_still_verifies(self) -> None:
+        link_id = uuid.uuid4()
+        old_token = TokenSigner([OLD_KEY], Purpose.PAY).sign(link_id, in_days(30))
+        assert TokenSigner([NEW_KEY, OLD_KEY], Purpose.PAY).verify(old_token).subject_id == link_id
+
+    def test_newest_key_signs(self) -> None:
+        token = TokenSigner([NEW_KEY, OLD_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        TokenSigner([NEW_KEY], Purpose.PAY).verify(token)
+        with pytest.raises(TokenInvalid):
+            TokenSigner([OLD_KEY], Purpose.PAY).verify(token)
+
+    def test_removed_key_fails(self) -> None:
+        old_token = TokenSigner([OLD_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        with pytest.raises(TokenInvalid):
+            TokenSigner([NEW_KEY], Purpose.PAY).verify(old_token)
