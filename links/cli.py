@@ -447,7 +447,8 @@ async def cmd_reconcile(ctx: Context, rt: Runtime) -> None:
     def human() -> None:
         ctx.console.print(f"Checked {report.checked} payment(s), applied {report.events_applied} missed event(s).")
         for change in report.changes:
-            ctx.console.print(f"  {change['invoice']}: payment {change['payment']} {change['from']} -> {change['to']}")
+            what = f"payment {change['payment']}" if change["payment"] else "invoice"
+            ctx.console.print(f"  {change['invoice']}: {what} {change['from']} -> {change['to']}")
         if not report.changes:
             ctx.console.print("Nothing changed: our records match Stripe.")
 

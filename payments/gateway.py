@@ -206,6 +206,11 @@ class StripeGateway:
             return await self.retrieve_payment_intent(intent_id)
         return intent_snapshot(pi)
 
+    async def cancel_payment_intent(self, intent_id: str) -> IntentSnapshot:
+        # localstripe's cancel takes no parameters beyond the id; Stripe's cancellation_reason is optional.
+        pi = await self._call(self._client.v1.payment_intents.cancel_async, intent_id)
+        return intent_snapshot(pi)
+
     async def retrieve_payment_intent(self, intent_id: str) -> IntentSnapshot:
         pi = await self._call(self._client.v1.payment_intents.retrieve_async, intent_id)
         return intent_snapshot(pi)

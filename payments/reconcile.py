@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db import utcnow
-from links.models import Invoice
-from payments.gateway import GatewayError, StripeGateway
+from links.models import Invoice, InvoiceStatus
+from payments.gateway import StripeGateway
 from payments.models import Payment, PaymentStatus, WebhookEvent
-from payments.service import STALE_CLAIM, _release, apply_intent, apply_stripe_event, record_event
+from payments.service import apply_stripe_event, record_event, settle_payment
 from settings import Settings
 
 # Events are fetched again from a little before the newest one we hold: duplicates are skipped by id.
@@ -33,9 +33,32 @@ class ReconcileReport:
 
 async def reconcile(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings) -> ReconcileReport:
     report = ReconcileReport()
+    before = await _unsettled_invoices(sessions)
     await _missed_events(sessions, gateway, settings, report)
     await _unfinished_payments(sessions, gateway, settings, report)
+    after = await _statuses(sessions, list(before))
+    for number, status in before.items():
+        if after.get(number) != status:
+            report.changes.append({"invoice": number, "payment": None, "from": status, "to": after.get(number)})
     return report
+
+
+async def _unsettled_invoices(sessions: async_sessionmaker[AsyncSession]) -> dict[str, str]:
+    """Invoices whose money state may still change: open or processing, or with a payment under way."""
+    async with sessions() as session:
+        live = select(Payment.invoice_id).where(Payment.status.in_(PaymentStatus.LIVE))
+        rows = await session.execute(
+            select(Invoice.number, Invoice.status).where(
+                or_(Invoice.status.in_((InvoiceStatus.OPEN, InvoiceStatus.PROCESSING)), Invoice.id.in_(live))
+            )
+        )
+        return {number: status for number, status in rows}
+
+
+async def _statuses(sessions: async_sessionmaker[AsyncSession], numbers: list[str]) -> dict[str, str]:
+    async with sessions() as session:
+        rows = await session.execute(select(Invoice.number, Invoice.status).where(Invoice.number.in_(numbers)))
+        return {number: status for number, status in rows}
 
 
 async def _unfinished_payments(
@@ -44,31 +67,16 @@ async def _unfinished_payments(
     async with sessions() as session:
         rows = (
             await session.execute(
-                select(Payment.id, Payment.stripe_payment_intent_id, Payment.status, Payment.created_at, Invoice.number)
+                select(Payment.id, Payment.status, Invoice.number)
                 .join(Invoice, Invoice.id == Payment.invoice_id)
                 .where(Payment.status.in_(PaymentStatus.LIVE))
             )
         ).all()
-    for payment_id, intent_id, before, created_at, number in rows:
+    for payment_id, before, number in rows:
         report.checked += 1
-        if intent_id is None:
-            if utcnow() - created_at > STALE_CLAIM:
-                async with sessions.begin() as session:
-                    payment = await session.get_one(Payment, payment_id)
-                    if payment.status == before and payment.stripe_payment_intent_id is None:
-                        _release(payment, PaymentStatus.CANCELED, "abandoned before reaching Stripe")
-                report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": PaymentStatus.CANCELED})
-            continue
-        try:
-            snapshot = await gateway.retrieve_payment_intent(intent_id)
-        except GatewayError as exc:
-            report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": before, "error": str(exc)})
-            continue
-        async with sessions.begin() as session:
-            applied = await apply_intent(session, settings, snapshot, actor="reconcile")
-            after = applied.status if applied else before
-        if after != before:
-            report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": after})
+        outcome = await settle_payment(sessions, gateway, settings, payment_id, actor="reconcile")
+        if outcome.status != before:
+            report.changes.append({"invoice": number, "payment": str(payment_id), "from": before, "to": outcome.status})
 
 
 async def _missed_events(

@@ -272,22 +272,41 @@ def _outcome(payment: Payment, snapshot: IntentSnapshot) -> PayOutcome:
     return PayOutcome(payment.status, payment.id, client_secret=secret, error_message=payment.failure_message)
 
 
-async def refresh_payment(
+async def settle_payment(
     sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, payment_id: uuid.UUID, *, actor: str
 ) -> PayOutcome:
-    """Ask Stripe about one payment and apply its answer (after 3-D Secure, for `reconcile`)."""
+    """Ask Stripe about one unfinished payment and apply its answer (after 3-D Secure, `reconcile`).
+
+    An attempt that never reached Stripe's confirm (we timed out before it arrived, or died) and
+    has waited longer than STALE_CLAIM is canceled at Stripe and released, so the customer can pay
+    again; it cannot have charged anyone. Anything Stripe did confirm is recorded as it is.
+    """
     async with sessions() as session:
         payment = await session.get_one(Payment, payment_id)
+    if payment.status in PaymentStatus.FINAL:
+        return PayOutcome(payment.status, payment.id, error_message=payment.failure_message)
+    stale = utcnow() - payment.updated_at > STALE_CLAIM
     if payment.stripe_payment_intent_id is None:
+        if stale and payment.status in (PaymentStatus.CREATED, PaymentStatus.PENDING):
+            async with sessions.begin() as session:
+                row = await session.get_one(Payment, payment_id)
+                if row.stripe_payment_intent_id is None and row.status == payment.status:
+                    _release(row, PaymentStatus.CANCELED, "abandoned before reaching Stripe")
+                return PayOutcome(row.status, row.id)
         return PayOutcome(payment.status, payment.id)
     try:
         snapshot = await gateway.retrieve_payment_intent(payment.stripe_payment_intent_id)
+        if snapshot.status == "requires_confirmation" and stale:
+            try:
+                snapshot = await gateway.cancel_payment_intent(snapshot.id)
+            except GatewayError:
+                snapshot = await gateway.retrieve_payment_intent(snapshot.id)
     except GatewayError:
         return PayOutcome(payment.status, payment.id, error_message=payment.failure_message)
     async with sessions.begin() as session:
-        row = await apply_intent(session, settings, snapshot, actor=actor)
-        assert row is not None
-        return _outcome(row, snapshot)
+        applied = await apply_intent(session, settings, snapshot, actor=actor)
+        assert applied is not None
+        return _outcome(applied, snapshot)
 
 
 # --- the state machine ----------------------------------------------------------------------------

@@ -109,7 +109,7 @@ async def refresh_status(request: Request) -> Response:
     app = paylink(request)
     payment_id = await _latest_payment_id(request, claims.subject_id)
     if payment_id is not None:
-        outcome = await service.refresh_payment(app.sessions, app.gateway, app.settings, payment_id, actor="link")
+        outcome = await service.settle_payment(app.sessions, app.gateway, app.settings, payment_id, actor="link")
         app.outbox_wakeup.set()
         if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
             return await _authenticate(request, token, claims, outcome.client_secret)

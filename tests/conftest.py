@@ -78,6 +78,7 @@ def settings(env: dict[str, str]) -> Settings:
 
 @pytest.fixture
 def server(settings: Settings, env: dict[str, str], localstripe: LocalStripe) -> Iterator[AppServer]:
+    """The app under uvicorn, with localstripe's webhooks pointed at it."""
     from app import create_app
 
     port = int(env["BASE_URL"].rsplit(":", 1)[1])
@@ -85,6 +86,25 @@ def server(settings: Settings, env: dict[str, str], localstripe: LocalStripe) ->
     localstripe.register_webhook(f"{app_server.base}/webhooks/stripe")
     yield app_server
     app_server.stop()
+
+
+@pytest.fixture
+def start_server(env: dict[str, str], settings: Settings, localstripe: LocalStripe) -> Iterator[Any]:
+    """Start the app with some settings changed (same database), e.g. start_server(STRIPE_API_BASE=...)."""
+    from app import create_app
+
+    started: list[AppServer] = []
+
+    def start(**overrides: str) -> AppServer:
+        port = int(env["BASE_URL"].rsplit(":", 1)[1])
+        app_server = AppServer(create_app(Settings.from_env({**env, **overrides})), port).start()
+        localstripe.register_webhook(f"{app_server.base}/webhooks/stripe")
+        started.append(app_server)
+        return app_server
+
+    yield start
+    for app_server in started:
+        app_server.stop()
 
 
 @pytest.fixture

@@ -202,3 +202,54 @@ class AppServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+# --- a real network fault between us and Stripe ---------------------------------------------------------
+
+
+class StallingProxy:
+    """An HTTP proxy in front of localstripe that never answers requests whose path matches `stall`.
+
+    It makes a real timeout on the wire (the request never reaches Stripe), not a mocked one."""
+
+    def __init__(self, target: str, stall: str) -> None:
+        import http.server
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.stalled: list[str] = []
+        proxy = self
+        pattern = re.compile(stall)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if pattern.search(self.path):
+                    proxy.stalled.append(self.path)
+                    time.sleep(5)  # longer than the client's timeout; the request is dropped
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                upstream = httpx.request(self.command, target + self.path, content=body, headers=headers, timeout=30)
+                self.send_response(upstream.status_code)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(key, value)
+                self.send_header("content-length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+
+            do_GET = do_POST = do_DELETE = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> StallingProxy:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,245 @@
+"""Money state stays right whatever Stripe, the network or our own process does."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from payments.models import Payment, PaymentStatus
+from settings import Settings
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, signed_event, wait_until
+from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
+
+
+def db_rows(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(settings.database_url.split("///", 1)[1]) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def link_id_of(settings: Settings, number: str) -> uuid.UUID:
+    [(raw,)] = db_rows(
+        settings,
+        "SELECT l.id FROM payment_links l JOIN invoices i ON i.id = l.invoice_id WHERE i.number = ? ORDER BY l.created_at DESC",
+        number,
+    )
+    return uuid.UUID(hex=raw)
+
+
+def post_event(server: Any, kind: str, obj: dict[str, Any], event_id: str | None = None) -> httpx.Response:
+    body = {
+        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": kind,
+        "created": int(time.time()),
+        "data": {"object": obj},
+    }
+    payload, header = signed_event(body)
+    return httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30)
+
+
+def pay_through_page(client: httpx.Client, issued: Issued) -> httpx.Response:
+    html = client.get(issued.url).text
+    return client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0]})
+
+
+def paid_intent(localstripe: LocalStripe, issued: Issued) -> Any:
+    [intent] = localstripe.payment_intents_for(issued.stripe_customer)
+    assert intent.status == "succeeded"
+    return intent
+
+
+class TestOutOfOrderEvents:
+    """Late or repeated events never move a paid invoice back."""
+
+    def test_payment_failed_after_succeeded_stays_paid(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        assert "Payment received" in pay_through_page(browser_client, issued).text
+        intent = paid_intent(localstripe, issued).to_dict()
+        late_failure = {
+            **intent,
+            "status": "requires_payment_method",
+            "last_payment_error": {"code": "card_declined", "message": "declined"},
+        }
+        assert post_event(server, "payment_intent.payment_failed", late_failure).status_code == 200
+        assert post_event(server, "payment_intent.canceled", {**intent, "status": "canceled"}).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert shown["status"] == "paid"
+        assert shown["amount_paid"] == 12050
+        assert [p["status"] for p in shown["payments"]] == ["succeeded"]
+
+
+class TestRefundsAndDisputes:
+    """Refunds adjust what was paid; a dispute is flagged and finance hears of it."""
+
+    def test_partial_then_full_refund(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_through_page(browser_client, issued)
+        intent = paid_intent(localstripe, issued)
+        localstripe.client.v1.refunds.create({"payment_intent": intent.id, "amount": 2050})
+        charge = localstripe.client.v1.charges.retrieve(
+            intent.latest_charge.id if hasattr(intent.latest_charge, "id") else intent.latest_charge
+        )
+        assert post_event(server, "charge.refunded", charge.to_dict()).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_refunded"]) == ("partially_refunded", 2050)
+        page = browser_client.get(issued.url).text
+        assert "Payment partly refunded" in page
+        assert "€20.50" in page
+
+        localstripe.client.v1.refunds.create({"payment_intent": intent.id, "amount": 10000})
+        charge = localstripe.client.v1.charges.retrieve(charge.id)
+        full = charge.to_dict()
+        assert post_event(server, "charge.refunded", full).status_code == 200
+        # The earlier, smaller event delivered again late changes nothing.
+        assert post_event(server, "charge.refunded", {**full, "amount_refunded": 2050}).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_refunded"]) == ("refunded", 12050)
+
+    def test_dispute_flags_invoice_and_emails_finance(
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_through_page(browser_client, issued)
+        intent = paid_intent(localstripe, issued)
+        dispute = {
+            "id": "dp_test1",
+            "object": "dispute",
+            "amount": 12050,
+            "currency": "eur",
+            "reason": "fraudulent",
+            "payment_intent": intent.id,
+        }
+        assert post_event(server, "charge.dispute.created", dispute).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert "disputed: fraudulent" in shown["needs_attention"]
+        wait_until(lambda: smtp.mailbox.to("finance@acme.test"), what="the finance alert")
+        [alert] = smtp.mailbox.to("finance@acme.test")
+        assert issued.number in alert["Subject"]
+        listed = cli("invoice", "list", "--json").json()["invoices"]
+        assert any(i["number"] == issued.number and "disputed" in (i["needs_attention"] or "") for i in listed)
+
+
+class TestSavedProfilesInSync:
+    """What Stripe says about saved cards is what the page offers."""
+
+    def test_detached_card_is_no_longer_offered(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OK)
+        first, second = issued.cards
+        assert offered_cards(browser_client.get(issued.url).text) == [first, second]
+        detached = localstripe.client.v1.payment_methods.detach(second)
+        assert post_event(server, "payment_method.detached", detached.to_dict()).status_code == 200
+        page = browser_client.get(issued.url).text
+        assert offered_cards(page) == [first]
+        assert second not in page
+
+    def test_attached_card_and_new_default_are_picked_up(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        new_pm = localstripe.add_card(issued.stripe_customer, "5555555555554444")
+        pm = localstripe.client.v1.payment_methods.retrieve(new_pm).to_dict()
+        assert post_event(server, "payment_method.attached", pm).status_code == 200
+        customer = localstripe.client.v1.customers.update(issued.stripe_customer, {"invoice_settings": {"default_payment_method": new_pm}})
+        assert post_event(server, "customer.updated", customer.to_dict()).status_code == 200
+        assert offered_cards(browser_client.get(issued.url).text) == [new_pm, issued.cards[0]]
+
+
+class CrashingSession(Session):
+    """A session whose commit fails once the payment it records has succeeded: the process 'dies' there."""
+
+
+@event.listens_for(CrashingSession, "before_commit")
+def _crash_when_recording_success(session: Session) -> None:
+    if any(isinstance(obj, Payment) and obj.status == PaymentStatus.SUCCEEDED for obj in session.identity_map.values()):
+        raise RuntimeError("simulated crash between Stripe's answer and our commit")
+
+
+def pay_and_crash(settings: Settings, link_id: uuid.UUID, payment_method: str) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from db import create_engine
+    from payments.gateway import StripeGateway
+    from payments.service import pay_with_saved_profile
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=CrashingSession)
+        try:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                await pay_with_saved_profile(sessions, StripeGateway(settings), settings, link_id=link_id, payment_method_id=payment_method)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+class TestCrashRecovery:
+    """If we die after Stripe charged but before we recorded it, the invoice still ends paid, charged once."""
+
+    def test_reconcile_finds_the_charge(self, cli, localstripe: LocalStripe, settings: Settings) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_crash(settings, link_id_of(settings, issued.number), issued.cards[0])
+        assert invoice_status(cli, issued.number)["status"] == "open"
+        [intent] = localstripe.payment_intents_for(issued.stripe_customer)
+        assert intent.status == "succeeded"
+
+        result = cli("reconcile", "--json")
+        assert result.code == 0, result.err
+        report = result.json()
+        assert any(c["invoice"] == issued.number and c["to"] in ("paid", "succeeded") for c in report["changes"])
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"]) == ("paid", 12050)
+        assert len(localstripe.payment_intents_for(issued.stripe_customer)) == 1
+
+        again = cli("reconcile", "--json").json()  # safe to run again: nothing more changes
+        assert not [c for c in again["changes"] if c["invoice"] == issued.number]
+        assert invoice_status(cli, issued.number)["amount_paid"] == 12050
+
+    def test_webhook_finds_the_charge(self, cli, localstripe: LocalStripe, settings: Settings, server) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_crash(settings, link_id_of(settings, issued.number), issued.cards[0])
+        # localstripe delivers its own signed payment_intent.succeeded about a second later.
+        wait_until(lambda: invoice_status(cli, issued.number)["status"] == "paid", timeout=15, what="the webhook to mark it paid")
+        assert invoice_status(cli, issued.number)["amount_paid"] == 12050
+        assert len(localstripe.payment_intents_for(issued.stripe_customer)) == 1
+
+
+class TestStripeTimeouts:
+    """A timeout never says 'failed': the customer is told we are confirming, and nothing is charged twice."""
+
+    def test_timeout_on_confirm_shows_confirming_then_recovers(
+        self, cli, localstripe: LocalStripe, settings: Settings, start_server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        proxy = StallingProxy(localstripe.base, stall=r"/confirm$").start()
+        try:
+            issued = issue_invoice(cli, localstripe, CARD_OK)
+            server = start_server(STRIPE_API_BASE=proxy.base, STRIPE_TIMEOUT_SECONDS="1", STRIPE_MAX_NETWORK_RETRIES="0")
+            with httpx.Client(base_url=server.base, follow_redirects=True, timeout=30) as client:
+                page = pay_through_page(client, issued)
+                assert "We are confirming your payment" in page.text
+                assert 'name="payment_method"' not in page.text  # no second Pay button
+                assert proxy.stalled, "the confirm call should have been stalled"
+                assert invoice_status(cli, issued.number)["payments"][0]["status"] == "pending"
+                assert "We are confirming your payment" in client.get(issued.url).text
+
+                # The confirm never reached Stripe. Once the attempt is stale, reconcile cancels it at
+                # Stripe and frees the invoice; the customer can pay again, and is charged once.
+                from payments import service
+
+                monkeypatch.setattr(service, "STALE_CLAIM", service.STALE_CLAIM * 0)
+                report = cli("reconcile", "--json").json()
+                assert any(c["invoice"] == issued.number and c["to"] == "canceled" for c in report["changes"])
+                again = client.get(issued.url).text
+                assert offered_cards(again) == issued.cards
+                assert "Pay €120.50 with Visa •••• 4242" in again
+        finally:
+            proxy.stop()
+        intents = localstripe.payment_intents_for(issued.stripe_customer)
+        assert [pi.status for pi in intents] == ["canceled"]
+        assert not any(pi.status == "succeeded" for pi in intents)
