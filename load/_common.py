@@ -83,13 +83,13 @@ def sqlite_url(path: Path) -> str:
 class Server:
     """A uvicorn process (one worker) started from load/_serve.py; stopped with SIGINT so profiles are written."""
 
-    def __init__(self, args: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log_path: Path, wrapper: list[str] | None = None) -> None:
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
         self._log = open(log_path, "wb")  # closed in stop()
         self.log_path = log_path
         self.process = subprocess.Popen(
-            [sys.executable, str(LOAD / "_serve.py"), "--port", str(port), *args],
+            [*(wrapper or []), sys.executable, str(LOAD / "_serve.py"), "--port", str(port), *args],
             env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -141,3 +141,48 @@ def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     print(f"=== {title} ===")
     for key, value in rows:
         print(f"  {key.ljust(width)}  {value}")
+
+
+# --- sampling profiles with py-spy (optional: `pip install --target /tmp/pyspy py-spy`) ----------------
+
+
+def py_spy_wrapper(binary: str, output: Path, rate: int = 250) -> list[str]:
+    """Prefix for a server command line: sample every thread, write collapsed stacks ("raw") to `output`."""
+    return [binary, "record", "--format", "raw", "--rate", str(rate), "--threads", "--nonblocking", "--output", str(output), "--"]
+
+
+def print_py_spy(path: Path, limit: int = 25) -> None:
+    """Summarise py-spy's collapsed stacks: samples per thread, then the hottest functions (self and inclusive)."""
+    import collections
+    import re
+
+    if not path.exists():
+        print(f"(no py-spy output at {path})")
+        return
+    per_thread: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in frames[1:]]  # fold line numbers into one entry per function
+        total += count
+        per_thread[thread] += count
+        if frames:
+            own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    print(f"\n=== py-spy: {total} samples on CPU (all threads; {path}) ===")
+    for thread, count in per_thread.most_common(8):
+        print(f"  {count / total:6.1%}  {thread}")
+    print("  -- self time --")
+    for frame, count in own.most_common(limit):
+        print(f"  {count / total:6.1%}  {frame}")
+    print("  -- inclusive time --")
+    for frame, count in inclusive.most_common(limit):
+        print(f"  {count / total:6.1%}  {frame}")

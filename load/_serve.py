@@ -54,8 +54,12 @@ def main() -> None:
     server = uvicorn.Server(config)
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(server.run)
-        profiler.dump_stats(str(args.profile))
+        try:
+            profiler.runcall(server.run)  # uvicorn re-raises the captured SIGINT once it has shut down
+        except KeyboardInterrupt:
+            pass
+        finally:
+            profiler.dump_stats(str(args.profile))
     else:
         server.run()
 

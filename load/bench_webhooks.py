@@ -26,16 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import (
-    WEBHOOK_SECRET,
-    Server,
-    bench_env,
-    free_port,
-    percentile,
-    print_table,
-    sqlite_url,
-    workdir,
-)
+from _common import WEBHOOK_SECRET, Server, bench_env, free_port, percentile, print_py_spy, print_table, py_spy_wrapper, sqlite_url, workdir
 from sqlalchemy import insert
 
 GOAL_EVENTS_PER_SECOND = 1_000
@@ -209,6 +200,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="stop posting after this many seconds (default 120)")
     parser.add_argument("--profile", action="store_true", help="run the server under cProfile and print its top functions")
+    parser.add_argument("--py-spy", metavar="PY_SPY", help="path of a py-spy binary: sample the server (all threads) and print a summary")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (database, server log, profile)")
     args = parser.parse_args()
     n = max(1, min(args.n, 100_000))
@@ -231,7 +223,9 @@ def main() -> int:
         port = free_port()
         profile_path = work / "server.prof"
         server_args = ["--profile", str(profile_path)] if args.profile else []
-        with Server(server_args, bench_env(url, app_port=port), port, work / "server.log") as server:
+        spy_path = work / "server.pyspy.txt"
+        wrapper = py_spy_wrapper(args.py_spy, spy_path) if args.py_spy else None
+        with Server(server_args, bench_env(url, app_port=port), port, work / "server.log", wrapper=wrapper) as server:
             server.wait_ready()
             asyncio.run(post_all(server.base, warm, min(args.concurrency, warmup), 30))
             result = asyncio.run(post_all(server.base, timed, args.concurrency, args.time_limit))
@@ -261,6 +255,8 @@ def main() -> int:
             print(f"  error: {error}")
         if args.profile:
             print_profile(profile_path)
+        if args.py_spy:
+            print_py_spy(spy_path)
         return 0 if all_applied and not result.errors else 1
 
 

@@ -230,10 +230,11 @@ async def _try_claim(
             status=PaymentStatus.CREATED,
         )
         session.add(payment)
+        invoice_id = invoice.id  # read before a failed flush expires the instance
         try:
             await session.flush()
         except IntegrityError:
-            raise _ClaimedElsewhere(str(invoice.id)) from None
+            raise _ClaimedElsewhere(str(invoice_id)) from None
         audit.record(session, "link", "payment.claim", f"invoice:{invoice.number}", payment=str(payment_id))
         return payment, customer.stripe_customer_id, invoice.number
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from settings import Settings  # noqa: E402
-from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port  # noqa: E402
+from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port, postgres_database  # noqa: E402
 
 LINK_KEY = "test-link-key-0123456789abcdef"
 
@@ -37,9 +37,26 @@ def smtp() -> Iterator[SmtpServer]:
     server.stop()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `postgres` run on SQLite and again on PostgreSQL (when TEST_POSTGRES_URL is set)."""
+    if "backend" in metafunc.fixturenames:
+        backends = ["sqlite"]
+        if metafunc.definition.get_closest_marker("postgres"):
+            backends.append("postgres")
+        metafunc.parametrize("backend", backends)
+
+
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'paylink.db'}"
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh database for each test: a SQLite file, or a new PostgreSQL database dropped afterwards."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'paylink.db'}"
+        return
+    admin_url = os.environ.get("TEST_POSTGRES_URL")
+    if not admin_url:
+        pytest.skip("TEST_POSTGRES_URL is not set")
+    with postgres_database(admin_url) as url:
+        yield url
 
 
 @pytest.fixture

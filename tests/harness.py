@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -14,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -253,3 +256,47 @@ class StallingProxy:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# --- databases ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    """Create a uniquely named database on the server behind `admin_url`; drop it afterwards."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(admin_url)
+    name = f"paylink_test_{uuid.uuid4().hex[:12]}"
+    dsn = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def db_query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Read the app's database the way an operator would, on SQLite or PostgreSQL alike."""
+    from sqlalchemy import text
+
+    from db import create_engine
+
+    async def run() -> list[tuple[Any, ...]]:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return [tuple(row) for row in (await conn.execute(text(sql), params)).all()]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 import uuid
 from typing import Any
@@ -15,22 +14,17 @@ from sqlalchemy.orm import Session
 
 from payments.models import Payment, PaymentStatus
 from settings import Settings
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, signed_event, wait_until
+from tests.harness import db_query, CARD_OK, LocalStripe, SmtpServer, StallingProxy, signed_event, wait_until
 from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
 
 
-def db_rows(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(settings.database_url.split("///", 1)[1]) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
 def link_id_of(settings: Settings, number: str) -> uuid.UUID:
-    [(raw,)] = db_rows(
-        settings,
-        "SELECT l.id FROM payment_links l JOIN invoices i ON i.id = l.invoice_id WHERE i.number = ? ORDER BY l.created_at DESC",
-        number,
+    [(raw,)] = db_query(
+        settings.database_url,
+        "SELECT l.id FROM payment_links l JOIN invoices i ON i.id = l.invoice_id WHERE i.number = :number",
+        number=number,
     )
-    return uuid.UUID(hex=raw)
+    return uuid.UUID(str(raw))
 
 
 def post_event(server: Any, kind: str, obj: dict[str, Any], event_id: str | None = None) -> httpx.Response:
@@ -179,6 +173,7 @@ def pay_and_crash(settings: Settings, link_id: uuid.UUID, payment_method: str) -
     asyncio.run(run())
 
 
+@pytest.mark.postgres
 class TestCrashRecovery:
     """If we die after Stripe charged but before we recorded it, the invoice still ends paid, charged once."""
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
 
 
+@pytest.mark.postgres
 class TestNoDoubleCharge:
     """However often the customer presses Pay, Stripe sees one PaymentIntent."""
 

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import uuid
 import time
 from typing import Any
 
 import httpx
+import pytest
 
 from settings import Settings
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, signed_event, wait_until
+from tests.harness import db_query, CARD_OK, LocalStripe, SmtpServer, signed_event, wait_until
 from tests.integration.helpers import invoice_status, issue_invoice
-
-
-def db_rows(settings: Settings, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    path = settings.database_url.split("///", 1)[1]
-    with sqlite3.connect(path) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def intent_event(event_id: str, intent: dict[str, Any], kind: str = "payment_intent.succeeded") -> dict[str, Any]:
@@ -41,10 +36,8 @@ def paid_intent_for(localstripe: LocalStripe, issued: Any) -> dict[str, Any]:
 
 
 def invoice_id(settings: Settings, number: str) -> str:
-    [(raw,)] = db_rows(settings, "SELECT id FROM invoices WHERE number = ?", number)
-    import uuid
-
-    return str(uuid.UUID(hex=raw))
+    [(raw,)] = db_query(settings.database_url, "SELECT id FROM invoices WHERE number = :number", number=number)
+    return str(uuid.UUID(str(raw)))
 
 
 class TestSignature:
@@ -56,7 +49,7 @@ class TestSignature:
         )
         response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
         assert response.status_code == 400
-        assert db_rows(settings, "SELECT count(*) FROM webhook_events") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events") == [(0,)]
 
     def test_missing_and_stale_signatures_are_400(self, server, settings: Settings) -> None:
         event = intent_event("evt_stale", {"id": "pi_x", "status": "succeeded", "amount": 1, "currency": "eur"})
@@ -66,9 +59,10 @@ class TestSignature:
         assert (
             httpx.post(f"{server.base}/webhooks/stripe", content=b"not json", headers={"stripe-signature": "t=1,v1=00"}).status_code == 400
         )
-        assert db_rows(settings, "SELECT count(*) FROM webhook_events") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events") == [(0,)]
 
 
+@pytest.mark.postgres
 class TestExactlyOnce:
     """A replayed event is acknowledged and does nothing more."""
 
@@ -89,7 +83,7 @@ class TestExactlyOnce:
         time.sleep(0.5)
         receipts = [m for m in smtp.mailbox.to(issued.email) if m["Subject"].startswith("Receipt")]
         assert len(receipts) == 1
-        assert db_rows(settings, "SELECT count(*) FROM webhook_events WHERE id = 'evt_replayed_1'") == [(1,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_replayed_1'") == [(1,)]
 
     def test_concurrent_duplicates_apply_once(self, cli, localstripe: LocalStripe, server, settings: Settings) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK)
@@ -104,7 +98,7 @@ class TestExactlyOnce:
         responses = asyncio.run(deliver_twice())
         assert sorted(r.json()["duplicate"] for r in responses) == [False, True]
         assert invoice_status(cli, issued.number)["amount_paid"] == 12050
-        receipts = db_rows(settings, "SELECT count(*) FROM outbox WHERE kind = 'receipt'")
+        receipts = db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'receipt'")
         assert receipts == [(1,)]
 
     def test_unknown_event_types_are_stored_and_acknowledged(self, server, settings: Settings) -> None:
@@ -113,4 +107,4 @@ class TestExactlyOnce:
         )
         response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
         assert response.status_code == 200
-        assert db_rows(settings, "SELECT type FROM webhook_events") == [("balance.available",)]
+        assert db_query(settings.database_url, "SELECT type FROM webhook_events") == [("balance.available",)]
