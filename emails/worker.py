@@ -26,6 +26,10 @@ class TransientSendError(Exception):
     """The server or the network said "not now": retry later."""
 
 
+class ServerUnreachable(TransientSendError):
+    """We could not even connect: no point trying the rest of the batch now."""
+
+
 class PermanentSendError(Exception):
     """The server refused this message for good (5xx): do not retry."""
 
@@ -69,7 +73,7 @@ class SmtpSender:
         try:
             await smtp.connect()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise TransientSendError(f"cannot connect to {s.smtp_host}:{s.smtp_port}: {exc}") from None
+            raise ServerUnreachable(f"cannot connect to {s.smtp_host}:{s.smtp_port}: {exc}") from None
         self._smtp = smtp
         return smtp
 
@@ -107,15 +111,25 @@ class SendReport:
     sent: int = 0
     retrying: int = 0
     dead: int = 0
+    unreachable: bool = False
 
 
 async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender, report: SendReport) -> int:
     """Claim one batch of due messages and send them. Returns how many were claimed."""
     batch = await claim_due_messages(sessions, batch_size=settings.outbox_batch_size, lease_seconds=settings.outbox_lease_seconds)
     sent: list[int] = []
-    for message in batch:
+    for index, message in enumerate(batch):
         try:
             await sender.send(build_mime(settings, message))
+        except ServerUnreachable as exc:
+            # The server is down: every message of the batch waits for its next try, without
+            # a connection attempt (and its timeout) each.
+            for waiting in batch[index:]:
+                await mark_failed(sessions, settings, waiting, str(exc), permanent=False)
+            report.retrying += len(batch) - index
+            report.unreachable = True
+            log.warning("email.server_unreachable waiting=%d error=%s", len(batch) - index, exc)
+            break
         except (TransientSendError, PermanentSendError) as exc:
             permanent = isinstance(exc, PermanentSendError)
             status = await mark_failed(sessions, settings, message, str(exc), permanent=permanent)
@@ -133,7 +147,7 @@ async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Setti
             sent = []
     await mark_sent(sessions, sent)
     report.sent += len(sent)
-    return len(batch)
+    return len(batch) if not report.unreachable else 0
 
 
 async def run_once(sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender | None = None) -> SendReport:

@@ -163,7 +163,8 @@ class SmtpServer:
         return self
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller._thread is not None:
+            self.controller.stop()
 
 
 def text_part(message: EmailMessage) -> str:

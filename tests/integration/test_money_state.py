@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from payments.models import Payment, PaymentStatus
 from settings import Settings
-from tests.harness import db_query, CARD_OK, LocalStripe, SmtpServer, StallingProxy, signed_event, wait_until
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, signed_event, wait_until
 from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 import time
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 
 from settings import Settings
-from tests.harness import db_query, CARD_OK, LocalStripe, SmtpServer, signed_event, wait_until
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, signed_event, wait_until
 from tests.integration.helpers import invoice_status, issue_invoice
 
 
