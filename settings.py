@@ -50,6 +50,9 @@ class Settings:
     outbox_backoff_max_seconds: float
     outbox_lease_seconds: float
     outbox_poll_seconds: float
+    reminder_days_before_due: int
+    reminder_days_before_expiry: int
+    reminder_interval_seconds: float
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -110,6 +113,9 @@ class Settings:
             outbox_backoff_max_seconds=config("OUTBOX_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             outbox_lease_seconds=config("OUTBOX_LEASE_SECONDS", cast=float, default=120.0),
             outbox_poll_seconds=config("OUTBOX_POLL_SECONDS", cast=float, default=2.0),
+            reminder_days_before_due=_positive(config, "REMINDER_DAYS_BEFORE_DUE", 3),
+            reminder_days_before_expiry=_positive(config, "REMINDER_DAYS_BEFORE_EXPIRY", 3),
+            reminder_interval_seconds=config("REMINDER_INTERVAL_SECONDS", cast=float, default=3600.0),
         )
 
 

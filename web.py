@@ -22,6 +22,7 @@ from rendering import pages
 from settings import Settings
 
 CSRF_MAX_AGE_SECONDS = 24 * 3600
+MAX_FORM_BYTES = 16 * 1024
 
 
 @dataclass
@@ -68,6 +69,17 @@ def render_page(request: Request, name: str, *, locale: str, status_code: int = 
         **context,
     )
     return HTMLResponse(html, status_code=status_code)
+
+
+async def small_form(request: Request) -> dict[str, str] | None:
+    """The posted form's text fields, or None for an oversized or malformed body."""
+    if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
+        return None
+    try:
+        form = await request.form(max_files=0, max_fields=20)
+    except Exception:  # malformed multipart or urlencoded body: the caller answers 400
+        return None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 # --- CSRF: a signed token bound to the link the form belongs to ------------------------------------

@@ -24,6 +24,9 @@ from settings import ConfigError, Settings
 EPILOG_EXAMPLES = {
     "customer add": 'python -m links customer add --email ann@example.com --name "Ann Lee" --verified',
     "customer show": "python -m links customer show ann@example.com",
+    "customer verify": "python -m links customer verify ann@example.com",
+    "customer update": "python -m links customer update ann@example.com --email ann.lee@example.org",
+    "remind": "python -m links remind --days-before-due 3",
     "invoice create": (
         'python -m links invoice create --customer ann@example.com --amount 120.50 --currency eur --description "Consulting" --send'
     ),
@@ -156,7 +159,7 @@ def customer_record(customer: Any) -> dict[str, Any]:
 
 
 async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
-    from links import service
+    from links import lifecycle, service
 
     a = ctx.args
     email = service.normalize_email(a.email)
@@ -168,6 +171,8 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
         customer = await service.add_customer(
             session, email=email, name=a.name, actor=ctx.actor, locale=a.locale, stripe_customer_id=stripe_id, verified=a.verified
         )
+        if not a.verified:
+            lifecycle.request_verification(session, ctx.settings, customer, actor=ctx.actor)
     if stripe_id:
         from payments.service import sync_profiles
 
@@ -227,6 +232,53 @@ async def cmd_customer_show(ctx: Context, rt: Runtime) -> None:
                 "Saved card", f"{p.brand.title()} •••• {p.last4} exp {p.exp_month:02d}/{p.exp_year}{' (default)' if p.is_default else ''}"
             )
         ctx.console.print(table)
+
+    emit(ctx, record, human)
+
+
+async def cmd_customer_verify(ctx: Context, rt: Runtime) -> None:
+    from links import lifecycle, service
+
+    async with rt.sessions.begin() as session:
+        customer = await service.find_customer(session, ctx.args.email)
+        if customer.email_verified_at is not None:
+            raise UserError(f"{customer.email} is already verified")
+        lifecycle.request_verification(session, ctx.settings, customer, actor=ctx.actor)
+    emit(ctx, customer_record(customer), lambda: ctx.console.print(f"Confirmation email queued for {customer.email}."))
+
+
+async def cmd_customer_update(ctx: Context, rt: Runtime) -> None:
+    import audit
+    from i18n import normalize_locale
+    from links import lifecycle, service
+
+    a = ctx.args
+    async with rt.sessions.begin() as session:
+        customer = await service.find_customer(session, a.email)
+        if a.name:
+            customer.name = a.name.strip()
+        if a.locale:
+            customer.locale = normalize_locale(a.locale)
+        if a.name or a.locale:
+            audit.record(session, ctx.actor, "customer.update", f"customer:{customer.email}", name=a.name, locale=a.locale)
+        if a.new_email:
+            await lifecycle.change_email(session, ctx.settings, customer, a.new_email, actor=ctx.actor)
+    note = " The new address must be confirmed before anything is sent to it." if a.new_email else ""
+    emit(ctx, customer_record(customer), lambda: ctx.console.print(f"Updated customer {customer.email}.{note}"))
+
+
+async def cmd_remind(ctx: Context, rt: Runtime) -> None:
+    from links import lifecycle
+
+    sent = await lifecycle.send_reminders(
+        rt.sessions, ctx.settings, days_before_due=ctx.args.days_before_due, days_before_link_expiry=ctx.args.days_before_expiry
+    )
+    record = {"sent": [{"invoice": n.invoice, "point": n.point, "recipient": n.recipient} for n in sent]}
+
+    def human() -> None:
+        for note in sent:
+            ctx.console.print(f"Reminder for {note.invoice} ({note.point}) queued to {note.recipient}")
+        ctx.console.print(f"{len(sent)} reminder(s) queued.")
 
     emit(ctx, record, human)
 
@@ -537,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(customer, "show", "customer show", "Show a customer, verification state and saved cards.")
     p.add_argument("email")
     p.set_defaults(handler=cmd_customer_show)
+    p = command(customer, "verify", "customer verify", "Email the customer a link that confirms their address.")
+    p.add_argument("email")
+    p.set_defaults(handler=cmd_customer_verify)
+    p = command(customer, "update", "customer update", "Change a customer's name, language or email (a new email is re-verified).")
+    p.add_argument("email", help="the customer's current email")
+    p.add_argument("--email", dest="new_email", help="the new email address")
+    p.add_argument("--name")
+    p.add_argument("--locale")
+    p.set_defaults(handler=cmd_customer_update)
 
     invoice = groups.add_parser("invoice", help="create, list, show and void invoices").add_subparsers(
         dest="command", required=True, metavar="ACTION"
@@ -573,6 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(link, "revoke", "link revoke", "Revoke every live link of an invoice.")
     p.add_argument("number")
     p.set_defaults(handler=cmd_link_revoke)
+
+    p = command(groups, "remind", "remind", "Queue due reminders (before the due date, before the last link expires); each once.")
+    p.add_argument("--days-before-due", type=int, default=3, help="remind this many days before the due date (default 3)")
+    p.add_argument("--days-before-expiry", type=int, default=3, help="remind when the last link expires within this many days (default 3)")
+    p.set_defaults(handler=cmd_remind)
 
     p = command(groups, "reconcile", "reconcile", "Ask Stripe for the truth about every unfinished payment and missed event.")
     p.set_defaults(handler=cmd_reconcile)

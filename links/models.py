@@ -31,6 +31,9 @@ class Customer(Base):
     name: Mapped[str] = mapped_column(String(200))
     email_verified_at: Mapped[datetime | None]
     email_verified_by: Mapped[str | None] = mapped_column(String(200))
+    # Names the current verification request; a new request (or an email change) replaces it, so an
+    # older verification link can never verify a newer address.
+    email_verification_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     locale: Mapped[str | None] = mapped_column(String(16))
     # Set when mail to this address failed permanently; sends to it pause until the address changes.

@@ -8,20 +8,26 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, update
+from sqlalchemy import case, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db import utcnow
-from links.models import PaymentLink
+from links.models import LinkOpen, PaymentLink
 
 log = logging.getLogger("paylink.opens")
 
 
 @dataclass
 class _Pending:
-    count: int
-    first: datetime
-    last: datetime
+    times: list[datetime]
+
+    @property
+    def first(self) -> datetime:
+        return min(self.times)
+
+    @property
+    def last(self) -> datetime:
+        return max(self.times)
 
 
 class OpenRecorder:
@@ -31,13 +37,7 @@ class OpenRecorder:
         self._pending: dict[uuid.UUID, _Pending] = {}
 
     def record(self, link_id: uuid.UUID) -> None:
-        now = utcnow()
-        entry = self._pending.get(link_id)
-        if entry is None:
-            self._pending[link_id] = _Pending(1, now, now)
-        else:
-            entry.count += 1
-            entry.last = now
+        self._pending.setdefault(link_id, _Pending([])).times.append(utcnow())
 
     async def flush(self) -> int:
         """Write the counted opens in one transaction. Returns how many links were updated."""
@@ -51,17 +51,17 @@ class OpenRecorder:
                         update(PaymentLink)
                         .where(PaymentLink.id == link_id)
                         .values(
-                            open_count=PaymentLink.open_count + entry.count,
+                            open_count=PaymentLink.open_count + len(entry.times),
                             first_opened_at=case((PaymentLink.first_opened_at.is_(None), entry.first), else_=PaymentLink.first_opened_at),
                             last_opened_at=entry.last,
                         )
                     )
+                rows = [{"link_id": link_id, "opened_at": at} for link_id, entry in pending.items() for at in entry.times]
+                await session.execute(insert(LinkOpen), rows)
         except Exception:
             log.exception("opens.flush_failed links=%d", len(pending))
             for link_id, entry in pending.items():  # keep them for the next try
-                current = self._pending.setdefault(link_id, _Pending(0, entry.first, entry.last))
-                current.count += entry.count
-                current.first = min(current.first, entry.first)
+                self._pending.setdefault(link_id, _Pending([])).times.extend(entry.times)
             return 0
         return len(pending)
 

@@ -13,11 +13,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from links import service
+from links import lifecycle, service
 from links.models import InvoiceStatus
 from links.tokens import TokenClaims, TokenExpired, TokenInvalid
 from payments.models import PaymentStatus
-from web import csrf_token, paylink, render_page, request_locale
+from web import csrf_token, csrf_valid, paylink, render_page, request_locale, small_form
 
 IN_FLIGHT = (PaymentStatus.CREATED, PaymentStatus.REQUIRES_CONFIRMATION, PaymentStatus.PROCESSING, PaymentStatus.PENDING)
 
@@ -28,8 +28,9 @@ def verify_pay_token(request: Request, token: str) -> TokenClaims | Response:
     locale = request_locale(request, None, app.settings.default_locale)
     try:
         return service.pay_signer(app.settings).verify(token)
-    except TokenExpired:
-        return render_page(request, "expired.html", locale=locale, status_code=410, token=token)
+    except TokenExpired as expired:
+        csrf = csrf_token(app.settings, expired.subject_id)
+        return render_page(request, "expired.html", locale=locale, status_code=410, token=token, csrf=csrf)
     except TokenInvalid:
         return render_page(request, "invalid_link.html", locale=locale, status_code=404)
 
@@ -64,11 +65,11 @@ def render_pay_state(
     app = paylink(request)
     locale = request_locale(request, page.customer.locale, app.settings.default_locale)
     context: dict[str, Any] = {"token": token, "invoice": page.invoice, "customer": page.customer, "link": page.link}
+    invoice = page.invoice
+    if invoice.status == InvoiceStatus.VOID:  # before "revoked": voiding also revokes the links
+        return render_page(request, "void.html", locale=locale, status_code=410, **context)
     if page.link.revoked_at is not None:
         return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
-    invoice = page.invoice
-    if invoice.status == InvoiceStatus.VOID:
-        return render_page(request, "void.html", locale=locale, status_code=410, **context)
     if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.REFUNDED, InvoiceStatus.PARTIALLY_REFUNDED):
         brand, last4, paid_at = receipt or (None, None, None)
         return render_page(request, "paid.html", locale=locale, brand=brand, last4=last4, paid_at=paid_at or invoice.paid_at, **context)
@@ -88,4 +89,79 @@ def render_pay_state(
     )
 
 
-routes = [Route("/pay/{token}", pay_page, methods=["GET", "HEAD"], name="pay_page")]
+async def request_fresh_link(request: Request) -> Response:
+    """POST /pay/{token}/renew from the expired page: a fresh link goes to the address on file.
+
+    The answer is the same whether or not an email went out (rate limit, paid, unknown)."""
+    app = paylink(request)
+    token = request.path_params["token"]
+    locale = request_locale(request, None, app.settings.default_locale)
+    try:
+        link_id = service.pay_signer(app.settings).verify(token).subject_id
+    except TokenExpired as expired:
+        link_id = expired.subject_id
+    except TokenInvalid:
+        return render_page(request, "invalid_link.html", locale=locale, status_code=404)
+    form = await small_form(request)
+    if form is None or not csrf_valid(request, app.settings, link_id, form.get("csrf")):
+        return render_page(request, "error.html", locale=locale, status_code=400, reason="form")
+    async with app.sessions.begin() as session:
+        await lifecycle.request_fresh_link(session, app.settings, link_id)
+    app.outbox_wakeup.set()
+    return render_page(request, "renewed.html", locale=locale, token=token)
+
+
+def _verification_id(request: Request) -> tuple[str, Any] | Response:
+    app = paylink(request)
+    token = request.path_params["token"]
+    locale = request_locale(request, None, app.settings.default_locale)
+    try:
+        return locale, lifecycle.verify_signer(app.settings).verify(token).subject_id
+    except TokenExpired:
+        return render_page(request, "verify.html", locale=locale, status_code=410, state="expired")
+    except TokenInvalid:
+        return render_page(request, "invalid_link.html", locale=locale, status_code=404)
+
+
+async def verify_page(request: Request) -> Response:
+    """GET /verify/{token}: a button to confirm (GET changes nothing: mail scanners prefetch links)."""
+    found = _verification_id(request)
+    if isinstance(found, Response):
+        return found
+    locale, verification_id = found
+    app = paylink(request)
+    async with app.readers() as session:
+        customer = await lifecycle.find_verification(session, verification_id)
+    if customer is None:
+        return render_page(request, "verify.html", locale=locale, status_code=410, state="replaced")
+    locale = request_locale(request, customer.locale, app.settings.default_locale)
+    state = "done" if customer.email_verified_at else "confirm"
+    return render_page(
+        request, "verify.html", locale=locale, state=state, customer=customer, csrf=csrf_token(app.settings, verification_id)
+    )
+
+
+async def confirm_verification(request: Request) -> Response:
+    found = _verification_id(request)
+    if isinstance(found, Response):
+        return found
+    locale, verification_id = found
+    app = paylink(request)
+    form = await small_form(request)
+    if form is None or not csrf_valid(request, app.settings, verification_id, form.get("csrf")):
+        return render_page(request, "error.html", locale=locale, status_code=400, reason="form")
+    async with app.sessions.begin() as session:
+        customer = await lifecycle.confirm_verification(session, app.settings, verification_id)
+    if customer is None:
+        return render_page(request, "verify.html", locale=locale, status_code=410, state="replaced")
+    app.outbox_wakeup.set()
+    locale = request_locale(request, customer.locale, app.settings.default_locale)
+    return render_page(request, "verify.html", locale=locale, state="done", customer=customer)
+
+
+routes = [
+    Route("/pay/{token}", pay_page, methods=["GET", "HEAD"], name="pay_page"),
+    Route("/pay/{token}/renew", request_fresh_link, methods=["POST"], name="pay_renew"),
+    Route("/verify/{token}", verify_page, methods=["GET", "HEAD"], name="verify_page"),
+    Route("/verify/{token}", confirm_verification, methods=["POST"], name="verify_confirm"),
+]

@@ -15,21 +15,10 @@ from links.views import render_pay_state, verify_pay_token
 from payments import service
 from payments.gateway import InvalidSignature
 from payments.models import Payment, PaymentStatus
-from web import csrf_valid, paylink, render_page, request_locale
+from web import csrf_token, csrf_valid, paylink, render_page, request_locale, small_form
 
 log = logging.getLogger("paylink.payments")
-MAX_FORM_BYTES = 16 * 1024
 MAX_WEBHOOK_BYTES = 512 * 1024
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
-        return None
-    try:
-        form = await request.form(max_files=0, max_fields=20)
-    except Exception:  # malformed multipart or urlencoded body
-        return None
-    return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 async def _checked(request: Request) -> tuple[str, TokenClaims, dict[str, str]] | Response:
@@ -38,7 +27,7 @@ async def _checked(request: Request) -> tuple[str, TokenClaims, dict[str, str]] 
     if isinstance(claims, Response):
         return claims
     app = paylink(request)
-    form = await _form(request)
+    form = await small_form(request)
     if form is None or not csrf_valid(request, app.settings, claims.subject_id, form.get("csrf")):
         locale = request_locale(request, None, app.settings.default_locale)
         return render_page(request, "error.html", locale=locale, status_code=400, reason="form")
@@ -73,8 +62,6 @@ async def _authenticate(request: Request, token: str, claims: TokenClaims, clien
         page = await links.load_pay_page(session, claims.subject_id)
     assert page is not None
     locale = request_locale(request, page.customer.locale, app.settings.default_locale)
-    from web import csrf_token
-
     return render_page(
         request,
         "authenticate.html",

@@ -82,6 +82,7 @@ def env(database_url: str, localstripe: LocalStripe, smtp: SmtpServer) -> dict[s
         "OUTBOX_POLL_SECONDS": "0.2",
         "OUTBOX_BACKOFF_BASE_SECONDS": "0.2",
         "OUTBOX_BACKOFF_MAX_SECONDS": "1",
+        "REMINDER_INTERVAL_SECONDS": "0",  # tests run `remind` themselves
     }
 
 

@@ -286,6 +286,23 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def db_execute(database_url: str, sql: str, **params: Any) -> None:
+    """Change the database behind the app's back (only to set up a state, e.g. an expired link)."""
+    from sqlalchemy import text
+
+    from db import create_engine
+
+    async def run() -> None:
+        engine = create_engine(database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(sql), params)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
 def db_query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
     """Read the app's database the way an operator would, on SQLite or PostgreSQL alike."""
     from sqlalchemy import text

@@ -49,7 +49,7 @@ class TestSignature:
         )
         response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
         assert response.status_code == 400
-        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_forged'") == [(0,)]
 
     def test_missing_and_stale_signatures_are_400(self, server, settings: Settings) -> None:
         event = intent_event("evt_stale", {"id": "pi_x", "status": "succeeded", "amount": 1, "currency": "eur"})
@@ -59,7 +59,7 @@ class TestSignature:
         assert (
             httpx.post(f"{server.base}/webhooks/stripe", content=b"not json", headers={"stripe-signature": "t=1,v1=00"}).status_code == 400
         )
-        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_stale'") == [(0,)]
 
 
 @pytest.mark.postgres
@@ -107,4 +107,4 @@ class TestExactlyOnce:
         )
         response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
         assert response.status_code == 200
-        assert db_query(settings.database_url, "SELECT type FROM webhook_events") == [("balance.available",)]
+        assert db_query(settings.database_url, "SELECT type FROM webhook_events WHERE id = 'evt_unknown'") == [("balance.available",)]
