@@ -270,7 +270,7 @@ async def load_pay_page(session: AsyncSession, link_id: uuid.UUID) -> PayPage | 
     if invoice.status == InvoiceStatus.OPEN:
         profiles = await session.execute(
             select(PaymentProfile)
-            .where(PaymentProfile.customer_id == customer.id)
+            .where(PaymentProfile.customer_id == customer.id, PaymentProfile.reusable.is_(True))
             .order_by(PaymentProfile.is_default.desc(), PaymentProfile.created_at)
         )
         cards = [SavedCard(p.stripe_payment_method_id, p.brand, p.last4, p.exp_month, p.exp_year, p.is_default) for p in profiles.scalars()]

@@ -85,6 +85,8 @@ def render_pay_state(
         csrf=csrf_token(app.settings, page.link.id),
         needs_action=live is not None and live.status == PaymentStatus.REQUIRES_ACTION,
         error=error,
+        publishable_key=app.settings.stripe_publishable_key,
+        stripe_js_url=app.settings.stripe_js_url,
         **context,
     )
 

@@ -164,6 +164,10 @@ class StripeGateway:
         pm = await self._call(self._client.v1.payment_methods.attach_async, payment_method_id, {"customer": customer_id})
         return card_summary(pm)
 
+    async def detach_card(self, payment_method_id: str) -> None:
+        # localstripe's detach takes no parameters beyond the id, like Stripe's.
+        await self._call(self._client.v1.payment_methods.detach_async, payment_method_id)
+
     async def set_default_payment_method(self, customer_id: str, payment_method_id: str) -> None:
         await self._call(
             self._client.v1.customers.update_async,

@@ -62,6 +62,9 @@ class PaymentProfile(Base):
     exp_month: Mapped[int | None]
     exp_year: Mapped[int | None]
     is_default: Mapped[bool] = mapped_column(default=False)
+    # False for a card entered for one payment without "save this card": it is not offered again,
+    # and it is detached at Stripe once that payment is over.
+    reusable: Mapped[bool] = mapped_column(default=True, server_default="1")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -52,7 +52,7 @@ class PayOutcome:
 
 
 async def upsert_profile(
-    session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None
+    session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None, reusable: bool | None = None
 ) -> PaymentProfile:
     profile = (
         await session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
@@ -65,6 +65,8 @@ async def upsert_profile(
     profile.customer_id = customer_id
     profile.brand, profile.last4 = card.brand, card.last4
     profile.exp_month, profile.exp_year = card.exp_month, card.exp_year
+    if reusable is not None:
+        profile.reusable = reusable
     if is_default is not None:
         await _set_default(session, customer_id, card.payment_method_id if is_default else None)
         profile.is_default = is_default
@@ -104,6 +106,95 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
 
 
 # --- paying ---------------------------------------------------------------------------------------
+
+
+async def _payable_link(session: AsyncSession, link_id: uuid.UUID) -> tuple[PaymentLink, Invoice, Customer]:
+    row = (
+        await session.execute(
+            select(PaymentLink, Invoice, Customer)
+            .join(Invoice, Invoice.id == PaymentLink.invoice_id)
+            .join(Customer, Customer.id == Invoice.customer_id)
+            .where(PaymentLink.id == link_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise PaymentRefused("This payment link does not exist.")
+    link, invoice, customer = row
+    if link.revoked_at is not None or link.expires_at <= utcnow():
+        raise PaymentRefused("This payment link is no longer valid.")
+    if invoice.status != InvoiceStatus.OPEN:
+        raise PaymentRefused(f"This invoice is {invoice.status}.")
+    return link, invoice, customer
+
+
+async def start_new_card(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, *, link_id: uuid.UUID) -> str:
+    """A SetupIntent for the link's customer; the page confirms it with Stripe.js. Returns its client secret."""
+    async with sessions() as session:
+        _, _, customer = await _payable_link(session, link_id)
+    if not customer.stripe_customer_id:
+        raise PaymentRefused("Card payments are not set up for this customer yet.")
+    setup = await gateway.create_setup_intent(customer.stripe_customer_id)
+    if not setup.client_secret:
+        raise GatewayError("Stripe returned no client secret")
+    return setup.client_secret
+
+
+async def pay_with_new_card(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    *,
+    link_id: uuid.UUID,
+    setup_intent_id: str,
+    save: bool,
+) -> PayOutcome:
+    """Pay with a card the customer just entered in Stripe's card element (confirmed SetupIntent).
+
+    Card data went from the browser to Stripe only; we see the SetupIntent and its payment method."""
+    async with sessions() as session:
+        _, _, customer = await _payable_link(session, link_id)
+    if not customer.stripe_customer_id:
+        raise PaymentRefused("Card payments are not set up for this customer yet.")
+    setup = await gateway.retrieve_setup_intent(setup_intent_id)
+    if setup.customer_id != customer.stripe_customer_id or setup.status != "succeeded" or not setup.payment_method_id:
+        raise PaymentRefused("The new card was not confirmed. Please enter it again.")
+    card = await gateway.retrieve_card(setup.payment_method_id)
+    if card.customer_id != customer.stripe_customer_id:
+        # Stripe attaches a SetupIntent's card to its customer; localstripe needs it done explicitly.
+        card = await gateway.attach_card(setup.payment_method_id, customer.stripe_customer_id)
+    async with sessions.begin() as session:
+        has_default = (
+            await session.execute(
+                select(PaymentProfile.id).where(
+                    PaymentProfile.customer_id == customer.id, PaymentProfile.is_default.is_(True), PaymentProfile.reusable.is_(True)
+                )
+            )
+        ).first() is not None
+        await upsert_profile(session, customer.id, card, reusable=save, is_default=True if save and not has_default else None)
+        audit.record(session, "link", "card.added", f"customer:{customer.email}", saved=save, last4=card.last4)
+    outcome = await pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=card.payment_method_id)
+    await forget_one_time_card(sessions, gateway, outcome)
+    return outcome
+
+
+async def forget_one_time_card(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, outcome: PayOutcome) -> None:
+    """Once a payment made with an unsaved card is over, detach the card at Stripe and drop its profile."""
+    if outcome.status not in PaymentStatus.FINAL:
+        return
+    async with sessions() as session:
+        payment = await session.get_one(Payment, outcome.payment_id)
+        profile = (
+            await session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == payment.stripe_payment_method_id))
+        ).scalar_one_or_none()
+    if profile is None or profile.reusable:
+        return
+    try:
+        await gateway.detach_card(profile.stripe_payment_method_id)
+    except GatewayError as exc:  # sync_profiles or the payment_method.detached webhook will catch up
+        log.warning("card.detach_failed payment_method=%s error=%s", profile.stripe_payment_method_id, exc)
+        return
+    async with sessions.begin() as session:
+        await session.execute(delete(PaymentProfile).where(PaymentProfile.id == profile.id, PaymentProfile.reusable.is_(False)))
 
 
 async def pay_with_saved_profile(
@@ -307,7 +398,9 @@ async def settle_payment(
     async with sessions.begin() as session:
         applied = await apply_intent(session, settings, snapshot, actor=actor)
         assert applied is not None
-        return _outcome(applied, snapshot)
+        outcome = _outcome(applied, snapshot)
+    await forget_one_time_card(sessions, gateway, outcome)
+    return outcome
 
 
 # --- the state machine ----------------------------------------------------------------------------

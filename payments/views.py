@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from starlette.requests import Request
@@ -13,12 +14,13 @@ from links import service as links
 from links.tokens import TokenClaims
 from links.views import render_pay_state, verify_pay_token
 from payments import service
-from payments.gateway import InvalidSignature
+from payments.gateway import GatewayError, GatewayUnavailable, InvalidSignature
 from payments.models import Payment, PaymentStatus
 from web import csrf_token, csrf_valid, paylink, render_page, request_locale, small_form
 
 log = logging.getLogger("paylink.payments")
 MAX_WEBHOOK_BYTES = 512 * 1024
+SETUP_INTENT_ID = re.compile(r"seti_[A-Za-z0-9]{1,250}")
 
 
 async def _checked(request: Request) -> tuple[str, TokenClaims, dict[str, str]] | Response:
@@ -40,13 +42,30 @@ async def pay(request: Request) -> Response:
         return checked
     token, claims, form = checked
     app = paylink(request)
-    payment_method_id = form.get("payment_method", "")
+    setup_intent = form.get("setup_intent", "")
     try:
-        outcome = await service.pay_with_saved_profile(
-            app.sessions, app.gateway, app.settings, link_id=claims.subject_id, payment_method_id=payment_method_id
-        )
+        if setup_intent:
+            if not SETUP_INTENT_ID.fullmatch(setup_intent):
+                return await _show(request, token, claims, error="The new card was not confirmed. Please enter it again.", status_code=400)
+            outcome = await service.pay_with_new_card(
+                app.sessions,
+                app.gateway,
+                app.settings,
+                link_id=claims.subject_id,
+                setup_intent_id=setup_intent,
+                save=form.get("save_card") == "1",
+            )
+        else:
+            outcome = await service.pay_with_saved_profile(
+                app.sessions, app.gateway, app.settings, link_id=claims.subject_id, payment_method_id=form.get("payment_method", "")
+            )
     except service.PaymentRefused as exc:
         return await _show(request, token, claims, error=str(exc), status_code=409)
+    except GatewayUnavailable:
+        message = "We could not reach the payment processor. Nothing was charged; please try again in a moment."
+        return await _show(request, token, claims, error=message, status_code=503)
+    except GatewayError:
+        return await _show(request, token, claims, error="The new card was not confirmed. Please enter it again.", status_code=400)
     app.outbox_wakeup.set()
     log.info("payment.attempt payment=%s status=%s", outcome.payment_id, outcome.status)
     if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
@@ -54,6 +73,22 @@ async def pay(request: Request) -> Response:
     if outcome.status == PaymentStatus.FAILED:
         return await _show(request, token, claims, error=outcome.error_message or "The payment did not go through.", status_code=402)
     return RedirectResponse(f"/pay/{token}", status_code=303)
+
+
+async def start_new_card(request: Request) -> Response:
+    """POST /pay/{token}/setup: a SetupIntent client secret for Stripe's card element (JSON)."""
+    checked = await _checked(request)
+    if isinstance(checked, Response):
+        return JSONResponse({"error": "invalid_request"}, status_code=checked.status_code)
+    _, claims, _ = checked
+    app = paylink(request)
+    try:
+        client_secret = await service.start_new_card(app.sessions, app.gateway, link_id=claims.subject_id)
+    except service.PaymentRefused as exc:
+        return JSONResponse({"error": str(exc)}, status_code=409)
+    except GatewayError:
+        return JSONResponse({"error": "We could not reach the payment processor. Please try again."}, status_code=503)
+    return JSONResponse({"client_secret": client_secret})
 
 
 async def _authenticate(request: Request, token: str, claims: TokenClaims, client_secret: str) -> Response:
@@ -159,6 +194,7 @@ async def stripe_webhook(request: Request) -> Response:
 
 routes = [
     Route("/pay/{token}", pay, methods=["POST"], name="pay"),
+    Route("/pay/{token}/setup", start_new_card, methods=["POST"], name="pay_new_card"),
     Route("/pay/{token}/status", refresh_status, methods=["POST"], name="pay_status_refresh"),
     Route("/pay/{token}/status", status_json, methods=["GET"], name="pay_status"),
     Route("/webhooks/stripe", stripe_webhook, methods=["POST"], name="stripe_webhook"),
