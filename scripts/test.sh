@@ -32,5 +32,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
+# axe-core for the accessibility checks, from the npm registry (pinned in tests/browser/package-lock.json).
+if [ ! -f tests/browser/node_modules/axe-core/axe.min.js ]; then
+  echo "== installing axe-core (npm ci)"
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
 echo "== pytest"
 exec "$VENV/bin/python" -m pytest "$@"

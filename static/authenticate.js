@@ -5,6 +5,8 @@
   var form = document.getElementById("status-form");
   if (!box || !form || typeof window.Stripe !== "function") { return; }
   var status = document.getElementById("three-ds-status");
+  var needsJs = document.getElementById("three-ds-needs-js");
+  if (needsJs) { needsJs.hidden = true; }
   var stripe = window.Stripe(box.dataset.publishableKey);
   stripe.confirmCardPayment(box.dataset.clientSecret).then(function () {
     // Whatever the browser was told, the server asks Stripe for the truth.

@@ -20,6 +20,8 @@
   var card = stripe.elements().create("card");
   card.mount("#card-element");
   form.hidden = false;
+  var needsJs = document.getElementById("new-card-needs-js");
+  if (needsJs) { needsJs.hidden = true; }
 
   function fail(message) {
     status.textContent = message;

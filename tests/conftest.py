@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from settings import Settings  # noqa: E402
-from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port, postgres_database  # noqa: E402
+from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port, in_thread, postgres_database  # noqa: E402
 
 LINK_KEY = "test-link-key-0123456789abcdef"
 
@@ -90,7 +90,7 @@ def env(database_url: str, localstripe: LocalStripe, smtp: SmtpServer) -> dict[s
 def settings(env: dict[str, str]) -> Settings:
     from db import migrate_sync
 
-    migrate_sync(env["DATABASE_URL"])
+    in_thread(migrate_sync, env["DATABASE_URL"])
     return Settings.from_env(env)
 
 
@@ -155,7 +155,7 @@ def cli(env: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             try:
-                code = main(list(args))
+                code = in_thread(main, list(args))
             except SystemExit as exc:  # argparse usage errors
                 code = int(exc.code or 0)
         return CliResult(code, out.getvalue(), err.getvalue())

@@ -39,6 +39,27 @@ CARD_3DS = "4000002760003184"
 CARD_DECLINED = "4000000000000341"
 
 
+def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking code that starts its own event loop (asyncio.run) on a fresh thread.
+
+    Playwright's sync API keeps an event loop running on the main thread, where asyncio.run
+    refuses to start; a thread of its own works the same in every test."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = function(*args)
+        except BaseException as exc:  # re-raised on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -279,11 +300,11 @@ def postgres_database(admin_url: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    in_thread(asyncio.run, admin(f'CREATE DATABASE "{name}"'))
     try:
         yield url.set(database=name).render_as_string(hide_password=False)
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        in_thread(asyncio.run, admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def db_execute(database_url: str, sql: str, **params: Any) -> None:
@@ -300,7 +321,7 @@ def db_execute(database_url: str, sql: str, **params: Any) -> None:
         finally:
             await engine.dispose()
 
-    asyncio.run(run())
+    in_thread(asyncio.run, run())
 
 
 def db_query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -317,4 +338,4 @@ def db_query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]
         finally:
             await engine.dispose()
 
-    return asyncio.run(run())
+    return in_thread(asyncio.run, run())  # type: ignore[no-any-return]
