@@ -18,6 +18,21 @@ DEFAULT_LOCALE = "en"
 LOCALE_NAMES = {"en": "English", "de": "Deutsch", "fr": "Français", "es": "Español"}
 
 
+def N_(message: str) -> str:
+    """Mark a string for translation where it is defined; it is translated where it is shown."""
+    return message
+
+
+# Messages Stripe sends in English that customers commonly see, so that the catalogs carry them.
+STRIPE_MESSAGES = (
+    N_("Your card was declined."),
+    N_("The provided PaymentMethod has failed authentication."),
+    N_("Your card has insufficient funds."),
+    N_("Your card has expired."),
+    N_("Your card's security code is incorrect."),
+)
+
+
 class MoneyError(ValueError):
     """An amount or currency a person typed is not valid; the message says why in one line."""
 

@@ -33,6 +33,7 @@ class Renderer:
             lstrip_blocks=True,
             undefined=jinja2.StrictUndefined,
         )
+        env.policies["ext.i18n.trimmed"] = True  # {% trans %} blocks collapse whitespace, as babel.cfg extracts them
         env.install_gettext_translations(translations(locale), newstyle=True)  # type: ignore[attr-defined]
 
         def money(minor: int, currency: str) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from i18n import format_money
+from i18n import N_, format_money
 from rendering import emails
 
 
@@ -54,9 +54,9 @@ def invoice_message(facts: InvoiceFacts, link_url: str, expires_at: datetime, lo
     """The invoice email, or a fresh link for it (kind NEW_LINK) or a reminder (kind REMINDER)."""
     amount = format_money(facts.amount, facts.currency, locale)
     subjects = {
-        Kind.INVOICE: "Invoice %(number)s from %(merchant)s: %(amount)s",
-        Kind.NEW_LINK: "Your new payment link for invoice %(number)s",
-        Kind.REMINDER: "Reminder: invoice %(number)s from %(merchant)s, %(amount)s",
+        Kind.INVOICE: N_("Invoice %(number)s from %(merchant)s: %(amount)s"),
+        Kind.NEW_LINK: N_("Your new payment link for invoice %(number)s"),
+        Kind.REMINDER: N_("Reminder: invoice %(number)s from %(merchant)s, %(amount)s"),
     }
     subject = emails.gettext(locale, subjects[kind], number=facts.number, merchant=facts.merchant, amount=amount)
     return _build(kind, locale, subject, invoice=facts, link_url=link_url, expires_at=expires_at)

@@ -23,6 +23,7 @@ import audit
 from db import utcnow
 from emails import outbox
 from emails.messages import receipt_message
+from i18n import N_
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from links.service import customer_locale, invoice_facts
 from payments.gateway import CardDeclined, CardSummary, GatewayError, GatewayUnavailable, IntentSnapshot, StripeGateway, intent_snapshot
@@ -34,6 +35,12 @@ log = logging.getLogger("paylink.payments")
 # A claimed attempt that never got a PaymentIntent id (the process died, or Stripe never answered
 # the create) cannot have charged anyone: it is released after this long so the customer can retry.
 STALE_CLAIM = timedelta(minutes=2)
+
+
+NOT_SET_UP = N_("Card payments are not set up for this customer yet.")
+NEW_CARD_NOT_CONFIRMED = N_("The new card was not confirmed. Please enter it again.")
+GATEWAY_DOWN = N_("We could not reach the payment processor. Nothing was charged; please try again in a moment.")
+NOT_COMPLETED = N_("No reason was given.")
 
 
 class PaymentRefused(Exception):
@@ -118,21 +125,27 @@ async def _payable_link(session: AsyncSession, link_id: uuid.UUID) -> tuple[Paym
         )
     ).one_or_none()
     if row is None:
-        raise PaymentRefused("This payment link does not exist.")
+        raise PaymentRefused(N_("This payment link does not exist."))
     link, invoice, customer = row
     if link.revoked_at is not None or link.expires_at <= utcnow():
-        raise PaymentRefused("This payment link is no longer valid.")
-    if invoice.status != InvoiceStatus.OPEN:
-        raise PaymentRefused(f"This invoice is {invoice.status}.")
+        raise PaymentRefused(N_("This payment link is no longer valid."))
     return link, invoice, customer
+
+
+def _check_payable(invoice: Invoice) -> None:
+    if invoice.status == InvoiceStatus.VOID:
+        raise PaymentRefused(N_("This invoice has been cancelled. There is nothing to pay."))
+    if invoice.status != InvoiceStatus.OPEN:
+        raise PaymentRefused(N_("This invoice is already paid, or its payment is being confirmed."))
 
 
 async def start_new_card(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, *, link_id: uuid.UUID) -> str:
     """A SetupIntent for the link's customer; the page confirms it with Stripe.js. Returns its client secret."""
     async with sessions() as session:
-        _, _, customer = await _payable_link(session, link_id)
+        _, invoice, customer = await _payable_link(session, link_id)
+    _check_payable(invoice)
     if not customer.stripe_customer_id:
-        raise PaymentRefused("Card payments are not set up for this customer yet.")
+        raise PaymentRefused(NOT_SET_UP)
     setup = await gateway.create_setup_intent(customer.stripe_customer_id)
     if not setup.client_secret:
         raise GatewayError("Stripe returned no client secret")
@@ -152,12 +165,13 @@ async def pay_with_new_card(
 
     Card data went from the browser to Stripe only; we see the SetupIntent and its payment method."""
     async with sessions() as session:
-        _, _, customer = await _payable_link(session, link_id)
+        _, invoice, customer = await _payable_link(session, link_id)
+    _check_payable(invoice)
     if not customer.stripe_customer_id:
-        raise PaymentRefused("Card payments are not set up for this customer yet.")
+        raise PaymentRefused(NOT_SET_UP)
     setup = await gateway.retrieve_setup_intent(setup_intent_id)
     if setup.customer_id != customer.stripe_customer_id or setup.status != "succeeded" or not setup.payment_method_id:
-        raise PaymentRefused("The new card was not confirmed. Please enter it again.")
+        raise PaymentRefused(NEW_CARD_NOT_CONFIRMED)
     card = await gateway.retrieve_card(setup.payment_method_id)
     if card.customer_id != customer.stripe_customer_id:
         # Stripe attaches a SetupIntent's card to its customer; localstripe needs it done explicitly.
@@ -267,7 +281,7 @@ async def _claim_attempt(
         async with sessions() as session:
             existing = await _live_payment(session, uuid.UUID(str(exc)))
         if existing is None:
-            raise PaymentRefused("Please try again.") from None
+            raise PaymentRefused(N_("Please try again.")) from None
         return PayOutcome(existing.status, existing.id)
 
 
@@ -275,20 +289,8 @@ async def _try_claim(
     sessions: async_sessionmaker[AsyncSession], *, link_id: uuid.UUID, payment_method_id: str
 ) -> tuple[Payment, str, str] | PayOutcome:
     async with sessions.begin() as session:
-        row = (
-            await session.execute(
-                select(PaymentLink, Invoice, Customer)
-                .join(Invoice, Invoice.id == PaymentLink.invoice_id)
-                .join(Customer, Customer.id == Invoice.customer_id)
-                .where(PaymentLink.id == link_id)
-            )
-        ).one_or_none()
-        if row is None:
-            raise PaymentRefused("This payment link does not exist.")
-        link, invoice, customer = row
+        _, invoice, customer = await _payable_link(session, link_id)
         now = utcnow()
-        if link.revoked_at is not None or link.expires_at <= now:
-            raise PaymentRefused("This payment link is no longer valid.")
         live = await _live_payment(session, invoice.id)
         if live is not None:
             if live.stripe_payment_intent_id is None and live.status == PaymentStatus.CREATED and now - live.created_at > STALE_CLAIM:
@@ -296,8 +298,7 @@ async def _try_claim(
                 await session.flush()
             else:
                 return PayOutcome(live.status, live.id)
-        if invoice.status != InvoiceStatus.OPEN:
-            raise PaymentRefused(f"This invoice is {invoice.status}.")
+        _check_payable(invoice)
         profile = (
             await session.execute(
                 select(PaymentProfile).where(
@@ -306,7 +307,7 @@ async def _try_claim(
             )
         ).scalar_one_or_none()
         if profile is None or not customer.stripe_customer_id:
-            raise PaymentRefused("That card is not saved for this customer.")
+            raise PaymentRefused(N_("That card is not saved for this customer."))
         payment_id = uuid.uuid4()
         payment = Payment(
             id=payment_id,
@@ -426,13 +427,13 @@ async def apply_intent(session: AsyncSession, settings: Settings, snapshot: Inte
             payment.status = PaymentStatus.REQUIRES_ACTION
     elif status == "requires_payment_method" and (snapshot.error_message or snapshot.error_code or payment.status != PaymentStatus.CREATED):
         if payment.status not in PaymentStatus.FINAL:
-            _release(payment, PaymentStatus.FAILED, snapshot.error_message or "The payment was not completed.", snapshot.error_code)
+            _release(payment, PaymentStatus.FAILED, snapshot.error_message or N_("The payment was not completed."), snapshot.error_code)
             audit.record(session, actor, "payment.failed", f"invoice:{invoice.number}", payment=str(payment.id), code=snapshot.error_code)
         if invoice.status == InvoiceStatus.PROCESSING:
             invoice.status = InvoiceStatus.OPEN
     elif status == "canceled":
         if payment.status not in PaymentStatus.FINAL:
-            _release(payment, PaymentStatus.CANCELED, "The payment was canceled.")
+            _release(payment, PaymentStatus.CANCELED, N_("The payment was canceled."))
         if invoice.status == InvoiceStatus.PROCESSING:
             invoice.status = InvoiceStatus.OPEN
     await session.flush()

@@ -46,7 +46,7 @@ async def pay(request: Request) -> Response:
     try:
         if setup_intent:
             if not SETUP_INTENT_ID.fullmatch(setup_intent):
-                return await _show(request, token, claims, error="The new card was not confirmed. Please enter it again.", status_code=400)
+                return await _show(request, token, claims, error=service.NEW_CARD_NOT_CONFIRMED, status_code=400)
             outcome = await service.pay_with_new_card(
                 app.sessions,
                 app.gateway,
@@ -62,16 +62,15 @@ async def pay(request: Request) -> Response:
     except service.PaymentRefused as exc:
         return await _show(request, token, claims, error=str(exc), status_code=409)
     except GatewayUnavailable:
-        message = "We could not reach the payment processor. Nothing was charged; please try again in a moment."
-        return await _show(request, token, claims, error=message, status_code=503)
+        return await _show(request, token, claims, error=service.GATEWAY_DOWN, status_code=503)
     except GatewayError:
-        return await _show(request, token, claims, error="The new card was not confirmed. Please enter it again.", status_code=400)
+        return await _show(request, token, claims, error=service.NEW_CARD_NOT_CONFIRMED, status_code=400)
     app.outbox_wakeup.set()
     log.info("payment.attempt payment=%s status=%s", outcome.payment_id, outcome.status)
     if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
         return await _authenticate(request, token, claims, outcome.client_secret)
     if outcome.status == PaymentStatus.FAILED:
-        return await _show(request, token, claims, error=outcome.error_message or "The payment did not go through.", status_code=402)
+        return await _show(request, token, claims, error=outcome.error_message or service.NOT_COMPLETED, status_code=402)
     return RedirectResponse(f"/pay/{token}", status_code=303)
 
 
@@ -87,7 +86,7 @@ async def start_new_card(request: Request) -> Response:
     except service.PaymentRefused as exc:
         return JSONResponse({"error": str(exc)}, status_code=409)
     except GatewayError:
-        return JSONResponse({"error": "We could not reach the payment processor. Please try again."}, status_code=503)
+        return JSONResponse({"error": service.GATEWAY_DOWN}, status_code=503)
     return JSONResponse({"client_secret": client_secret})
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from settings import Settings
-from tests.browser.conftest import CHROMIUM_ARGS, DESKTOP, PHONE, assert_accessible, snap
-from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe, SmtpServer, pay_link_in, wait_until
-from tests.integration.helpers import invoice_status, issue_invoice, unique_email
+from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, snap
+from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe, SmtpServer, pay_link_in
+from tests.integration.helpers import invoice_status, issue_invoice
 from tests.integration.test_link_lifecycle import expire_links
 
 pytestmark = pytest.mark.browser
