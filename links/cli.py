@@ -37,6 +37,11 @@ EPILOG_EXAMPLES = {
     "link resend": "python -m links link resend INV-000001",
     "link revoke": "python -m links link revoke INV-000001",
     "reconcile": "python -m links reconcile --json",
+    "import": "python -m links import samples/invoices.csv --send",
+    "export": "python -m links export --since 2026-01-01 --format csv > invoices.csv",
+    "report usage": "python -m links report usage --days 90",
+    "report aging": "python -m links report aging",
+    "audit": "python -m links audit --invoice INV-000001",
     "outbox status": "python -m links outbox status",
     "outbox retry": "python -m links outbox retry --dead",
     "migrate": "python -m links migrate",
@@ -548,6 +553,154 @@ async def cmd_outbox_retry(ctx: Context, rt: Runtime) -> None:
     emit(ctx, {"requeued": count}, lambda: ctx.console.print(f"Re-queued {count} message(s); the worker sends them now."))
 
 
+def _progress(ctx: Context, total: int, description: str) -> Any:
+    """A progress bar on a terminal (on stderr); nothing when piped or with --json."""
+    from contextlib import nullcontext
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if ctx.args.json or not sys.stderr.isatty():
+        return nullcontext(None)
+    progress = Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True
+    )
+    progress.add_task(description, total=total)
+    return progress
+
+
+async def cmd_import(ctx: Context, rt: Runtime) -> None:
+    from pathlib import Path
+
+    from links import importer
+
+    a = ctx.args
+    try:
+        text = await asyncio.to_thread(Path(a.file).read_text, encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {a.file}: {exc}") from None
+    try:
+        rows, bad = importer.parse_csv(text)
+    except importer.ImportError_ as exc:
+        raise UserError(f"{a.file}: {exc}") from None
+    report = importer.ImportReport(rows=len(rows) + len(bad))
+    async with rt.sessions.begin() as session:
+        new, done, conflicts = await importer.check_against_database(session, rows)
+        report.bad = sorted(bad + conflicts, key=lambda b: b.line)
+        report.already_imported = len(done)
+        if report.bad and not a.skip_bad:
+            pass  # validate everything, write nothing
+        else:
+            with _progress(ctx, len(new), "Importing") as progress:
+                advance = (lambda n: progress.advance(progress.task_ids[0], n)) if progress else (lambda n: None)
+                await importer.write_rows(
+                    session, ctx.settings, new, actor=ctx.actor, send=a.send, verified=a.verified, report=report, progress=advance
+                )
+            report.written = True
+    record = {
+        "rows": report.rows, "written": report.written, "created_invoices": report.created_invoices,
+        "created_customers": report.created_customers, "already_imported": report.already_imported,
+        "emailed": report.emailed, "held": report.held, "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad],
+    }  # fmt: skip
+    for b in report.bad:
+        print(f"{a.file}:{b.line}: {b.reason}", file=sys.stderr)
+    emit(ctx, record, lambda: _print_import(ctx, report))
+    if report.bad and not a.skip_bad:
+        raise UserError(f"{len(report.bad)} bad row(s); nothing was imported (fix them, or use --skip-bad to import the rest)")
+
+
+def _print_import(ctx: Context, report: Any) -> None:
+    if not report.written:
+        return
+    ctx.console.print(
+        f"Imported {report.created_invoices} invoice(s) and {report.created_customers} new customer(s); "
+        f"{report.already_imported} already imported; {report.emailed} emailed, {report.held} held; {len(report.bad)} bad row(s) skipped."
+    )
+
+
+async def cmd_export(ctx: Context, rt: Runtime) -> None:
+    import csv
+
+    from links.reports import EXPORT_COLUMNS, export_rows
+
+    async with rt.sessions() as session:
+        rows = await export_rows(session, ctx.args.since)
+    if ctx.args.format == "json" or ctx.args.json:
+        print(json.dumps([{k: _jsonable(v) for k, v in row.items()} for row in rows], indent=2, ensure_ascii=False))
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _jsonable(v) if v is not None else "" for k, v in row.items()})
+
+
+async def cmd_report_usage(ctx: Context, rt: Runtime) -> None:
+    from db import utcnow
+    from links.reports import usage
+
+    async with rt.sessions() as session:
+        report = await usage(session, ctx.args.days, utcnow())
+    peak = report.peak_hour()
+    record = {"days": report.days, "by_hour_utc": report.by_hour, "by_day_of_month": report.by_day, "peak_hour_utc": peak}
+
+    def human() -> None:
+        ctx.console.print(f"Usage over the last {report.days} days (hours in UTC)")
+        _bars(ctx, "Link opens by hour of day", [f"{h:02d}:00" for h in range(24)], report.by_hour["opens"])
+        _bars(ctx, "Payments by hour of day", [f"{h:02d}:00" for h in range(24)], report.by_hour["payments"])
+        _bars(ctx, "Emails sent by hour of day", [f"{h:02d}:00" for h in range(24)], report.by_hour["emails"])
+        _bars(ctx, "Link opens by day of month", [f"day {d:2d}" for d in range(1, 32)], report.by_day["opens"])
+        if peak is None:
+            ctx.console.print("No link opens in this period.")
+        else:
+            ctx.console.print(f"Peak hour for link opens: {peak:02d}:00-{peak:02d}:59 UTC ({report.by_hour['opens'][peak]} opens).")
+
+    emit(ctx, record, human)
+
+
+def _bars(ctx: Context, title: str, labels: list[str], counts: list[int], width: int = 40) -> None:
+    top = max(counts) or 1
+    ctx.console.print(f"\n[bold]{title}[/bold]")
+    for label, count in zip(labels, counts, strict=True):
+        if count or title.endswith("hour of day"):
+            ctx.console.print(f"  {label}  {'█' * round(count / top * width):<{width}} {count}")
+
+
+async def cmd_report_aging(ctx: Context, rt: Runtime) -> None:
+    from links.reports import AGING_BUCKETS, aging
+
+    async with rt.sessions() as session:
+        table = await aging(session, date.today())
+    record = {
+        bucket: {cur: {"count": n, "total": t, "total_formatted": format_money(t, cur)} for cur, (n, t) in row.items()}
+        for bucket, row in table.items()
+    }
+
+    def human() -> None:
+        out = _table("Overdue", "Currency", "Invoices", "Outstanding")
+        for name, _, _ in AGING_BUCKETS:
+            for currency, (count, total) in sorted(table[name].items()):
+                out.add_row(name, currency.upper(), str(count), format_money(total, currency))
+        ctx.console.print(out)
+
+    emit(ctx, record, human)
+
+
+async def cmd_audit(ctx: Context, rt: Runtime) -> None:
+    from links.reports import audit_entries
+
+    async with rt.sessions() as session:
+        entries = await audit_entries(session, ctx.args.invoice, ctx.args.limit)
+    record = {"entries": [{"at": e.at, "actor": e.actor, "action": e.action, "subject": e.subject, "details": e.details} for e in entries]}
+
+    def human() -> None:
+        out = _table("When (UTC)", "Who", "What", "Subject", "Details")
+        for e in entries:
+            details = ", ".join(f"{k}={v}" for k, v in (e.details or {}).items())
+            out.add_row(f"{e.at:%Y-%m-%d %H:%M:%S}", e.actor, e.action, e.subject, details)
+        ctx.console.print(out)
+
+    emit(ctx, record, human)
+
+
 def cmd_migrate(ctx: Context) -> None:
     from db import migrate_sync
 
@@ -649,6 +802,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(outbox, "retry", "outbox retry", "Make waiting messages due now; with --dead, re-queue failed ones too.")
     p.add_argument("--dead", action="store_true")
     p.set_defaults(handler=cmd_outbox_retry)
+
+    p = command(
+        groups, "import", "import", "Import invoices from a CSV file; every row is checked first, nothing is written if any is bad."
+    )
+    p.add_argument("file", help="CSV with the header email,name,amount,currency,description,due_date,number,locale")
+    p.add_argument("--send", action="store_true", help="issue links and queue the invoice emails")
+    p.add_argument("--skip-bad", action="store_true", help="import the good rows even if some are bad")
+    p.add_argument("--verified", action="store_true", help="finance attests the new customers' addresses (audited)")
+    p.set_defaults(handler=cmd_import)
+
+    p = command(groups, "export", "export", "Export invoices with payments and link activity for accounting (CSV or JSON on stdout).")
+    p.add_argument("--since", type=parse_date, help="only invoices created on or after this date, YYYY-MM-DD")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.set_defaults(handler=cmd_export)
+
+    report = groups.add_parser("report", help="usage and aging reports").add_subparsers(dest="command", required=True, metavar="REPORT")
+    p = command(report, "usage", "report usage", "Link opens, payments and emails by hour of day and day of month, with the peak hour.")
+    p.add_argument("--days", type=int, default=30)
+    p.set_defaults(handler=cmd_report_usage)
+    p = command(report, "aging", "report aging", "Open invoices by days overdue, with totals per currency.")
+    p.set_defaults(handler=cmd_report_aging)
+
+    p = command(groups, "audit", "audit", "Show the audit trail: who did what, when.")
+    p.add_argument("--invoice", help="only entries about this invoice number")
+    p.add_argument("--limit", type=int, default=200)
+    p.set_defaults(handler=cmd_audit)
 
     p = command(groups, "migrate", "migrate", "Bring the database schema up to date (alembic upgrade head).")
     p.set_defaults(sync_handler=cmd_migrate)

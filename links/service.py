@@ -188,8 +188,11 @@ async def issue_link(
     ttl_days: int | None = None,
     send: bool = True,
     kind: str = Kind.INVOICE,
+    audited: bool = True,
 ) -> IssuedLink:
-    """Create a signed link for the invoice and, if asked, queue its email in this transaction."""
+    """Create a signed link for the invoice and, if asked, queue its email in this transaction.
+
+    `audited=False` is for bulk callers that write one audit entry for the whole operation."""
     if invoice.status not in InvoiceStatus.PAYABLE:
         raise LinkError(f"invoice {invoice.number} is {invoice.status}; links are issued only for open invoices")
     ttl = ttl_days if ttl_days is not None else settings.link_ttl_days
@@ -198,9 +201,8 @@ async def issue_link(
     now = utcnow()
     # Whole seconds: the expiry in the token and in the database must be the same instant.
     expires_at = (now + timedelta(days=ttl)).replace(microsecond=0)
-    link = PaymentLink(invoice_id=invoice.id, expires_at=expires_at)
+    link = PaymentLink(id=uuid.uuid4(), invoice_id=invoice.id, expires_at=expires_at)
     session.add(link)
-    await session.flush()
     url = pay_url(settings, pay_signer(settings).sign(link.id, expires_at))
     held = send_block_reason(customer) if send else None
     emailed = send and held is None
@@ -210,7 +212,8 @@ async def issue_link(
         )
         outbox.enqueue(session, settings, customer.email, content, invoice_id=invoice.id)
         link.sent_at = now
-    audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)
+    if audited:
+        audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)
     return IssuedLink(link.id, url, expires_at, emailed, held)
 
 

@@ -144,12 +144,21 @@ async def start_new_card(sessions: async_sessionmaker[AsyncSession], gateway: St
     async with sessions() as session:
         _, invoice, customer = await _payable_link(session, link_id)
     _check_payable(invoice)
-    if not customer.stripe_customer_id:
-        raise PaymentRefused(NOT_SET_UP)
-    setup = await gateway.create_setup_intent(customer.stripe_customer_id)
+    stripe_customer_id = customer.stripe_customer_id or await _create_stripe_customer(sessions, gateway, customer)
+    setup = await gateway.create_setup_intent(stripe_customer_id)
     if not setup.client_secret:
         raise GatewayError("Stripe returned no client secret")
     return setup.client_secret
+
+
+async def _create_stripe_customer(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, customer: Customer) -> str:
+    """Customers imported in bulk get their Stripe customer the first time they enter a card."""
+    stripe_id = await gateway.create_customer(customer.email, customer.name)
+    async with sessions.begin() as session:
+        row = await session.get_one(Customer, customer.id)
+        if row.stripe_customer_id is None:  # a second tab may have been first: keep theirs
+            row.stripe_customer_id = stripe_id
+        return row.stripe_customer_id
 
 
 async def pay_with_new_card(

@@ -1,0 +1,141 @@
+"""Read-only views for finance: the accounting export, usage by hour and day, aging, the audit trail."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from audit import AuditEntry
+from emails.models import OutboxMessage, OutboxStatus
+from i18n import format_money
+from links.models import Customer, Invoice, InvoiceStatus, LinkOpen, PaymentLink
+from payments.models import Payment, PaymentStatus
+
+EXPORT_COLUMNS = (
+    "number", "customer_email", "customer_name", "status", "currency", "amount_due", "amount_due_formatted", "amount_paid",
+    "amount_paid_formatted", "amount_refunded", "description", "due_date", "created_at", "paid_at", "stripe_payment_intent",
+    "card", "link_sent_at", "link_first_opened_at", "link_last_opened_at", "link_opens", "needs_attention",
+)  # fmt: skip
+
+
+async def export_rows(session: AsyncSession, since: date | None) -> list[dict[str, Any]]:
+    """One row per invoice, with its paying PaymentIntent and link activity, ready for an accounting import."""
+    query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at, Invoice.number)
+    if since is not None:
+        query = query.where(Invoice.created_at >= datetime.combine(since, time.min, tzinfo=UTC))
+    invoices = (await session.execute(query)).all()
+    ids = [i.id for i, _ in invoices]
+    payments: dict[Any, Payment] = {}
+    links: dict[Any, tuple[Any, Any, Any, int]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        paid = await session.execute(
+            select(Payment).where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED).order_by(Payment.succeeded_at)
+        )
+        payments.update({p.invoice_id: p for p in paid.scalars()})
+        activity = await session.execute(
+            select(
+                PaymentLink.invoice_id,
+                func.min(PaymentLink.sent_at),
+                func.min(PaymentLink.first_opened_at),
+                func.max(PaymentLink.last_opened_at),
+                func.sum(PaymentLink.open_count),
+            )
+            .where(PaymentLink.invoice_id.in_(chunk))
+            .group_by(PaymentLink.invoice_id)
+        )
+        links.update({row[0]: (row[1], row[2], row[3], int(row[4] or 0)) for row in activity})
+    rows = []
+    for invoice, customer in invoices:
+        payment = payments.get(invoice.id)
+        sent, first_open, last_open, opens = links.get(invoice.id, (None, None, None, 0))
+        rows.append(
+            {
+                "number": invoice.number,
+                "customer_email": customer.email,
+                "customer_name": customer.name,
+                "status": invoice.status,
+                "currency": invoice.currency,
+                "amount_due": invoice.amount_due,
+                "amount_due_formatted": format_money(invoice.amount_due, invoice.currency),
+                "amount_paid": invoice.amount_paid,
+                "amount_paid_formatted": format_money(invoice.amount_paid, invoice.currency),
+                "amount_refunded": invoice.amount_refunded,
+                "description": invoice.description,
+                "due_date": invoice.due_date,
+                "created_at": invoice.created_at,
+                "paid_at": invoice.paid_at,
+                "stripe_payment_intent": payment.stripe_payment_intent_id if payment else None,
+                "card": f"{payment.brand} {payment.last4}" if payment and payment.last4 else None,
+                "link_sent_at": sent,
+                "link_first_opened_at": first_open,
+                "link_last_opened_at": last_open,
+                "link_opens": opens,
+                "needs_attention": invoice.needs_attention,
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class Usage:
+    days: int
+    by_hour: dict[str, list[int]]  # series name -> 24 counts (UTC hour of day)
+    by_day: dict[str, list[int]]  # series name -> 31 counts (day of month)
+
+    def peak_hour(self, series: str = "opens") -> int | None:
+        counts = self.by_hour[series]
+        return counts.index(max(counts)) if any(counts) else None
+
+
+async def usage(session: AsyncSession, days: int, now: datetime) -> Usage:
+    since = now - timedelta(days=days)
+    series = {
+        "opens": select(LinkOpen.opened_at).where(LinkOpen.opened_at >= since),
+        "payments": select(Payment.succeeded_at).where(Payment.succeeded_at >= since),
+        "emails": select(OutboxMessage.sent_at).where(OutboxMessage.status == OutboxStatus.SENT, OutboxMessage.sent_at >= since),
+    }
+    by_hour: dict[str, list[int]] = {}
+    by_day: dict[str, list[int]] = {}
+    for name, query in series.items():
+        times = [t for t in (await session.execute(query)).scalars() if t is not None]
+        hours = Counter(t.hour for t in times)
+        month_days = Counter(t.day for t in times)
+        by_hour[name] = [hours.get(h, 0) for h in range(24)]
+        by_day[name] = [month_days.get(d, 0) for d in range(1, 32)]
+    return Usage(days, by_hour, by_day)
+
+
+AGING_BUCKETS = (("not yet due", None, 0), ("1-30 days", 1, 30), ("31-60 days", 31, 60), ("61-90 days", 61, 90), ("over 90 days", 91, None))
+
+
+async def aging(session: AsyncSession, today: date) -> dict[str, dict[str, tuple[int, int]]]:
+    """Open invoices by days overdue: bucket -> currency -> (count, total in minor units)."""
+    rows = (
+        await session.execute(
+            select(Invoice.due_date, Invoice.currency, Invoice.amount_due - Invoice.amount_paid).where(
+                Invoice.status.in_((InvoiceStatus.OPEN, InvoiceStatus.PROCESSING))
+            )
+        )
+    ).all()
+    table: dict[str, dict[str, tuple[int, int]]] = {name: {} for name, _, _ in AGING_BUCKETS}
+    for due, currency, outstanding in rows:
+        overdue = (today - due).days if due else 0
+        for name, low, high in AGING_BUCKETS:
+            if (low is None or overdue >= low) and (high is None or overdue <= high):
+                count, total = table[name].get(currency, (0, 0))
+                table[name][currency] = (count + 1, total + int(outstanding))
+                break
+    return table
+
+
+async def audit_entries(session: AsyncSession, invoice_number: str | None, limit: int) -> list[AuditEntry]:
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if invoice_number:
+        query = query.where(AuditEntry.subject == f"invoice:{invoice_number}")
+    return list(reversed((await session.execute(query)).scalars().all()))

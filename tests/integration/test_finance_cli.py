@@ -1,0 +1,226 @@
+"""The finance desk: real commands on a real database file, as staff would type them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from settings import Settings
+from tests.harness import ROOT, db_query
+
+pytestmark = pytest.mark.postgres
+
+HEADER = "email,name,amount,currency,description,due_date,number,locale\n"
+
+
+def write_csv(tmp_path: Path, body: str, name: str = "invoices.csv") -> str:
+    path = tmp_path / name
+    path.write_text(HEADER + body, encoding="utf-8")
+    return str(path)
+
+
+class TestImport:
+    """Bulk import: every row checked first; all or nothing; the same file twice creates nothing twice."""
+
+    def test_sample_file_imports_and_queues_emails(self, cli, settings: Settings) -> None:
+        result = cli("import", str(ROOT / "samples" / "invoices.csv"), "--send", "--verified", "--json")
+        assert result.code == 0, result.err
+        report = result.json()
+        assert (report["created_invoices"], report["created_customers"], report["emailed"], report["bad_rows"]) == (4, 4, 4, [])
+        listed = {i["number"]: i for i in cli("invoice", "list", "--json").json()["invoices"]}
+        assert listed["INV-2026-0003"]["amount_due"] == 1500 and listed["INV-2026-0003"]["currency"] == "jpy"
+        derived = [n for n in listed if n.startswith("IMP-")]
+        assert len(derived) == 1  # the row without a number
+        assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'invoice'") == [(4,)]
+        audit = cli("audit", "--json").json()["entries"]
+        assert any(e["action"] == "import" and e["details"]["created"] == 4 for e in audit)
+
+    def test_every_bad_row_is_reported_by_line_and_nothing_is_written(self, cli, settings: Settings, tmp_path: Path) -> None:
+        cli("invoice", "list")  # the database exists and is empty
+        path = write_csv(
+            tmp_path,
+            "ok@example.com,Ok,10.00,eur,Fine,,A-1,\n"  # line 2: good
+            "not-an-email,Bad,10,eur,x,,A-2,\n"  # 3
+            "b@example.com,B,0,eur,x,,A-3,\n"  # 4
+            "c@example.com,C,10.999,eur,x,,A-4,\n"  # 5
+            "d@example.com,D,10,xyz,x,,A-5,\n"  # 6
+            "e@example.com,E,10,eur,x,31/12/2026,A-6,\n"  # 7
+            "f@example.com,F,10,eur,x,,A-1,\n"  # 8: duplicate number in the file
+            "g@example.com,G,10.5,jpy,x,,A-7,\n"  # 9: JPY has no decimals
+            "h@example.com,,10,eur,x,,A-8,\n"  # 10: no name
+            "i@example.com,I,10,eur,x,,A-9,klingon\n",  # 11: unknown language
+        )
+        result = cli("import", path, "--json")
+        assert result.code == 1
+        lines = {b["line"]: b["reason"] for b in result.json()["bad_rows"]}
+        assert sorted(lines) == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+        assert "not valid" in lines[3]
+        assert "greater than zero" in lines[4]
+        assert "more than 2 decimals" in lines[5]
+        assert "unknown currency" in lines[6]
+        assert "not a date" in lines[7]
+        assert "also on line 2" in lines[8]
+        assert "more than 0 decimals for JPY" in lines[9]
+        assert "name is empty" in lines[10]
+        assert "locale" in lines[11]
+        assert f"{path}:3:" in result.err  # one line per bad row on stderr, like a compiler
+        assert "nothing was imported" in result.err
+        assert db_query(settings.database_url, "SELECT count(*) FROM invoices") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM customers") == [(0,)]
+
+        skipped = cli("import", path, "--skip-bad", "--json")
+        assert skipped.code == 0, skipped.err
+        assert skipped.json()["created_invoices"] == 1
+
+    def test_reimport_is_idempotent_and_customers_match_case_insensitively(self, cli, settings: Settings, tmp_path: Path) -> None:
+        cli("customer", "add", "--email", "Ann@Example.com", "--name", "Ann Lee", "--stripe-customer", "cus_existing1", "--verified")
+        path = write_csv(tmp_path, "ANN@example.com,Ann Lee,12.00,eur,First,,,\nann@EXAMPLE.com,Ann Lee,13.00,eur,Second,,B-2,\n")
+        first = cli("import", path, "--json").json()
+        assert (first["created_invoices"], first["created_customers"]) == (2, 0)
+        second = cli("import", path, "--json").json()
+        assert (second["created_invoices"], second["already_imported"]) == (0, 2)
+        assert db_query(settings.database_url, "SELECT count(*) FROM invoices") == [(2,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM customers") == [(1,)]
+
+    def test_number_used_by_another_invoice_is_a_bad_row(self, cli, tmp_path: Path) -> None:
+        cli("customer", "add", "--email", "x@example.com", "--name", "X", "--stripe-customer", "cus_x1", "--verified")
+        cli(
+            "invoice",
+            "create",
+            "--customer",
+            "x@example.com",
+            "--amount",
+            "5",
+            "--currency",
+            "eur",
+            "--description",
+            "d",
+            "--number",
+            "C-1",
+        )
+        result = cli("import", write_csv(tmp_path, "y@example.com,Y,9,eur,d,,C-1,\n"), "--json")
+        assert result.code == 1
+        assert result.json()["bad_rows"] == [{"line": 2, "reason": "invoice number C-1 is already used by a different invoice"}]
+
+    def test_new_customers_are_unverified_and_get_a_confirmation_email(self, cli, settings: Settings, tmp_path: Path) -> None:
+        result = cli("import", write_csv(tmp_path, "new@example.com,New,9,eur,d,,D-1,\n"), "--send", "--json").json()
+        assert (result["emailed"], result["held"]) == (0, 1)
+        assert cli("customer", "show", "new@example.com", "--json").json()["verified"] is False
+        kinds = db_query(settings.database_url, "SELECT kind FROM outbox")
+        assert kinds == [("verification",)]
+
+    def test_unreadable_files_are_one_line_errors(self, cli, tmp_path: Path) -> None:
+        missing = cli("import", str(tmp_path / "nope.csv"))
+        assert missing.code == 1 and missing.err.startswith("error: cannot read") and "Traceback" not in missing.err
+        (tmp_path / "bad.csv").write_text("foo,bar\n1,2\n")
+        wrong = cli("import", str(tmp_path / "bad.csv"))
+        assert wrong.code == 1 and "lacks the column(s): email" in wrong.err
+
+
+class TestExportAndReports:
+    """Exports for accounting, usage for payday planning, aging for collections."""
+
+    def test_export_csv_and_json(self, cli) -> None:
+        cli("import", str(ROOT / "samples" / "invoices.csv"), "--verified", "--send")
+        exported = cli("export", "--format", "csv")
+        assert exported.code == 0, exported.err
+        rows = list(csv.DictReader(io.StringIO(exported.out)))
+        assert len(rows) == 4
+        ann = next(r for r in rows if r["number"] == "INV-2026-0001")
+        assert (ann["amount_due"], ann["amount_due_formatted"], ann["status"], ann["currency"]) == ("12050", "€120.50", "open", "eur")
+        assert ann["link_sent_at"]
+        as_json = json.loads(cli("export", "--format", "json", "--since", "2000-01-01").out)
+        assert {r["number"] for r in as_json} == {r["number"] for r in rows}
+        assert json.loads(cli("export", "--format", "json", "--since", "2999-01-01").out) == []
+
+    def test_usage_report_names_the_peak_hour(self, cli, settings: Settings) -> None:
+        cli("import", str(ROOT / "samples" / "invoices.csv"), "--verified", "--send")
+        [(link_id,)] = db_query(settings.database_url, "SELECT id FROM payment_links LIMIT 1")
+        from datetime import UTC, datetime
+
+        from tests.harness import db_execute
+
+        for hour in (9, 9, 9, 14):
+            at = datetime.now(UTC).replace(hour=hour, minute=5, second=0, microsecond=0)
+            db_execute(settings.database_url, "INSERT INTO link_opens (link_id, opened_at) VALUES (:l, :at)", l=link_id, at=at)
+        report = cli("report", "usage", "--days", "2", "--json").json()
+        assert report["peak_hour_utc"] == 9
+        assert report["by_hour_utc"]["opens"][9] == 3
+        human = cli("report", "usage", "--days", "2")
+        assert "Peak hour for link opens: 09:00-09:59 UTC (3 opens)" in human.out
+        assert "█" in human.out
+
+    def test_aging(self, cli) -> None:
+        cli("customer", "add", "--email", "old@example.com", "--name", "Old", "--stripe-customer", "cus_old1", "--verified")
+        cli(
+            "invoice",
+            "create",
+            "--customer",
+            "old@example.com",
+            "--amount",
+            "100",
+            "--currency",
+            "eur",
+            "--description",
+            "a",
+            "--due",
+            "2020-01-01",
+        )
+        cli(
+            "invoice",
+            "create",
+            "--customer",
+            "old@example.com",
+            "--amount",
+            "50",
+            "--currency",
+            "eur",
+            "--description",
+            "b",
+            "--due",
+            "2099-01-01",
+        )
+        report = cli("report", "aging", "--json").json()
+        assert report["over 90 days"]["eur"] == {"count": 1, "total": 10000, "total_formatted": "€100.00"}
+        assert report["not yet due"]["eur"]["count"] == 1
+
+
+class TestCommandLine:
+    """Exit codes, --json everywhere, help with examples, quiet when piped."""
+
+    def test_exit_codes(self, cli) -> None:
+        assert cli("invoice", "show", "NOPE").code == 1
+        assert cli("invoice", "show", "NOPE").err.strip() == "error: no invoice numbered NOPE"
+        assert cli("invoice", "frobnicate").code == 2
+        assert cli("customer", "add", "--email", "bad", "--name", "x", "--stripe-customer", "cus_1").code == 1
+        assert cli("invoice", "create", "--customer", "x@example.com", "--amount", "1", "--currency", "eur", "--description", "d",
+                   "--due", "tomorrow").code == 2  # fmt: skip
+
+    def test_help_has_examples(self, cli) -> None:
+        for command in (["import"], ["invoice", "create"], ["report", "usage"], ["link", "revoke"]):
+            shown = cli(*command, "--help")
+            assert shown.code == 0
+            assert "example:" in shown.out and "python -m links" in shown.out
+
+    def test_missing_configuration_is_one_line(self, tmp_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LINK_", "STRIPE_"))}
+        run = subprocess.run([sys.executable, "-m", "links", "invoice", "list"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines() == ["configuration error: Config 'LINK_SECRET_KEYS' is missing, and has no default."]
+
+    def test_piped_import_shows_no_progress_bar(self, env: dict[str, str], settings: Settings, tmp_path: Path) -> None:
+        path = write_csv(tmp_path, "".join(f"p{i}@example.com,P,{i + 1},eur,d,,P-{i},\n" for i in range(300)))
+        run = subprocess.run([sys.executable, "-m", "links", "import", path], cwd=ROOT, env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert run.stderr == ""
+        assert "\x1b[" not in run.stdout and "━" not in run.stdout
+        assert "Imported 300 invoice(s)" in run.stdout
