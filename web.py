@@ -47,11 +47,22 @@ def origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+LANGUAGE_COOKIE = "paylink_lang"
+
+
+def chosen_language(request: Request) -> str | None:
+    """A language the visitor picked with the switcher: this request's ?lang=, else the remembered one."""
+    for chosen in (request.query_params.get("lang"), request.cookies.get(LANGUAGE_COOKIE)):
+        if chosen and normalize_locale(chosen, default="") in SUPPORTED_LOCALES:
+            return normalize_locale(chosen)
+    return None
+
+
 def request_locale(request: Request, stored: str | None, default: str) -> str:
-    """The customer's choice on this page (?lang=), then their stored locale, then Accept-Language."""
-    chosen = request.query_params.get("lang")
-    if chosen and normalize_locale(chosen, default="") in SUPPORTED_LOCALES:
-        return normalize_locale(chosen)
+    """The visitor's own choice (switcher), then the customer's stored locale, then Accept-Language."""
+    chosen = chosen_language(request)
+    if chosen:
+        return chosen
     if stored:
         return normalize_locale(stored, default)
     return negotiate_locale(request.headers.get("accept-language"), normalize_locale(default))
@@ -68,7 +79,12 @@ def render_page(request: Request, name: str, *, locale: str, status_code: int = 
         languages=LOCALE_NAMES,
         **context,
     )
-    return HTMLResponse(html, status_code=status_code)
+    response = HTMLResponse(html, status_code=status_code)
+    picked = request.query_params.get("lang")
+    if picked and normalize_locale(picked, default="") == locale:
+        # Remember the switcher's choice, so the pages after a form post stay in that language.
+        response.set_cookie(LANGUAGE_COOKIE, locale, max_age=365 * 24 * 3600, httponly=True, samesite="lax")
+    return response
 
 
 async def small_form(request: Request) -> dict[str, str] | None:

@@ -240,4 +240,7 @@ class TestLanguages:
         page.get_by_role("link", name="Français").click()
         expect(page.locator("html")).to_have_attribute("lang", "fr")
         assert page.url.startswith(issued.url)
-        expect(page.get_by_role("heading", level=1)).to_contain_text("120,50")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Payer 120,50 €")
+        page.get_by_role("button", name=re.compile("120,50 €")).click()  # the choice outlives the form post
+        expect(page.locator("html")).to_have_attribute("lang", "fr")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Paiement reçu")
