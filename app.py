@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from payments.gateway import StripeGateway
 from payments.views import routes as payment_routes
 from rendering import pages
 from settings import ConfigError, Settings
-from web import Paylink, SecurityHeaders, origin_of
+from web import AccessLog, Paylink, SecurityHeaders, origin_of
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("paylink")
@@ -104,7 +105,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/health", health),
             Mount("/static", app=StaticFiles(directory=ROOT / "static"), name="static"),
         ],
-        middleware=[Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=settings.base_url.startswith("https://"))],
+        middleware=[
+            Middleware(AccessLog),
+            Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=settings.base_url.startswith("https://")),
+        ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
@@ -113,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 def _app_from_env() -> Starlette:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return create_app()
     except ConfigError as exc:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +122,41 @@ def csrf_valid(request: Request, settings: Settings, link_id: uuid.UUID, token: 
         return bool(_csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS) == link_id.hex)
     except BadSignature:
         return False
+
+
+# --- an access log that never contains a token ---------------------------------------------------------
+
+TOKEN_IN_PATH = re.compile(r"^/(pay|verify)/[^/]+")
+access_log = logging.getLogger("paylink.access")
+
+
+class AccessLog:
+    """Pure ASGI middleware: one line per request, with link tokens replaced by `{token}`.
+
+    uvicorn's own access log would write the bearer token of every link; run it with --no-access-log."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = TOKEN_IN_PATH.sub(lambda m: f"/{m.group(1)}/{{token}}", scope.get("path", ""))
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            access_log.info("request method=%s path=%s status=%d ms=%.1f", scope.get("method"), path, status, elapsed_ms)
 
 
 # --- security headers --------------------------------------------------------------------------------

@@ -110,7 +110,10 @@ def main() -> int:
         catcher.start()
         print(f"Mail catcher listening on 127.0.0.1:{smtp_port}; emails are saved in {MAIL_DIR}", flush=True)
         subprocess.run([PY, "-m", "links", "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-        web = start([PY, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port), "--no-access-log"], "app.log")
+        web = start(
+            [PY, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port), "--no-access-log", "--log-level", "info"],
+            "app.log",
+        )
         wait_for(f"{base_url}/health", "the app", web)
         webhook = {"url": f"{base_url}/webhooks/stripe", "secret": env["STRIPE_WEBHOOK_SECRET"]}
         httpx.post(f"{stripe_base}/_config/webhooks/demo", data=webhook).raise_for_status()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import httpx
+import pytest
 
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
 
@@ -25,8 +27,9 @@ class TestCoreJourney:
     """Finance issues an invoice from the CLI; the customer pays it with one click from the email."""
 
     def test_invoice_email_link_page_one_click_webhook_paid_receipt(
-        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client, caplog: pytest.LogCaptureFixture
     ) -> None:
+        caplog.set_level(logging.INFO)
         cus_id, [pm_id] = localstripe.customer_with_cards("ann@example.com", "Ann Lee", CARD_OK)
 
         added = cli(
@@ -109,3 +112,9 @@ class TestCoreJourney:
         again = browser_client.get(link)
         assert "Payment received" in again.text
         assert 'name="payment_method"' not in again.text
+
+        # The link is a bearer credential: it is never written to the logs.
+        token = link.rsplit("/", 1)[1]
+        assert any("path=/pay/{token}" in r.getMessage() for r in caplog.records)
+        app_records = [r for r in caplog.records if r.name != "httpx"]  # "httpx" here is this test's own client
+        assert not [r for r in app_records if token in r.getMessage()]
