@@ -154,6 +154,7 @@ def customer_record(customer: Any) -> dict[str, Any]:
         "email_verified_at": customer.email_verified_at,
         "email_verified_by": customer.email_verified_by,
         "stripe_customer_id": customer.stripe_customer_id,
+        "address": customer.address_lines,
         "email_undeliverable_at": customer.email_undeliverable_at,
         "email_undeliverable_reason": customer.email_undeliverable_reason,
         "created_at": customer.created_at,
@@ -174,7 +175,14 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
     stripe_id = a.stripe_customer or await rt.gateway.create_customer(email, a.name)
     async with rt.sessions.begin() as session:
         customer = await service.add_customer(
-            session, email=email, name=a.name, actor=ctx.actor, locale=a.locale, stripe_customer_id=stripe_id, verified=a.verified
+            session,
+            email=email,
+            name=a.name,
+            actor=ctx.actor,
+            locale=a.locale,
+            stripe_customer_id=stripe_id,
+            verified=a.verified,
+            address=_address(a),
         )
         if not a.verified:
             lifecycle.request_verification(session, ctx.settings, customer, actor=ctx.actor)
@@ -188,6 +196,27 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
         record,
         lambda: ctx.console.print(f"Added customer {customer.email} ({'verified' if a.verified else 'not verified'}), Stripe {stripe_id}"),
     )
+
+
+ADDRESS_FIELDS = ("address_line1", "address_line2", "postal_code", "city", "country")
+
+
+def _address(args: argparse.Namespace) -> dict[str, str]:
+    """Billing address options given on the command line (shown prefilled on the pay page)."""
+    address = {f: str(getattr(args, f)).strip() for f in ADDRESS_FIELDS if getattr(args, f, None)}
+    if "country" in address:
+        if len(address["country"]) != 2 or not address["country"].isalpha():
+            raise UserError("--country takes a two-letter code, e.g. DE")
+        address["country"] = address["country"].upper()
+    return address
+
+
+def _address_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address-line1", help="billing address, first line")
+    parser.add_argument("--address-line2", help="billing address, second line")
+    parser.add_argument("--postal-code")
+    parser.add_argument("--city")
+    parser.add_argument("--country", help="two-letter country code, e.g. DE")
 
 
 async def _exists_customer(session: Any, email: str) -> bool:
@@ -264,8 +293,11 @@ async def cmd_customer_update(ctx: Context, rt: Runtime) -> None:
             customer.name = a.name.strip()
         if a.locale:
             customer.locale = normalize_locale(a.locale)
-        if a.name or a.locale:
-            audit.record(session, ctx.actor, "customer.update", f"customer:{customer.email}", name=a.name, locale=a.locale)
+        address = _address(a)
+        for field_name, value in address.items():
+            setattr(customer, field_name, value)
+        if a.name or a.locale or address:
+            audit.record(session, ctx.actor, "customer.update", f"customer:{customer.email}", name=a.name, locale=a.locale, **address)
         if a.new_email:
             await lifecycle.change_email(session, ctx.settings, customer, a.new_email, actor=ctx.actor)
     note = " The new address must be confirmed before anything is sent to it." if a.new_email else ""
@@ -738,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locale", help="language for pages and emails: en, de, fr, es")
     p.add_argument("--stripe-customer", help="an existing Stripe customer id (cus_…)")
     p.add_argument("--verified", action="store_true", help="finance attests the address (e.g. from the CRM); recorded in the audit log")
+    _address_options(p)
     p.set_defaults(handler=cmd_customer_add)
     p = command(customer, "show", "customer show", "Show a customer, verification state and saved cards.")
     p.add_argument("email")
@@ -750,6 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", dest="new_email", help="the new email address")
     p.add_argument("--name")
     p.add_argument("--locale")
+    _address_options(p)
     p.set_defaults(handler=cmd_customer_update)
 
     invoice = groups.add_parser("invoice", help="create, list, show and void invoices").add_subparsers(

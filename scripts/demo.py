@@ -131,7 +131,25 @@ def main() -> int:
         def cli(*args: str) -> str:
             return subprocess.run([PY, "-m", "links", *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
 
-        cli("customer", "add", "--email", "ann@example.com", "--name", "Ann Lee", "--stripe-customer", customer.id, "--verified")
+        cli(
+            "customer",
+            "add",
+            "--email",
+            "ann@example.com",
+            "--name",
+            "Ann Lee",
+            "--stripe-customer",
+            customer.id,
+            "--verified",
+            "--address-line1",
+            "12 Harbour Street",
+            "--postal-code",
+            "10115",
+            "--city",
+            "Berlin",
+            "--country",
+            "DE",
+        )
         created = cli(
             "invoice",
             "create",
