@@ -107,6 +107,7 @@ def from_minor_units(minor: int, currency: str) -> Decimal:
     return Decimal(minor).scaleb(-currency_digits(currency))
 
 
+@lru_cache(maxsize=8192)  # bulk emails format the same few amounts many times
 def format_money(minor: int, currency: str, locale: str = DEFAULT_LOCALE) -> str:
     """12050 EUR in 'de' -> '120,50 €'; 1200 JPY in 'en' -> '¥1,200'."""
     return str(format_currency(from_minor_units(minor, currency), currency.upper(), locale=_babel_locale(locale)))
@@ -115,6 +116,11 @@ def format_money(minor: int, currency: str, locale: str = DEFAULT_LOCALE) -> str
 def format_day(value: date | datetime | None, locale: str = DEFAULT_LOCALE) -> str:
     if value is None:
         return ""
+    return _format_day(value.date() if isinstance(value, datetime) else value, locale)
+
+
+@lru_cache(maxsize=4096)
+def _format_day(value: date, locale: str) -> str:
     return str(babel_format_date(value, format="long", locale=_babel_locale(locale)))
 
 
