@@ -70,9 +70,8 @@ def main() -> int:
         path = work / "invoices.csv"
         write_csv(path, args.n)
         started = time.perf_counter()
-        run = subprocess.run(
-            [sys.executable, "-m", "links", "import", str(path), "--send", "--verified", "--json"], cwd=ROOT, env=env, capture_output=True, text=True
-        )
+        command = [sys.executable, "-m", "links", "import", str(path), "--send", "--verified", "--json"]
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         elapsed = time.perf_counter() - started
         if run.returncode != 0:
             print(run.stderr, file=sys.stderr)
@@ -83,7 +82,8 @@ def main() -> int:
         print(f"wall time:       {elapsed:.2f} s (the whole command: start-up, validation, writes)")
         print(f"rows/s:          {args.n / elapsed:,.0f}")
         print(f"created:         {invoices} invoices, {links} links, {emails} queued emails  -> {'OK' if ok else 'MISMATCH'}")
-        print(f"goal:            10,000 rows in < 10 s -> {'met' if args.n >= 10_000 and elapsed < 10 else 'not met' if args.n >= 10_000 else 'n/a'}")
+        verdict = "n/a (fewer rows)" if args.n < 10_000 else "met" if elapsed < 10 else "not met"
+        print(f"goal:            10,000 rows in < 10 s -> {verdict}")
         return 0 if ok else 1
 
 
