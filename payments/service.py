@@ -35,6 +35,9 @@ log = logging.getLogger("paylink.payments")
 # A claimed attempt that never got a PaymentIntent id (the process died, or Stripe never answered
 # the create) cannot have charged anyone: it is released after this long so the customer can retry.
 STALE_CLAIM = timedelta(minutes=2)
+# A 3-D Secure check left unfinished this long (the browser was closed) is canceled and released,
+# so that the customer can pay again, with this card or another.
+ABANDONED_AUTHENTICATION = timedelta(minutes=15)
 
 
 NOT_SET_UP = N_("Card payments are not set up for this customer yet.")
@@ -257,9 +260,20 @@ async def pay_with_saved_profile(
         return await _fail_attempt(sessions, payment.id, exc)
 
     async with sessions.begin() as session:
-        row = await session.get_one(Payment, payment.id)
-        row.stripe_payment_intent_id = snapshot.id
-        row.status = PaymentStatus.REQUIRES_CONFIRMATION
+        row = await session.get_one(Payment, payment.id, with_for_update=True)
+        still_ours = row.status == PaymentStatus.CREATED and row.live_invoice_id == row.invoice_id
+        if still_ours:
+            row.stripe_payment_intent_id = snapshot.id
+            row.status = PaymentStatus.REQUIRES_CONFIRMATION
+    if not still_ours:
+        # Stripe answered so late that the attempt was released (and maybe retried) meanwhile:
+        # this intent must never be confirmed. Cancel it, best effort; it has charged nothing.
+        log.warning("payment.late_intent payment=%s intent=%s", payment.id, snapshot.id)
+        try:
+            await gateway.cancel_payment_intent(snapshot.id)
+        except GatewayError:
+            pass
+        return PayOutcome(row.status, row.id, error_message=row.failure_message)
 
     try:
         snapshot = await gateway.confirm_payment_intent(snapshot.id, f"{payment.idempotency_key}:confirm")
@@ -270,7 +284,9 @@ async def pay_with_saved_profile(
         try:
             snapshot = await gateway.retrieve_payment_intent(snapshot.id)
         except GatewayError:
-            return await _fail_attempt(sessions, payment.id, exc)
+            # We do not know whether the confirm went through: never say "failed" (the customer
+            # would pay again). The webhook, the status check or reconcile will tell.
+            return await _mark_pending(sessions, payment.id, str(exc))
     async with sessions.begin() as session:
         applied = await apply_intent(session, settings, snapshot, actor="link")
         assert applied is not None  # the payment row exists: we committed its intent id above
@@ -398,7 +414,8 @@ async def settle_payment(
         return PayOutcome(payment.status, payment.id)
     try:
         snapshot = await gateway.retrieve_payment_intent(payment.stripe_payment_intent_id)
-        if snapshot.status == "requires_confirmation" and stale:
+        abandoned = utcnow() - payment.updated_at > ABANDONED_AUTHENTICATION
+        if (snapshot.status == "requires_confirmation" and stale) or (snapshot.status == "requires_action" and abandoned):
             try:
                 snapshot = await gateway.cancel_payment_intent(snapshot.id)
             except GatewayError:
@@ -421,16 +438,19 @@ async def apply_intent(session: AsyncSession, settings: Settings, snapshot: Inte
     payment = await _payment_for_intent(session, snapshot)
     if payment is None:
         return None
-    invoice = await session.get_one(Invoice, payment.invoice_id)
+    # Rows are locked (PostgreSQL; SQLite writers are serialised already) so that the pay POST and
+    # a webhook applying the same success at the same moment queue one behind the other.
+    invoice = await session.get_one(Invoice, payment.invoice_id, with_for_update=True)
     status = snapshot.status
     if payment.status == PaymentStatus.SUCCEEDED:
         return payment  # money that arrived never un-arrives; late failures are ignored
     if status == "succeeded":
         await _payment_succeeded(session, settings, payment, invoice, snapshot, actor=actor)
     elif status == "processing":
-        payment.status = PaymentStatus.PROCESSING
-        if invoice.status == InvoiceStatus.OPEN:
-            invoice.status = InvoiceStatus.PROCESSING
+        if payment.status not in PaymentStatus.FINAL:
+            payment.status = PaymentStatus.PROCESSING
+            if invoice.status == InvoiceStatus.OPEN and payment.live_invoice_id == invoice.id:
+                invoice.status = InvoiceStatus.PROCESSING
     elif status == "requires_action":
         if payment.status not in PaymentStatus.FINAL:
             payment.status = PaymentStatus.REQUIRES_ACTION
@@ -450,13 +470,13 @@ async def apply_intent(session: AsyncSession, settings: Settings, snapshot: Inte
 
 
 async def _payment_for_intent(session: AsyncSession, snapshot: IntentSnapshot) -> Payment | None:
-    payment = (await session.execute(select(Payment).where(Payment.stripe_payment_intent_id == snapshot.id))).scalar_one_or_none()
+    payment = await _payment_by_intent_id(session, snapshot.id)
     if payment is not None:
         return payment
     # The process may have died before committing the intent id: find the attempt by its metadata.
     payment_id = _uuid(snapshot.metadata.get("payment_id"))
     if payment_id is not None:
-        payment = await session.get(Payment, payment_id)
+        payment = await session.get(Payment, payment_id, with_for_update=True)
         if payment is not None and payment.stripe_payment_intent_id is None:
             payment.stripe_payment_intent_id = snapshot.id
             return payment
@@ -502,7 +522,10 @@ async def _payment_succeeded(
         invoice.paid_at = now
         if invoice.amount_paid > invoice.amount_due:
             _flag(session, settings, invoice, f"overpaid by {invoice.amount_paid - invoice.amount_due} (minor units)", actor)
-        await _queue_receipt(session, settings, invoice, payment)
+        if invoice.amount_refunded > 0:  # the refund's event overtook the payment's
+            _set_refund_status(invoice)
+        if invoice.status != InvoiceStatus.REFUNDED:
+            await _queue_receipt(session, settings, invoice, payment)
     else:
         # Paid twice, or paid after it was voided: keep the money on record and tell finance.
         invoice.amount_paid += snapshot.amount
@@ -562,23 +585,30 @@ async def apply_stripe_event(session: AsyncSession, settings: Settings, event: d
 async def _payment_by_intent_id(session: AsyncSession, intent_id: Any) -> Payment | None:
     if not isinstance(intent_id, str):
         return None
-    return (await session.execute(select(Payment).where(Payment.stripe_payment_intent_id == intent_id))).scalar_one_or_none()
+    query = select(Payment).where(Payment.stripe_payment_intent_id == intent_id).with_for_update()
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def _apply_refund(session: AsyncSession, settings: Settings, charge: dict[str, Any], actor: str) -> None:
     payment = await _payment_by_intent_id(session, charge.get("payment_intent"))
     if payment is None:
+        log.warning("refund.unknown_payment intent=%s charge=%s", charge.get("payment_intent"), charge.get("id"))
         return
     # Stripe's amount_refunded is cumulative: keep the largest seen, so late or repeated events are harmless.
     payment.amount_refunded = max(payment.amount_refunded, int(charge.get("amount_refunded") or 0))
-    invoice = await session.get_one(Invoice, payment.invoice_id)
+    invoice = await session.get_one(Invoice, payment.invoice_id, with_for_update=True)
     refunded = sum((await session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
     invoice.amount_refunded = refunded
-    if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED) and refunded > 0:
-        invoice.status = InvoiceStatus.REFUNDED if refunded >= invoice.amount_paid else InvoiceStatus.PARTIALLY_REFUNDED
+    if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED):
+        _set_refund_status(invoice)
     audit.record(
         session, actor, "payment.refunded", f"invoice:{invoice.number}", refunded=refunded, intent=payment.stripe_payment_intent_id
     )
+
+
+def _set_refund_status(invoice: Invoice) -> None:
+    if invoice.amount_refunded > 0:
+        invoice.status = InvoiceStatus.REFUNDED if invoice.amount_refunded >= invoice.amount_paid else InvoiceStatus.PARTIALLY_REFUNDED
 
 
 async def _apply_dispute(session: AsyncSession, settings: Settings, dispute: dict[str, Any], actor: str) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from payments.models import Payment, PaymentStatus
 from settings import Settings
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, signed_event, wait_until
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, in_thread, signed_event, wait_until
 from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
 
 
@@ -238,3 +238,53 @@ class TestStripeTimeouts:
         intents = localstripe.payment_intents_for(issued.stripe_customer)
         assert [pi.status for pi in intents] == ["canceled"]
         assert not any(pi.status == "succeeded" for pi in intents)
+
+
+def apply_concurrently(settings: Settings, snapshots: list[Any]) -> None:
+    """Apply several Stripe snapshots at the same moment, each in its own transaction, as the
+    pay POST and a webhook (or two webhook deliveries) would."""
+    from db import create_engine, create_session_factory
+    from payments.service import apply_intent
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        sessions = create_session_factory(engine)
+
+        async def apply(snapshot: Any) -> None:
+            async with sessions.begin() as session:
+                await apply_intent(session, settings, snapshot, actor="test")
+
+        try:
+            await asyncio.gather(*(apply(s) for s in snapshots))
+        finally:
+            await engine.dispose()
+
+    in_thread(asyncio.run, run())
+
+
+@pytest.mark.postgres
+class TestConcurrentTruth:
+    """The same success recorded twice at the same moment pays once and sends one receipt."""
+
+    def test_simultaneous_success_sends_one_receipt(self, cli, localstripe: LocalStripe, settings: Settings) -> None:
+        from payments.gateway import intent_snapshot
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_crash(settings, link_id_of(settings, issued.number), issued.cards[0])  # charged at Stripe, not recorded
+        snapshot = intent_snapshot(paid_intent(localstripe, issued).to_dict())
+        apply_concurrently(settings, [snapshot, snapshot, snapshot])
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"]) == ("paid", 12050)
+        assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'receipt'") == [(1,)]
+
+    def test_refund_event_before_success_event(self, cli, localstripe: LocalStripe, settings: Settings, server) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_crash(settings, link_id_of(settings, issued.number), issued.cards[0])
+        intent = paid_intent(localstripe, issued)
+        localstripe.client.v1.refunds.create({"payment_intent": intent.id})
+        charge_id = intent.latest_charge.id if hasattr(intent.latest_charge, "id") else intent.latest_charge
+        charge = localstripe.client.v1.charges.retrieve(charge_id).to_dict()
+        assert post_event(server, "charge.refunded", charge).status_code == 200
+        assert post_event(server, "payment_intent.succeeded", intent.to_dict()).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"], shown["amount_refunded"]) == ("refunded", 12050, 12050)
