@@ -28,6 +28,7 @@ from settings import Settings
 
 @dataclass(frozen=True)
 class ClaimedMessage:
+    lease_token: str
     id: int
     kind: str
     recipient: str
@@ -78,7 +79,10 @@ def alert_finance(session: AsyncSession, settings: Settings, title: str, lines: 
 async def claim_due_messages(
     sessions: async_sessionmaker[AsyncSession], *, batch_size: int, lease_seconds: float, now: datetime | None = None
 ) -> list[ClaimedMessage]:
+    """Claim up to batch_size due messages under a lease. Only the holder of the lease token may
+    record their result, so a worker that outlived its lease cannot overwrite another's."""
     now = now or utcnow()
+    token = str(uuid.uuid4())
     due = (
         select(OutboxMessage.id)
         .where(
@@ -94,7 +98,7 @@ async def claim_due_messages(
     claim = (
         update(OutboxMessage)
         .where(OutboxMessage.id.in_(due))
-        .values(lease_until=now + timedelta(seconds=lease_seconds))
+        .values(lease_until=now + timedelta(seconds=lease_seconds), lease_token=token)
         .returning(
             OutboxMessage.id,
             OutboxMessage.kind,
@@ -108,17 +112,39 @@ async def claim_due_messages(
     )
     async with sessions.begin() as session:
         rows = (await session.execute(claim)).all()
-    return sorted((ClaimedMessage(*row) for row in rows), key=lambda m: m.id)  # type: ignore[call-arg]
+    claimed = [ClaimedMessage(token, r.id, r.kind, r.recipient, r.subject, r.text, r.html, r.message_id, r.attempts) for r in rows]
+    return sorted(claimed, key=lambda m: m.id)
 
 
-async def mark_sent(sessions: async_sessionmaker[AsyncSession], message_ids: list[int]) -> None:
+async def mark_sent(sessions: async_sessionmaker[AsyncSession], lease_token: str, message_ids: list[int]) -> None:
     if not message_ids:
         return
     async with sessions.begin() as session:
         await session.execute(
             update(OutboxMessage)
-            .where(OutboxMessage.id.in_(message_ids))
-            .values(status=OutboxStatus.SENT, sent_at=utcnow(), lease_until=None, attempts=OutboxMessage.attempts + 1, last_error=None)
+            .where(
+                OutboxMessage.id.in_(message_ids), OutboxMessage.lease_token == lease_token, OutboxMessage.status == OutboxStatus.PENDING
+            )
+            .values(
+                status=OutboxStatus.SENT,
+                sent_at=utcnow(),
+                lease_until=None,
+                lease_token=None,
+                attempts=OutboxMessage.attempts + 1,
+                last_error=None,
+            )
+        )
+
+
+async def release(sessions: async_sessionmaker[AsyncSession], lease_token: str, message_ids: list[int]) -> None:
+    """Give claimed messages back untried (the lease is running out): due again at once."""
+    if not message_ids:
+        return
+    async with sessions.begin() as session:
+        await session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(message_ids), OutboxMessage.lease_token == lease_token)
+            .values(lease_until=None, lease_token=None)
         )
 
 
@@ -129,31 +155,43 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
 
 
 async def mark_failed(
-    sessions: async_sessionmaker[AsyncSession], settings: Settings, message: ClaimedMessage, error: str, *, permanent: bool
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    message: ClaimedMessage,
+    error: str,
+    *,
+    permanent: bool,
+    recipient_fault: bool = False,
 ) -> str:
-    """Record a failed try: retry later with backoff, or go dead (and tell finance). Returns the new status."""
+    """Record a failed try: retry later with backoff, or go dead (and tell finance). Returns the new status.
+
+    `recipient_fault` (the server refused the address itself) also marks the customer's address
+    undeliverable; a message refused for its content or our server's settings does not."""
     attempts = message.attempts + 1
     dead = permanent or attempts >= settings.outbox_max_attempts
     async with sessions.begin() as session:
-        row = await session.get_one(OutboxMessage, message.id)
+        row = await session.get_one(OutboxMessage, message.id, with_for_update=True)
+        if row.lease_token != message.lease_token or row.status != OutboxStatus.PENDING:
+            return row.status  # our lease ran out and another worker holds the row now
         row.attempts = attempts
         row.last_error = error[:2000]
         row.lease_until = None
+        row.lease_token = None
         if not dead:
             row.next_attempt_at = utcnow() + timedelta(seconds=backoff_seconds(attempts, settings))
             return OutboxStatus.PENDING
         row.status = OutboxStatus.DEAD
-        await _flag_undeliverable(session, settings, row, error)
+        await _flag_undeliverable(session, settings, row, error, recipient_fault=recipient_fault)
     return OutboxStatus.DEAD
 
 
-async def _flag_undeliverable(session: AsyncSession, settings: Settings, row: OutboxMessage, error: str) -> None:
-    """A permanent failure is never silent: flag the customer and invoice, alert finance."""
+async def _flag_undeliverable(session: AsyncSession, settings: Settings, row: OutboxMessage, error: str, *, recipient_fault: bool) -> None:
+    """A permanent failure is never silent: flag the invoice (and a refused address), alert finance."""
     audit.record(session, "worker", "email.dead", f"outbox:{row.id}", kind=row.kind, error=error[:500])
     if row.kind == Kind.FINANCE_ALERT:
         return
     customer = (await session.execute(select(Customer).where(Customer.email == row.recipient))).scalar_one_or_none()
-    if customer is not None and customer.email_undeliverable_at is None:
+    if recipient_fault and customer is not None and customer.email_undeliverable_at is None:
         customer.email_undeliverable_at = utcnow()
         customer.email_undeliverable_reason = error[:500]
     invoice_number = None
@@ -216,6 +254,6 @@ async def requeue(session: AsyncSession, *, include_dead: bool) -> int:
                 OutboxMessage.status.in_(statuses), or_(OutboxMessage.status == OutboxStatus.DEAD, OutboxMessage.next_attempt_at > utcnow())
             )
         )
-        .values(status=OutboxStatus.PENDING, next_attempt_at=utcnow(), lease_until=None, attempts=0)
+        .values(status=OutboxStatus.PENDING, next_attempt_at=utcnow(), lease_until=None, lease_token=None, attempts=0)
     )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -16,7 +17,7 @@ from email.utils import formatdate
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from emails.outbox import ClaimedMessage, claim_due_messages, mark_failed, mark_sent
+from emails.outbox import ClaimedMessage, claim_due_messages, mark_failed, mark_sent, release
 from settings import ConfigError, Settings
 
 log = logging.getLogger("paylink.outbox")
@@ -32,6 +33,10 @@ class ServerUnreachable(TransientSendError):
 
 class PermanentSendError(Exception):
     """The server refused this message for good (5xx): do not retry."""
+
+    def __init__(self, detail: str, *, recipient_fault: bool) -> None:
+        super().__init__(detail)
+        self.recipient_fault = recipient_fault
 
 
 def build_mime(settings: Settings, message: ClaimedMessage) -> EmailMessage:
@@ -85,12 +90,22 @@ class SmtpSender:
             codes = [r.code for r in exc.recipients]
             detail = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
             if all(500 <= c < 600 for c in codes):
-                raise PermanentSendError(detail) from None
+                raise PermanentSendError(detail, recipient_fault=True) from None
             raise TransientSendError(detail) from None
+        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPAuthenticationError) as exc:
+            # Our own settings (MAIL_FROM, credentials, TLS) are refused: not the customer's fault.
+            # Retried with backoff while an operator fixes them; logged as an error each time.
+            log.error("smtp.refused_our_settings code=%s message=%s", exc.code, exc.message)
+            await self.close()
+            raise TransientSendError(f"{exc.code} {exc.message}") from None
         except aiosmtplib.SMTPResponseException as exc:
             detail = f"{exc.code} {exc.message}"
             if 500 <= exc.code < 600:
-                raise PermanentSendError(detail) from None
+                if exc.code == 530:  # "must issue STARTTLS" / "authentication required": our settings
+                    log.error("smtp.refused_our_settings code=%s message=%s", exc.code, exc.message)
+                    await self.close()
+                    raise TransientSendError(detail) from None
+                raise PermanentSendError(detail, recipient_fault=False) from None  # e.g. content refused at DATA
             await self.close()
             raise TransientSendError(detail) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -117,10 +132,26 @@ class SendReport:
 async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Settings, sender: SmtpSender, report: SendReport) -> int:
     """Claim one batch of due messages and send them. Returns how many were claimed."""
     batch = await claim_due_messages(sessions, batch_size=settings.outbox_batch_size, lease_seconds=settings.outbox_lease_seconds)
+    if not batch:
+        return 0
+    token = batch[0].lease_token
+    deadline = time.monotonic() + settings.outbox_lease_seconds * 0.8
     sent: list[int] = []
     for index, message in enumerate(batch):
+        if time.monotonic() > deadline:
+            # The lease is running out (a slow server): hand the rest back before another worker
+            # may claim them, rather than risk sending them twice.
+            await release(sessions, token, [m.id for m in batch[index:]])
+            break
         try:
-            await sender.send(build_mime(settings, message))
+            mime = build_mime(settings, message)
+        except Exception as exc:  # a message that cannot be built must not block the queue
+            await mark_failed(sessions, settings, message, f"cannot build the message: {exc}", permanent=True)
+            report.dead += 1
+            log.error("email.unbuildable id=%s kind=%s error=%s", message.id, message.kind, exc)
+            continue
+        try:
+            await sender.send(mime)
         except ServerUnreachable as exc:
             # The server is down: every message of the batch waits for its next try, without
             # a connection attempt (and its timeout) each.
@@ -132,7 +163,8 @@ async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Setti
             break
         except (TransientSendError, PermanentSendError) as exc:
             permanent = isinstance(exc, PermanentSendError)
-            status = await mark_failed(sessions, settings, message, str(exc), permanent=permanent)
+            recipient_fault = isinstance(exc, PermanentSendError) and exc.recipient_fault
+            status = await mark_failed(sessions, settings, message, str(exc), permanent=permanent, recipient_fault=recipient_fault)
             log.warning("email.failed id=%s kind=%s status=%s error=%s", message.id, message.kind, status, exc)
             if status == "dead":
                 report.dead += 1
@@ -142,10 +174,10 @@ async def send_batch(sessions: async_sessionmaker[AsyncSession], settings: Setti
         sent.append(message.id)
         # Record in small groups: a crash loses the record of at most a few sends (resent, same Message-ID).
         if len(sent) >= 20:
-            await mark_sent(sessions, sent)
+            await mark_sent(sessions, token, sent)
             report.sent += len(sent)
             sent = []
-    await mark_sent(sessions, sent)
+    await mark_sent(sessions, token, sent)
     report.sent += len(sent)
     return len(batch) if not report.unreachable else 0
 

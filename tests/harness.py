@@ -154,8 +154,16 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
-        self.replies: deque[str] = deque()
+        self.replies: deque[str] = deque()  # answers to DATA, e.g. "451 try later", "554 spam"
+        self.rcpt_replies: deque[str] = deque()  # answers to RCPT TO, e.g. "550 5.1.1 no such user"
         self._lock = threading.Lock()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]) -> str:
+        with self._lock:
+            if self.rcpt_replies:
+                return self.rcpt_replies.popleft()
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self._lock:

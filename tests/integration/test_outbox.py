@@ -112,7 +112,7 @@ class TestSmtpReplies:
     def test_550_is_dead_with_reason_and_finance_is_told(
         self, cli, localstripe: LocalStripe, outbox_settings: Settings, smtp: SmtpServer
     ) -> None:
-        smtp.mailbox.replies.append("550 5.1.1 No such user here")
+        smtp.mailbox.rcpt_replies.append("550 5.1.1 No such user here")
         issued = issue_invoice(cli, localstripe, CARD_OK)
         work(outbox_settings)
         rows = db_query(outbox_settings.database_url, "SELECT kind, status, attempts, last_error FROM outbox ORDER BY id")
@@ -146,6 +146,37 @@ class TestSmtpReplies:
         assert smtp.mailbox.to("ann@example.com") == []
         assert [m["Subject"] for m in smtp.mailbox.to("finance@acme.test")] == ["[Acme Consulting] Email undeliverable to ann@example.com"]
 
+    def test_content_refused_is_dead_without_blaming_the_address(
+        self, cli, localstripe: LocalStripe, outbox_settings: Settings, smtp: SmtpServer
+    ) -> None:
+        smtp.mailbox.replies.append("554 5.7.1 Message rejected")
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        work(outbox_settings)
+        assert db_query(outbox_settings.database_url, "SELECT status FROM outbox WHERE kind = 'invoice'") == [("dead",)]
+        shown = cli("customer", "show", issued.email, "--json").json()
+        assert shown["email_undeliverable_at"] is None  # the address is fine; the message was refused
+        assert "undeliverable" in cli("invoice", "show", issued.number, "--json").json()["needs_attention"]
+        work(outbox_settings)  # the alert queued by the failure
+        assert smtp.mailbox.to("finance@acme.test")
+
+    def test_a_message_that_cannot_be_built_does_not_block_the_others(self, outbox_settings: Settings, smtp: SmtpServer) -> None:
+        queue(outbox_settings, 1)
+
+        async def broken() -> None:
+            engine = create_engine(outbox_settings.database_url)
+            async with create_session_factory(engine).begin() as session:
+                enqueue(session, outbox_settings, "ann@example.com", EmailContent(Kind.RECEIPT, "bad\nsubject", "t", "h"))
+            await engine.dispose()
+
+        asyncio.run(broken())
+        queue(outbox_settings, 1)
+        work(outbox_settings)
+        work(outbox_settings)
+        assert [m["Subject"] for m in smtp.mailbox.to("ann@example.com")] == ["Message 0", "Message 0"]
+        rows = db_query(outbox_settings.database_url, "SELECT subject, status, last_error FROM outbox ORDER BY id")
+        assert [(r[0], r[1]) for r in rows][:3] == [("Message 0", "sent"), ("bad\nsubject", "dead"), ("Message 0", "sent")]
+        assert "cannot build the message" in rows[1][2]
+
 
 class TestCrashedWorker:
     """A worker killed mid-batch loses nothing: its rows come back after the lease."""
@@ -166,6 +197,24 @@ class TestCrashedWorker:
         assert sorted(m["Subject"] for m in smtp.mailbox.messages) == ["Message 0", "Message 1", "Message 2"]
         ids = db_query(outbox_settings.database_url, "SELECT message_id FROM outbox ORDER BY id")
         assert [m["Message-ID"] for m in smtp.mailbox.messages] == [i for (i,) in ids]  # stable across the resend
+
+    def test_a_worker_that_outlived_its_lease_cannot_overwrite(self, outbox_settings: Settings, smtp: SmtpServer) -> None:
+        from emails.outbox import mark_failed
+
+        queue(outbox_settings, 1)
+
+        async def slow_worker_then_fast_worker() -> str:
+            engine = create_engine(outbox_settings.database_url)
+            sessions = create_session_factory(engine)
+            [slow] = await claim_due_messages(sessions, batch_size=10, lease_seconds=0.2)
+            await asyncio.sleep(0.3)
+            assert (await run_once(sessions, outbox_settings)).sent == 1  # another worker takes over
+            status = await mark_failed(sessions, outbox_settings, slow, "timed out", permanent=True)
+            await engine.dispose()
+            return status
+
+        assert asyncio.run(slow_worker_then_fast_worker()) == "sent"
+        assert db_query(outbox_settings.database_url, "SELECT status, attempts, last_error FROM outbox") == [("sent", 1, None)]
 
 
 class TestConcurrentWorkers:
