@@ -30,9 +30,10 @@ from payments.gateway import StripeGateway
 from payments.views import routes as payment_routes
 from rendering import pages
 from settings import ConfigError, Settings
-from web import AccessLog, Paylink, SecurityHeaders, origin_of
+from web import AccessLog, BodySizeLimit, Paylink, SecurityHeaders, origin_of
 
 ROOT = Path(__file__).resolve().parent
+MAX_REQUEST_BYTES = 512 * 1024  # the largest Stripe event is far smaller; our forms are tiny
 log = logging.getLogger("paylink")
 
 
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         ],
         middleware=[
             Middleware(AccessLog),
+            Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES),
             Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=settings.base_url.startswith("https://")),
         ],
         exception_handlers={HTTPException: http_error, Exception: server_error},

@@ -97,6 +97,8 @@ def to_minor_units(amount: str, currency: str) -> int:
     exponent = value.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > digits:
         raise MoneyError(f"amount {amount!r} has more than {digits} decimals for {code.upper()}")
+    if value >= Decimal(10) ** 12:
+        raise MoneyError(f"amount {amount!r} is larger than a single card payment allows")
     minor = int((value * (10**digits)).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
     if minor > 99_999_999:  # Stripe's limit for a single charge in most currencies
         raise MoneyError(f"amount {amount!r} is larger than a single card payment allows")

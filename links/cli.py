@@ -189,7 +189,7 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
     if stripe_id:
         from payments.service import sync_profiles
 
-        await sync_profiles(rt.sessions, rt.gateway, customer.id)
+        await _sync_quietly(ctx, lambda: sync_profiles(rt.sessions, rt.gateway, customer.id))
     record = customer_record(customer)
     emit(
         ctx,
@@ -262,9 +262,8 @@ async def cmd_customer_show(ctx: Context, rt: Runtime) -> None:
         table.add_row("Stripe customer", customer.stripe_customer_id or "-")
         table.add_row("Locale", customer.locale or "-")
         for p in profiles:
-            table.add_row(
-                "Saved card", f"{p.brand.title()} •••• {p.last4} exp {p.exp_month:02d}/{p.exp_year}{' (default)' if p.is_default else ''}"
-            )
+            expiry = f" exp {p.exp_month:02d}/{p.exp_year}" if p.exp_month and p.exp_year else ""
+            table.add_row("Saved card", f"{p.brand.title()} •••• {p.last4}{expiry}{' (default)' if p.is_default else ''}")
         ctx.console.print(table)
 
     emit(ctx, record, human)
@@ -877,6 +876,8 @@ async def _run(ctx: Context) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from links.service import LinkError
     from payments.gateway import GatewayError
     from payments.service import PaymentRefused
@@ -895,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except GatewayError as exc:
-        print(f"error: Stripe: {exc}", file=sys.stderr)
+        print(f"error: Stripe: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        # e.g. a database that was never migrated, or a value the database refuses: one line, no traceback.
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        print(f"error: database: {reason} (is the schema up to date? run `python -m links migrate`)", file=sys.stderr)
         return 1
     return 0

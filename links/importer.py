@@ -24,7 +24,7 @@ from db import utcnow
 from i18n import SUPPORTED_LOCALES, MoneyError, check_currency, normalize_locale, to_minor_units
 from links.lifecycle import request_verification
 from links.models import Customer, Invoice, InvoiceStatus
-from links.service import IssuedLink, issue_link
+from links.service import IssuedLink, LinkError, check_invoice_number, issue_link
 from settings import Settings
 
 REQUIRED = ("email", "name", "amount", "currency", "description")
@@ -73,7 +73,14 @@ def derived_number(email: str, amount: int, currency: str, description: str, due
 
 
 def parse_csv(text: str) -> tuple[list[ImportRow], list[BadRow]]:
-    """Validate every row. Line numbers are those a spreadsheet shows (the header is line 1)."""
+    """Validate every row. Line numbers are those of the file (the header is line 1)."""
+    try:
+        return _parse(text)
+    except csv.Error as exc:
+        raise ImportError_(f"not a readable CSV file: {exc}") from None
+
+
+def _parse(text: str) -> tuple[list[ImportRow], list[BadRow]]:
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     missing = [c for c in REQUIRED if c not in header]
@@ -84,7 +91,7 @@ def parse_csv(text: str) -> tuple[list[ImportRow], list[BadRow]]:
     bad: list[BadRow] = []
     seen_numbers: dict[str, int] = {}
     for index, raw in enumerate(reader):
-        line = index + 2
+        line = reader.line_num  # a quoted cell may span lines: report where the row ends, as a spreadsheet shows it
         if index >= MAX_ROWS:
             raise ImportError_(f"the file has more than {MAX_ROWS} rows; split it")
         if raw.get(None):
@@ -128,9 +135,10 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
     locale = v.get("locale") or None
     if locale and normalize_locale(locale, default="") not in SUPPORTED_LOCALES:
         return None, f"locale {locale!r} is not one of {', '.join(SUPPORTED_LOCALES)}"
-    number = v.get("number") or derived_number(email, amount, currency, v["description"], due)
-    if len(number) > 64:
-        return None, "invoice number is longer than 64 characters"
+    try:
+        number = check_invoice_number(v["number"]) if v.get("number") else derived_number(email, amount, currency, v["description"], due)
+    except LinkError as exc:
+        return None, str(exc)
     row = ImportRow(line, email, v["name"], amount, currency, v["description"], due, number, normalize_locale(locale) if locale else None)
     return row, None
 

@@ -171,6 +171,9 @@ async def request_fresh_link(session: AsyncSession, settings: Settings, link_id:
     if row is None:
         return False
     link, invoice, customer = row
+    # Lock the invoice while counting (PostgreSQL; SQLite writers are serialised already), so that
+    # simultaneous requests cannot all see "fewer than 3" and all send.
+    await session.get_one(Invoice, invoice.id, with_for_update=True, populate_existing=True)
     now = utcnow()
     request = LinkRequest(invoice_id=invoice.id, customer_id=customer.id, requested_at=now, sent=False)
     session.add(request)

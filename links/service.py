@@ -6,6 +6,7 @@ The caller owns the transaction, so a state change and the email it causes commi
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -38,6 +39,16 @@ def normalize_email(email: str) -> str:
         return str(validate_email(email.strip(), check_deliverability=False).normalized).lower()
     except EmailNotValidError as exc:
         raise LinkError(f"invalid email address {email!r}: {exc}") from None
+
+
+def check_invoice_number(number: str) -> str:
+    """Invoice numbers appear in email subjects: printable, one line, 1 to 64 characters."""
+    number = number.strip()
+    if not number or len(number) > 64:
+        raise LinkError("an invoice number must be 1 to 64 characters")
+    if any(unicodedata.category(c).startswith("C") for c in number):
+        raise LinkError("an invoice number cannot contain line breaks or control characters")
+    return number
 
 
 def pay_signer(settings: Settings) -> TokenSigner:
@@ -123,9 +134,7 @@ async def create_invoice(
     if not description.strip():
         raise LinkError("an invoice needs a description")
     if number is not None:
-        number = number.strip()
-        if not number or len(number) > 64:
-            raise LinkError("an invoice number must be 1 to 64 characters")
+        number = check_invoice_number(number)
         if (await session.execute(select(Invoice.id).where(Invoice.number == number))).first():
             raise LinkError(f"invoice number {number} is already used")
     invoice = Invoice(

@@ -19,9 +19,11 @@ from payments.models import Payment, PaymentStatus, WebhookEvent
 from payments.service import apply_stripe_event, record_event, settle_payment
 from settings import Settings
 
-# Events are fetched again from a little before the newest one we hold: duplicates are skipped by id.
-EVENT_OVERLAP_SECONDS = 300
-FIRST_RUN_LOOKBACK = timedelta(days=30)  # Stripe keeps events for 30 days
+# Events of the last few days are fetched on every run (duplicates are skipped by id), so an event
+# that never reached us is found even when newer ones did; the first run looks back 30 days, as
+# long as Stripe keeps events.
+EVENT_LOOKBACK = timedelta(days=3)
+FIRST_RUN_LOOKBACK = timedelta(days=30)
 
 
 @dataclass
@@ -84,7 +86,7 @@ async def _missed_events(
 ) -> None:
     async with sessions() as session:
         newest = (await session.execute(select(func.max(WebhookEvent.stripe_created)))).scalar_one_or_none()
-    since = newest - EVENT_OVERLAP_SECONDS if newest else int((utcnow() - FIRST_RUN_LOOKBACK).timestamp())
+    since = int((utcnow() - (EVENT_LOOKBACK if newest else FIRST_RUN_LOOKBACK)).timestamp())
     for event in await gateway.list_events(since):
         async with sessions.begin() as session:
             if await record_event(session, event):

@@ -163,6 +163,12 @@ def cli(env: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
     return run
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API keeps an event loop running on the main thread for
+    the rest of the session, and many integration tests call asyncio.run there."""
+    items.sort(key=lambda item: "tests/browser/" in str(item.path))
+
+
 def pytest_report_header() -> list[str]:
     url = os.environ.get("TEST_POSTGRES_URL")
     return [f"postgres: {url or 'not set (SQLite only)'}"]

@@ -224,3 +224,32 @@ class TestCommandLine:
         assert run.stderr == ""
         assert "\x1b[" not in run.stdout and "━" not in run.stdout
         assert "Imported 300 invoice(s)" in run.stdout
+
+
+class TestBadInputIsOneLine:
+    """Whatever staff type, the answer is one clear line and exit code 1, never a traceback."""
+
+    def test_absurd_amounts_and_numbers(self, cli) -> None:
+        cli("customer", "add", "--email", "z@example.com", "--name", "Z", "--stripe-customer", "cus_z1", "--verified")
+        for amount in ("1e30", "NaN", "-5", "12,50"):
+            result = cli("invoice", "create", "--customer", "z@example.com", "--amount", amount, "--currency", "eur", "--description", "d")
+            assert result.code == 1, amount
+            assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+        bad_number = cli("invoice", "create", "--customer", "z@example.com", "--amount", "5", "--currency", "eur", "--description", "d",
+                         "--number", "A\nB")  # fmt: skip
+        assert bad_number.code == 1 and "line breaks" in bad_number.err
+
+    def test_multiline_cells_report_the_right_line(self, cli, tmp_path: Path) -> None:
+        path = write_csv(tmp_path, 'a@example.com,A,5,eur,"two\nlines",,M-1,\nb@example.com,B,0,eur,d,,M-2,\n')
+        result = cli("import", path, "--json")
+        assert result.json()["bad_rows"] == [{"line": 4, "reason": "amount '0' must be greater than zero"}]
+
+    def test_unmigrated_database_is_one_line(self, env: dict[str, str], tmp_path: Path) -> None:
+        fresh = {**os.environ, **env, "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"}
+        run = subprocess.run(
+            [sys.executable, "-m", "links", "invoice", "list"], cwd=ROOT, env=fresh, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 1
+        assert run.stderr.strip().splitlines() == [
+            "error: database: no such table: invoices (is the schema up to date? run `python -m links migrate`)"
+        ]

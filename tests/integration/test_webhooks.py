@@ -108,3 +108,19 @@ class TestExactlyOnce:
         response = httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header})
         assert response.status_code == 200
         assert db_query(settings.database_url, "SELECT type FROM webhook_events WHERE id = 'evt_unknown'") == [("balance.available",)]
+
+
+class TestOversizedBodies:
+    """A huge body, declared or streamed in chunks, is refused before it is read into memory."""
+
+    def test_declared_and_chunked_oversized_bodies_are_413(self, server) -> None:
+        big = b"x" * (600 * 1024)
+        declared = httpx.post(f"{server.base}/webhooks/stripe", content=big, headers={"stripe-signature": "t=1,v1=0"})
+        assert declared.status_code == 413
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(10):
+                yield b"y" * (100 * 1024)
+
+        streamed = httpx.post(f"{server.base}/webhooks/stripe", content=chunks(), headers={"stripe-signature": "t=1,v1=0"})
+        assert streamed.status_code == 413
