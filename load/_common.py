@@ -5,6 +5,8 @@ Every benchmark only talks to 127.0.0.1, is bounded in count and time, and stops
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -186,3 +188,45 @@ def print_py_spy(path: Path, limit: int = 25) -> None:
     print("  -- inclusive time --")
     for frame, count in inclusive.most_common(limit):
         print(f"  {count / total:6.1%}  {frame}")
+
+
+# --- a minimal HTTP/1.1 keep-alive client, to measure servers beyond what httpx can push on this box -----
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams: no pooling, no redirects, Content-Length bodies only."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        if self._writer is None or self._reader is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}", f"content-length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self._writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        length = 0
+        close = False
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        payload = await self._reader.readexactly(length) if length else b""
+        if close:
+            await self.close()
+        return status, payload
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -20,48 +20,93 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def bare_app(page: Path) -> Any:
-    """Starlette with the same route shape as the pay page, answering with a prebuilt body."""
+def bare_app(page: Path | None) -> Any:
+    """Starlette with the app's route shapes and no database: the pay page answers with a prebuilt body, the
+    webhook endpoint verifies the signature exactly as the app does (stripe SDK) and acknowledges."""
+    import json
+    import os
+
+    import stripe
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, PlainTextResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    body = page.read_bytes()
+    body = page.read_bytes() if page else b"<!doctype html><title>bare</title>"
+    secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "")
 
     async def pay_page(request: Request) -> Response:
         return HTMLResponse(body)
 
+    async def webhook(request: Request) -> Response:
+        payload = await request.body()
+        try:
+            stripe.WebhookSignature.verify_header(payload.decode(), request.headers.get("stripe-signature", ""), secret, 300)
+        except stripe.SignatureVerificationError:
+            return PlainTextResponse("invalid signature", status_code=400)
+        event = json.loads(payload)
+        return JSONResponse({"received": True, "id": event["id"]})
+
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
-    return Starlette(routes=[Route("/pay/{token}", pay_page, methods=["GET", "HEAD"]), Route("/health", health)])
+    return Starlette(
+        routes=[
+            Route("/pay/{token}", pay_page, methods=["GET", "HEAD"]),
+            Route("/webhooks/stripe", webhook, methods=["POST"]),
+            Route("/health", health),
+        ]
+    )
+
+
+def memoise_pay_page_read() -> None:
+    """What-if for payday.py: what the pay page would serve if its read cost nothing (first read per link hits the DB)."""
+    from links import service
+
+    real = service.load_pay_page
+    cache: dict[Any, Any] = {}
+
+    async def load_pay_page(session: Any, link_id: Any) -> Any:
+        if link_id not in cache:
+            cache[link_id] = await real(session, link_id)
+        return cache[link_id]
+
+    service.load_pay_page = load_pay_page  # type: ignore[assignment]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--bare", type=Path, help="serve this file at /pay/{token} from a bare Starlette app")
+    parser.add_argument("--bare", action="store_true", help="serve a bare Starlette app (no database) instead of the real one")
+    parser.add_argument("--page", type=Path, help="with --bare: the prebuilt page served at /pay/{token}")
+    parser.add_argument(
+        "--cached-read",
+        action="store_true",
+        help="what-if: the real app, but the pay page's database read is memoised per link (its cost drops to ~0)",
+    )
     parser.add_argument("--profile", type=Path, help="write cProfile stats of the server's event loop thread here")
     args = parser.parse_args()
     if args.bare:
-        app = bare_app(args.bare)
+        app = bare_app(args.page)
     else:
         from app import create_app
 
+        if args.cached_read:
+            memoise_pay_page_read()
         app = create_app()
     config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on", workers=1)
     server = uvicorn.Server(config)
-    if args.profile:
-        profiler = cProfile.Profile()
-        try:
-            profiler.runcall(server.run)  # uvicorn re-raises the captured SIGINT once it has shut down
-        except KeyboardInterrupt:
-            pass
-        finally:
+    profiler = cProfile.Profile() if args.profile else None
+    try:
+        if profiler is not None:
+            profiler.runcall(server.run)
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the SIGINT it captured once it has shut down cleanly
+    finally:
+        if profiler is not None:
             profiler.dump_stats(str(args.profile))
-    else:
-        server.run()
 
 
 if __name__ == "__main__":
