@@ -25,10 +25,11 @@ from db import create_engine, create_session_factory, is_sqlite, migrate, reader
 from emails.worker import run_forever
 from i18n import negotiate_locale
 from links.opens import OpenRecorder
+from links.pagereader import PageReader
 from links.views import routes as link_routes
 from payments.gateway import StripeGateway
 from payments.views import routes as payment_routes
-from rendering import pages
+from rendering import emails, pages
 from settings import ConfigError, Settings
 from web import AccessLog, BodySizeLimit, Paylink, SecurityHeaders, origin_of
 
@@ -73,25 +74,38 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Paylink]]:
         if is_sqlite(settings.database_url):
             await migrate(settings.database_url)  # an embedded database migrates itself on start
+        pages.warm()  # templates are compiled once, before the first customer arrives
+        emails.warm()
         engine = create_engine(settings.database_url)
         sessions = create_session_factory(engine)
+        readers = create_session_factory(reader_engine(engine))
         context = Paylink(
             settings=settings,
             engine=engine,
             sessions=sessions,
-            readers=create_session_factory(reader_engine(engine)),
+            readers=readers,
             gateway=StripeGateway(settings),
             opens=OpenRecorder(sessions),
+            pages=PageReader(settings.database_url, readers),
         )
-        tasks = [asyncio.create_task(context.opens.run(), name="opens")]
+        opens = asyncio.create_task(context.opens.run(), name="opens")
+        outbox_stop = asyncio.Event()
+        tasks = [opens]
         if settings.outbox_in_process:
-            tasks.append(asyncio.create_task(run_forever(sessions, settings, context.outbox_wakeup), name="outbox"))
+            tasks.append(asyncio.create_task(run_forever(sessions, settings, context.outbox_wakeup, outbox_stop), name="outbox"))
         try:
             yield {"paylink": context}
         finally:
-            for task in tasks:
+            # Ask the background work to finish (the last opens are written, the current email
+            # is recorded), and only cancel what does not stop in time.
+            context.opens.stop()
+            outbox_stop.set()
+            context.outbox_wakeup.set()
+            _, late = await asyncio.wait(tasks, timeout=10)
+            for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            context.pages.close()
             await engine.dispose()
 
     stripe_origins = [origin_of(settings.stripe_js_url)]

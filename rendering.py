@@ -13,7 +13,7 @@ from typing import Any
 
 import jinja2
 
-from i18n import format_day, format_money, normalize_locale, translations
+from i18n import SUPPORTED_LOCALES, format_day, format_money, normalize_locale, translations
 
 ROOT = Path(__file__).resolve().parent
 
@@ -46,6 +46,13 @@ class Renderer:
         env.filters["day"] = day
         env.globals["locale"] = locale
         return env
+
+    def warm(self) -> None:
+        """Compile every template for every language now, at start-up, not on a customer's request."""
+        for locale in SUPPORTED_LOCALES:
+            env = self.environment(locale)
+            for name in env.list_templates():
+                env.get_template(name)
 
     def environment(self, locale: str) -> jinja2.Environment:
         return self._env(normalize_locale(locale))

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from i18n import LOCALE_NAMES, SUPPORTED_LOCALES, negotiate_locale, normalize_locale
 from links.opens import OpenRecorder
+from links.pagereader import PageReader
 from payments.gateway import StripeGateway
 from rendering import pages
 from settings import Settings
@@ -38,6 +39,7 @@ class Paylink:
     readers: async_sessionmaker[AsyncSession]  # read-only transactions
     gateway: StripeGateway
     opens: OpenRecorder
+    pages: PageReader
     outbox_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 

@@ -1,33 +1,42 @@
-"""Record link opens without a write on the GET path: counted in memory, flushed in the background."""
+"""Record link opens without a write on the GET path: counted in memory, flushed in the background.
+
+Every second the counts go to the database in one transaction: one batched UPDATE of the links'
+counters and one batched INSERT into the access log. On shutdown the recorder is asked to stop and
+writes what it still holds; a failed write keeps the opens for the next try.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import case, insert, update
+from sqlalchemy import Uuid, bindparam, case, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db import utcnow
+from db import UTCDateTime, utcnow
 from links.models import LinkOpen, PaymentLink
 
 log = logging.getLogger("paylink.opens")
 
+_COUNTERS = (
+    update(PaymentLink)
+    .where(PaymentLink.id == bindparam("link", type_=Uuid()))
+    .values(
+        open_count=PaymentLink.open_count + bindparam("count"),
+        first_opened_at=case(
+            (PaymentLink.first_opened_at.is_(None), bindparam("first", type_=UTCDateTime())), else_=PaymentLink.first_opened_at
+        ),
+        last_opened_at=bindparam("last", type_=UTCDateTime()),
+    )
+)
+
 
 @dataclass
 class _Pending:
-    times: list[datetime]
-
-    @property
-    def first(self) -> datetime:
-        return min(self.times)
-
-    @property
-    def last(self) -> datetime:
-        return max(self.times)
+    times: list[datetime] = field(default_factory=list)
 
 
 class OpenRecorder:
@@ -35,40 +44,40 @@ class OpenRecorder:
         self._sessions = sessions
         self._interval = interval_seconds
         self._pending: dict[uuid.UUID, _Pending] = {}
+        self._stopping = asyncio.Event()
 
     def record(self, link_id: uuid.UUID) -> None:
-        self._pending.setdefault(link_id, _Pending([])).times.append(utcnow())
+        self._pending.setdefault(link_id, _Pending()).times.append(utcnow())
 
     async def flush(self) -> int:
         """Write the counted opens in one transaction. Returns how many links were updated."""
         pending, self._pending = self._pending, {}
         if not pending:
             return 0
+        counters = [{"link": k, "count": len(p.times), "first": min(p.times), "last": max(p.times)} for k, p in pending.items()]
+        rows = [{"link_id": link_id, "opened_at": at} for link_id, entry in pending.items() for at in entry.times]
         try:
             async with self._sessions.begin() as session:
-                for link_id, entry in pending.items():
-                    await session.execute(
-                        update(PaymentLink)
-                        .where(PaymentLink.id == link_id)
-                        .values(
-                            open_count=PaymentLink.open_count + len(entry.times),
-                            first_opened_at=case((PaymentLink.first_opened_at.is_(None), entry.first), else_=PaymentLink.first_opened_at),
-                            last_opened_at=entry.last,
-                        )
-                    )
-                rows = [{"link_id": link_id, "opened_at": at} for link_id, entry in pending.items() for at in entry.times]
-                await session.execute(insert(LinkOpen), rows)
-        except Exception:
-            log.exception("opens.flush_failed links=%d", len(pending))
+                connection = await session.connection()
+                await connection.execute(_COUNTERS, counters)
+                await connection.execute(insert(LinkOpen), rows)
+        except BaseException as exc:
             for link_id, entry in pending.items():  # keep them for the next try
-                self._pending.setdefault(link_id, _Pending([])).times.extend(entry.times)
-            return 0
+                self._pending.setdefault(link_id, _Pending()).times.extend(entry.times)
+            if isinstance(exc, Exception):
+                log.exception("opens.flush_failed links=%d", len(pending))
+                return 0
+            raise
         return len(pending)
 
+    def stop(self) -> None:
+        self._stopping.set()
+
     async def run(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self._interval)
-                await self.flush()
-        finally:
+        """Flush every interval until `stop()`, then flush what is left."""
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+            except TimeoutError:
+                pass
             await self.flush()

@@ -14,6 +14,7 @@ from datetime import date, datetime, timedelta
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 import audit
 from db import utcnow
@@ -263,24 +264,26 @@ class PayPage:
     live_payment: LivePayment | None
 
 
-async def load_pay_page(session: AsyncSession, link_id: uuid.UUID) -> PayPage | None:
+def pay_page_sync(session: Session, link_id: uuid.UUID) -> PayPage | None:
+    """Link, invoice, customer and live payment in one indexed read, then the saved cards.
+
+    Synchronous on purpose: on SQLite the page reader runs it on a read-only connection right on
+    the event loop (links/pagereader.py); elsewhere it runs inside an async session via run_sync."""
     from payments.models import Payment, PaymentProfile
 
-    row = (
-        await session.execute(
-            select(PaymentLink, Invoice, Customer, Payment.id, Payment.status)
-            .join(Invoice, Invoice.id == PaymentLink.invoice_id)
-            .join(Customer, Customer.id == Invoice.customer_id)
-            .outerjoin(Payment, Payment.live_invoice_id == Invoice.id)
-            .where(PaymentLink.id == link_id)
-        )
+    row = session.execute(
+        select(PaymentLink, Invoice, Customer, Payment.id, Payment.status)
+        .join(Invoice, Invoice.id == PaymentLink.invoice_id)
+        .join(Customer, Customer.id == Invoice.customer_id)
+        .outerjoin(Payment, Payment.live_invoice_id == Invoice.id)
+        .where(PaymentLink.id == link_id)
     ).one_or_none()
     if row is None:
         return None
     link, invoice, customer, payment_id, payment_status = row
     cards: list[SavedCard] = []
     if invoice.status == InvoiceStatus.OPEN:
-        profiles = await session.execute(
+        profiles = session.execute(
             select(PaymentProfile)
             .where(PaymentProfile.customer_id == customer.id, PaymentProfile.reusable.is_(True))
             .order_by(PaymentProfile.is_default.desc(), PaymentProfile.created_at)
@@ -290,16 +293,18 @@ async def load_pay_page(session: AsyncSession, link_id: uuid.UUID) -> PayPage | 
     return PayPage(link, invoice, customer, cards, live)
 
 
-async def last_successful_payment(session: AsyncSession, invoice_id: uuid.UUID) -> tuple[str | None, str | None, datetime | None]:
+async def load_pay_page(session: AsyncSession, link_id: uuid.UUID) -> PayPage | None:
+    return await session.run_sync(pay_page_sync, link_id)
+
+
+def last_successful_payment_sync(session: Session, invoice_id: uuid.UUID) -> tuple[str | None, str | None, datetime | None]:
     """Brand, last4 and time of the payment that paid an invoice, for the receipt."""
     from payments.models import Payment, PaymentStatus
 
-    row = (
-        await session.execute(
-            select(Payment.brand, Payment.last4, Payment.succeeded_at)
-            .where(Payment.invoice_id == invoice_id, Payment.status == PaymentStatus.SUCCEEDED)
-            .order_by(Payment.succeeded_at.desc())
-            .limit(1)
-        )
+    row = session.execute(
+        select(Payment.brand, Payment.last4, Payment.succeeded_at)
+        .where(Payment.invoice_id == invoice_id, Payment.status == PaymentStatus.SUCCEEDED)
+        .order_by(Payment.succeeded_at.desc())
+        .limit(1)
     ).first()
     return (row[0], row[1], row[2]) if row else (None, None, None)

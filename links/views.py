@@ -41,11 +41,7 @@ async def pay_page(request: Request) -> Response:
     if isinstance(claims, Response):
         return claims
     app = paylink(request)
-    async with app.readers() as session:
-        page = await service.load_pay_page(session, claims.subject_id)
-        receipt = None
-        if page is not None and page.invoice.status in (InvoiceStatus.PAID, InvoiceStatus.REFUNDED, InvoiceStatus.PARTIALLY_REFUNDED):
-            receipt = await service.last_successful_payment(session, page.invoice.id)
+    page, receipt = await app.pages.pay_page(claims.subject_id)
     if page is None:
         return render_page(request, "invalid_link.html", locale=request_locale(request, None, app.settings.default_locale), status_code=404)
     if request.method == "GET":

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 
-echo "== ruff"; "$VENV/bin/ruff" check . && "$VENV/bin/ruff" format --check .
+echo "== ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 echo "== mypy (strict)"; "$VENV/bin/mypy" .
 
 # PostgreSQL: the database-facing tests run again on it when it answers.

@@ -17,6 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# anyio imports some modules lazily, and pytest rewrites anyio's modules (it ships a pytest plugin).
+# Rewriting runs ast.parse, which on Python 3.11 can fail when two threads parse at once (the app's
+# server thread and this one). Import them here, on the main thread, before any server starts.
+from anyio import open_file as _open_file  # noqa: E402, F401
+
 from settings import Settings  # noqa: E402
 from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port, in_thread, postgres_database  # noqa: E402
 

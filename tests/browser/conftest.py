@@ -68,6 +68,12 @@ def snap(page: Page, name: str) -> None:
 
 def axe_violations(page: Page) -> list[dict[str, Any]]:
     """Run axe-core (WCAG 2.2 AA rules) on the page. Stripe's own card element is Stripe's to check."""
+    # Judge the page as a person sees it: fully loaded, styles applied.
+    page.wait_for_load_state("load")
+    for _ in range(100):  # (wait_for_function would need 'unsafe-eval', which our CSP rightly refuses)
+        if page.evaluate("() => document.styleSheets.length > 0 && [...document.styleSheets].every(s => s.cssRules.length > 0)"):
+            break
+        page.wait_for_timeout(50)
     if not page.evaluate("typeof window.axe !== 'undefined'"):
         page.evaluate(AXE.read_text())
     result = page.evaluate(
