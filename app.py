@@ -29,6 +29,7 @@ from links.pagereader import PageReader
 from links.views import routes as link_routes
 from payments.gateway import StripeGateway
 from payments.views import routes as payment_routes
+from payments.webhooks import WebhookWriter
 from rendering import emails, pages
 from settings import ConfigError, Settings
 from web import AccessLog, BodySizeLimit, Paylink, SecurityHeaders, origin_of
@@ -87,7 +88,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             gateway=StripeGateway(settings),
             opens=OpenRecorder(sessions),
             pages=PageReader(settings.database_url, readers),
+            webhooks=WebhookWriter(settings, sessions),
         )
+        context.webhooks.start()
         opens = asyncio.create_task(context.opens.run(), name="opens")
         outbox_stop = asyncio.Event()
         tasks = [opens]
@@ -105,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             for task in late:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await context.webhooks.close()
             context.pages.close()
             await engine.dispose()
 

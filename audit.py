@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Index, String
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db import Base, utcnow
 
@@ -24,6 +24,6 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
-def record(session: AsyncSession, actor: str, action: str, subject: str, **details: Any) -> None:
+def record(session: AsyncSession | Session, actor: str, action: str, subject: str, **details: Any) -> None:
     """Add an audit entry to the caller's transaction."""
     session.add(AuditEntry(actor=actor, action=action, subject=subject, details=details or None))

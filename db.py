@@ -8,10 +8,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import sqlalchemy
 from sqlalchemy import DateTime, MetaData, TypeDecorator, event
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import SingletonThreadPool
 
 ROOT = Path(__file__).resolve().parent
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -68,8 +70,24 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return create_async_engine(url, pool_pre_ping=True, **kwargs)
     _ensure_sqlite_dir(url)
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
+    _tune_sqlite(engine.sync_engine)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def create_sync_sqlite_engine(url: str) -> Engine:
+    """A synchronous engine on the same SQLite file, tuned the same way, for code that runs in a
+    thread of its own (the webhook writer): no per-statement thread hop."""
+    _ensure_sqlite_dir(url)
+    sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+    engine = sqlalchemy.create_engine(
+        sync_url, poolclass=SingletonThreadPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    )
+    _tune_sqlite(engine)
+    return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy emit BEGIN itself so that writers can take the write lock up front.
         dbapi_connection.isolation_level = None
@@ -80,15 +98,13 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # Writers BEGIN IMMEDIATE: they take the lock up front and wait (busy_timeout) instead of
         # failing with "database is locked" half-way through. Readers (see `reader_engine`) take a
         # plain deferred BEGIN: under WAL they never wait for a writer.
         read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-    return engine
 
 
 def _ensure_sqlite_dir(url: str) -> None:

@@ -22,6 +22,7 @@ from i18n import LOCALE_NAMES, SUPPORTED_LOCALES, negotiate_locale, normalize_lo
 from links.opens import OpenRecorder
 from links.pagereader import PageReader
 from payments.gateway import StripeGateway
+from payments.webhooks import WebhookWriter
 from rendering import pages
 from settings import Settings
 
@@ -40,6 +41,7 @@ class Paylink:
     gateway: StripeGateway
     opens: OpenRecorder
     pages: PageReader
+    webhooks: WebhookWriter
     outbox_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
 

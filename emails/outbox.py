@@ -17,6 +17,7 @@ from email.utils import make_msgid, parseaddr
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 import audit
 from db import utcnow
@@ -45,7 +46,7 @@ def mail_domain(mail_from: str) -> str:
 
 
 def enqueue(
-    session: AsyncSession,
+    session: AsyncSession | Session,
     settings: Settings,
     recipient: str,
     content: EmailContent,
@@ -68,7 +69,9 @@ def enqueue(
     return message
 
 
-def alert_finance(session: AsyncSession, settings: Settings, title: str, lines: list[str], *, invoice_id: uuid.UUID | None = None) -> None:
+def alert_finance(
+    session: AsyncSession | Session, settings: Settings, title: str, lines: list[str], *, invoice_id: uuid.UUID | None = None
+) -> None:
     """Queue an alert for the finance team, if FINANCE_EMAIL is configured."""
     if settings.finance_email:
         enqueue(

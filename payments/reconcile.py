@@ -16,7 +16,7 @@ from db import utcnow
 from links.models import Invoice, InvoiceStatus
 from payments.gateway import StripeGateway
 from payments.models import Payment, PaymentStatus, WebhookEvent
-from payments.service import apply_stripe_event, record_event, settle_payment
+from payments.service import record_and_apply, settle_payment
 from settings import Settings
 
 # Events of the last few days are fetched on every run (duplicates are skipped by id), so an event
@@ -89,6 +89,5 @@ async def _missed_events(
     since = int((utcnow() - (EVENT_LOOKBACK if newest else FIRST_RUN_LOOKBACK)).timestamp())
     for event in await gateway.list_events(since):
         async with sessions.begin() as session:
-            if await record_event(session, event):
-                await apply_stripe_event(session, settings, event, actor="reconcile")
+            if await session.run_sync(record_and_apply, settings, event, actor="reconcile"):
                 report.events_applied += 1

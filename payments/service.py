@@ -1,6 +1,8 @@
 """Money state: pay with a saved profile, apply what Stripe says, keep saved profiles in sync.
 
-One state machine (`apply_intent`) serves the pay POST, the webhooks and reconcile alike. Its rules:
+One state machine (`apply_intent`) serves the pay POST, the webhooks and reconcile alike. It is plain
+synchronous database code (no network): async callers run it with `AsyncSession.run_sync`, and the
+webhook writer runs batches of it on one SQLite connection in a thread of its own. Its rules:
 a succeeded payment never moves back; a paid invoice never moves back to open; every transition
 that a customer should hear about queues its email in the same transaction.
 """
@@ -18,6 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 import audit
 from db import utcnow
@@ -61,11 +64,11 @@ class PayOutcome:
 # --- saved payment profiles -----------------------------------------------------------------------
 
 
-async def upsert_profile(
-    session: AsyncSession, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None, reusable: bool | None = None
+def upsert_profile(
+    session: Session, customer_id: uuid.UUID, card: CardSummary, *, is_default: bool | None = None, reusable: bool | None = None
 ) -> PaymentProfile:
     profile = (
-        await session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
+        session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
     ).scalar_one_or_none()
     if profile is None:
         profile = PaymentProfile(
@@ -78,14 +81,14 @@ async def upsert_profile(
     if reusable is not None:
         profile.reusable = reusable
     if is_default is not None:
-        await _set_default(session, customer_id, card.payment_method_id if is_default else None)
+        _set_default(session, customer_id, card.payment_method_id if is_default else None)
         profile.is_default = is_default
-    await session.flush()
+    session.flush()
     return profile
 
 
-async def _set_default(session: AsyncSession, customer_id: uuid.UUID, payment_method_id: str | None) -> None:
-    await session.execute(
+def _set_default(session: Session, customer_id: uuid.UUID, payment_method_id: str | None) -> None:
+    session.execute(
         update(PaymentProfile)
         .where(PaymentProfile.customer_id == customer_id)
         .values(is_default=PaymentProfile.stripe_payment_method_id == payment_method_id if payment_method_id else False)
@@ -111,7 +114,9 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
                 PaymentProfile.stripe_payment_method_id.not_in([c.payment_method_id for c in cards]),
             )
         )
-        profiles = [await upsert_profile(session, customer_id, card, is_default=card.payment_method_id == default) for card in cards]
+        profiles = await session.run_sync(
+            lambda sync: [upsert_profile(sync, customer_id, card, is_default=card.payment_method_id == default) for card in cards]
+        )
     return profiles
 
 
@@ -196,7 +201,7 @@ async def pay_with_new_card(
                 )
             )
         ).first() is not None
-        await upsert_profile(session, customer.id, card, reusable=save, is_default=True if save and not has_default else None)
+        await session.run_sync(upsert_profile, customer.id, card, reusable=save, is_default=True if save and not has_default else None)
         audit.record(session, "link", "card.added", f"customer:{customer.email}", saved=save, last4=card.last4)
     outcome = await pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=card.payment_method_id)
     await forget_one_time_card(sessions, gateway, outcome)
@@ -288,7 +293,7 @@ async def pay_with_saved_profile(
             # would pay again). The webhook, the status check or reconcile will tell.
             return await _mark_pending(sessions, payment.id, str(exc))
     async with sessions.begin() as session:
-        applied = await apply_intent(session, settings, snapshot, actor="link")
+        applied = await session.run_sync(apply_intent, settings, snapshot, actor="link")
         assert applied is not None  # the payment row exists: we committed its intent id above
         return _outcome(applied, snapshot)
 
@@ -423,7 +428,7 @@ async def settle_payment(
     except GatewayError:
         return PayOutcome(payment.status, payment.id, error_message=payment.failure_message)
     async with sessions.begin() as session:
-        applied = await apply_intent(session, settings, snapshot, actor=actor)
+        applied = await session.run_sync(apply_intent, settings, snapshot, actor=actor)
         assert applied is not None
         outcome = _outcome(applied, snapshot)
     await forget_one_time_card(sessions, gateway, outcome)
@@ -433,19 +438,19 @@ async def settle_payment(
 # --- the state machine ----------------------------------------------------------------------------
 
 
-async def apply_intent(session: AsyncSession, settings: Settings, snapshot: IntentSnapshot, *, actor: str) -> Payment | None:
+def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot, *, actor: str) -> Payment | None:
     """Apply what Stripe says about a PaymentIntent. Idempotent; order of arrival does not matter."""
-    payment = await _payment_for_intent(session, snapshot)
+    payment = _payment_for_intent(session, snapshot)
     if payment is None:
         return None
     # Rows are locked (PostgreSQL; SQLite writers are serialised already) so that the pay POST and
     # a webhook applying the same success at the same moment queue one behind the other.
-    invoice = await session.get_one(Invoice, payment.invoice_id, with_for_update=True)
+    invoice = session.get_one(Invoice, payment.invoice_id, with_for_update=True)
     status = snapshot.status
     if payment.status == PaymentStatus.SUCCEEDED:
         return payment  # money that arrived never un-arrives; late failures are ignored
     if status == "succeeded":
-        await _payment_succeeded(session, settings, payment, invoice, snapshot, actor=actor)
+        _payment_succeeded(session, settings, payment, invoice, snapshot, actor=actor)
     elif status == "processing":
         if payment.status not in PaymentStatus.FINAL:
             payment.status = PaymentStatus.PROCESSING
@@ -465,23 +470,23 @@ async def apply_intent(session: AsyncSession, settings: Settings, snapshot: Inte
             _release(payment, PaymentStatus.CANCELED, N_("The payment was canceled."))
         if invoice.status == InvoiceStatus.PROCESSING:
             invoice.status = InvoiceStatus.OPEN
-    await session.flush()
+    session.flush()
     return payment
 
 
-async def _payment_for_intent(session: AsyncSession, snapshot: IntentSnapshot) -> Payment | None:
-    payment = await _payment_by_intent_id(session, snapshot.id)
+def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment | None:
+    payment = _payment_by_intent_id(session, snapshot.id)
     if payment is not None:
         return payment
     # The process may have died before committing the intent id: find the attempt by its metadata.
     payment_id = _uuid(snapshot.metadata.get("payment_id"))
     if payment_id is not None:
-        payment = await session.get(Payment, payment_id, with_for_update=True)
+        payment = session.get(Payment, payment_id, with_for_update=True)
         if payment is not None and payment.stripe_payment_intent_id is None:
             payment.stripe_payment_intent_id = snapshot.id
             return payment
     invoice_id = _uuid(snapshot.metadata.get("invoice_id"))
-    if invoice_id is None or await session.get(Invoice, invoice_id) is None:
+    if invoice_id is None or session.get(Invoice, invoice_id) is None:
         return None  # not ours
     # A payment for one of our invoices that we did not start (or whose row is gone): record it.
     payment = Payment(
@@ -494,7 +499,7 @@ async def _payment_for_intent(session: AsyncSession, snapshot: IntentSnapshot) -
         status=PaymentStatus.PROCESSING,
     )
     session.add(payment)
-    await session.flush()
+    session.flush()
     return payment
 
 
@@ -505,8 +510,8 @@ def _uuid(value: str | None) -> uuid.UUID | None:
         return None
 
 
-async def _payment_succeeded(
-    session: AsyncSession, settings: Settings, payment: Payment, invoice: Invoice, snapshot: IntentSnapshot, *, actor: str
+def _payment_succeeded(
+    session: Session, settings: Settings, payment: Payment, invoice: Invoice, snapshot: IntentSnapshot, *, actor: str
 ) -> None:
     now = utcnow()
     payment.status = PaymentStatus.SUCCEEDED
@@ -525,21 +530,21 @@ async def _payment_succeeded(
         if invoice.amount_refunded > 0:  # the refund's event overtook the payment's
             _set_refund_status(invoice)
         if invoice.status != InvoiceStatus.REFUNDED:
-            await _queue_receipt(session, settings, invoice, payment)
+            _queue_receipt(session, settings, invoice, payment)
     else:
         # Paid twice, or paid after it was voided: keep the money on record and tell finance.
         invoice.amount_paid += snapshot.amount
         _flag(session, settings, invoice, f"payment {snapshot.id} received while the invoice was {invoice.status}", actor)
 
 
-def _flag(session: AsyncSession, settings: Settings, invoice: Invoice, reason: str, actor: str) -> None:
+def _flag(session: Session, settings: Settings, invoice: Invoice, reason: str, actor: str) -> None:
     invoice.needs_attention = reason if not invoice.needs_attention else f"{invoice.needs_attention}; {reason}"
     audit.record(session, actor, "invoice.flagged", f"invoice:{invoice.number}", reason=reason)
     outbox.alert_finance(session, settings, f"Invoice {invoice.number} needs attention", [reason], invoice_id=invoice.id)
 
 
-async def _queue_receipt(session: AsyncSession, settings: Settings, invoice: Invoice, payment: Payment) -> None:
-    customer = await session.get_one(Customer, invoice.customer_id)
+def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payment: Payment) -> None:
+    customer = session.get_one(Customer, invoice.customer_id)
     content = receipt_message(
         invoice_facts(settings, invoice, customer),
         amount_paid=payment.amount,
@@ -555,49 +560,57 @@ async def _queue_receipt(session: AsyncSession, settings: Settings, invoice: Inv
 # --- webhooks -------------------------------------------------------------------------------------
 
 
-async def record_event(session: AsyncSession, event: dict[str, Any]) -> bool:
+def record_event(session: Session, event: dict[str, Any]) -> bool:
     """Store the event id first, with an insert that cannot race. True if it is new."""
     values = {"id": event["id"], "type": str(event.get("type")), "stripe_created": event.get("created"), "received_at": utcnow()}
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    result = await session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    result = session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def apply_stripe_event(session: AsyncSession, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> None:
+def record_and_apply(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> bool:
+    """Store the event id; apply the event only if it is new. Returns whether it was new."""
+    is_new = record_event(session, event)
+    if is_new:
+        apply_stripe_event(session, settings, event, actor=actor)
+    return is_new
+
+
+def apply_stripe_event(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> None:
     """Apply one verified, newly recorded event. Unknown types are stored and acknowledged."""
     kind = str(event.get("type"))
     obj = (event.get("data") or {}).get("object") or {}
     if kind.startswith("payment_intent."):
-        await apply_intent(session, settings, intent_snapshot(obj), actor=actor)
+        apply_intent(session, settings, intent_snapshot(obj), actor=actor)
     elif kind == "charge.refunded":
-        await _apply_refund(session, settings, obj, actor)
+        _apply_refund(session, settings, obj, actor)
     elif kind == "charge.dispute.created":
-        await _apply_dispute(session, settings, obj, actor)
+        _apply_dispute(session, settings, obj, actor)
     elif kind in ("payment_method.attached", "payment_method.updated", "payment_method.automatically_updated"):
-        await _apply_card(session, obj)
+        _apply_card(session, obj)
     elif kind == "payment_method.detached":
-        await session.execute(delete(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == obj.get("id")))
+        session.execute(delete(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == obj.get("id")))
     elif kind == "customer.updated":
-        await _apply_customer(session, obj)
-    await session.execute(update(WebhookEvent).where(WebhookEvent.id == event["id"]).values(processed_at=utcnow()))
+        _apply_customer(session, obj)
+    session.execute(update(WebhookEvent).where(WebhookEvent.id == event["id"]).values(processed_at=utcnow()))
 
 
-async def _payment_by_intent_id(session: AsyncSession, intent_id: Any) -> Payment | None:
+def _payment_by_intent_id(session: Session, intent_id: Any) -> Payment | None:
     if not isinstance(intent_id, str):
         return None
     query = select(Payment).where(Payment.stripe_payment_intent_id == intent_id).with_for_update()
-    return (await session.execute(query)).scalar_one_or_none()
+    return (session.execute(query)).scalar_one_or_none()
 
 
-async def _apply_refund(session: AsyncSession, settings: Settings, charge: dict[str, Any], actor: str) -> None:
-    payment = await _payment_by_intent_id(session, charge.get("payment_intent"))
+def _apply_refund(session: Session, settings: Settings, charge: dict[str, Any], actor: str) -> None:
+    payment = _payment_by_intent_id(session, charge.get("payment_intent"))
     if payment is None:
         log.warning("refund.unknown_payment intent=%s charge=%s", charge.get("payment_intent"), charge.get("id"))
         return
     # Stripe's amount_refunded is cumulative: keep the largest seen, so late or repeated events are harmless.
     payment.amount_refunded = max(payment.amount_refunded, int(charge.get("amount_refunded") or 0))
-    invoice = await session.get_one(Invoice, payment.invoice_id, with_for_update=True)
-    refunded = sum((await session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
+    invoice = session.get_one(Invoice, payment.invoice_id, with_for_update=True)
+    refunded = sum((session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
     invoice.amount_refunded = refunded
     if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED):
         _set_refund_status(invoice)
@@ -611,33 +624,33 @@ def _set_refund_status(invoice: Invoice) -> None:
         invoice.status = InvoiceStatus.REFUNDED if invoice.amount_refunded >= invoice.amount_paid else InvoiceStatus.PARTIALLY_REFUNDED
 
 
-async def _apply_dispute(session: AsyncSession, settings: Settings, dispute: dict[str, Any], actor: str) -> None:
-    payment = await _payment_by_intent_id(session, dispute.get("payment_intent"))
+def _apply_dispute(session: Session, settings: Settings, dispute: dict[str, Any], actor: str) -> None:
+    payment = _payment_by_intent_id(session, dispute.get("payment_intent"))
     if payment is None:
         return
-    invoice = await session.get_one(Invoice, payment.invoice_id)
+    invoice = session.get_one(Invoice, payment.invoice_id)
     reason = (
         f"disputed: {dispute.get('reason') or 'no reason given'} ({dispute.get('amount')} {dispute.get('currency') or invoice.currency})"
     )
     _flag(session, settings, invoice, reason, actor)
 
 
-async def _apply_card(session: AsyncSession, pm: dict[str, Any]) -> None:
+def _apply_card(session: Session, pm: dict[str, Any]) -> None:
     customer_stripe_id = pm.get("customer")
     if not customer_stripe_id or pm.get("type", "card") != "card":
         return
-    customer = (await session.execute(select(Customer).where(Customer.stripe_customer_id == customer_stripe_id))).scalar_one_or_none()
+    customer = (session.execute(select(Customer).where(Customer.stripe_customer_id == customer_stripe_id))).scalar_one_or_none()
     if customer is not None:
         from payments.gateway import card_summary
 
-        await upsert_profile(session, customer.id, card_summary(pm))
+        upsert_profile(session, customer.id, card_summary(pm))
 
 
-async def _apply_customer(session: AsyncSession, obj: dict[str, Any]) -> None:
-    customer = (await session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")))).scalar_one_or_none()
+def _apply_customer(session: Session, obj: dict[str, Any]) -> None:
+    customer = (session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")))).scalar_one_or_none()
     if customer is None:
         return
     default = (obj.get("invoice_settings") or {}).get("default_payment_method")
     if isinstance(default, dict):
         default = default.get("id")
-    await _set_default(session, customer.id, default)
+    _set_default(session, customer.id, default)

@@ -178,13 +178,10 @@ async def stripe_webhook(request: Request) -> Response:
         log.warning("webhook.rejected reason=%s", exc)
         return PlainTextResponse("invalid signature", status_code=400)
     try:
-        async with app.sessions.begin() as session:
-            is_new = await service.record_event(session, event)
-            if is_new:
-                await service.apply_stripe_event(session, app.settings, event)
+        is_new = await app.webhooks.apply(event)
     except Exception:
         # Rolled back, event id included: answer 5xx so that Stripe delivers it again.
-        log.exception("webhook.failed event=%s type=%s", event.get("id"), event.get("type"))
+        log.warning("webhook.not_applied event=%s type=%s", event.get("id"), event.get("type"))
         return PlainTextResponse("could not apply event", status_code=500)
     app.outbox_wakeup.set()
     log.info("webhook.received event=%s type=%s new=%s", event["id"], event.get("type"), is_new)

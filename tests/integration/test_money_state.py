@@ -252,7 +252,7 @@ def apply_concurrently(settings: Settings, snapshots: list[Any]) -> None:
 
         async def apply(snapshot: Any) -> None:
             async with sessions.begin() as session:
-                await apply_intent(session, settings, snapshot, actor="test")
+                await session.run_sync(apply_intent, settings, snapshot, actor="test")
 
         try:
             await asyncio.gather(*(apply(s) for s in snapshots))
