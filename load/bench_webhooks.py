@@ -12,47 +12,25 @@ receipt queued per invoice. Figures: events/s applied (wall time from first send
 latency percentiles. Goal from the issue: >= 1,000 events/s on SQLite. --ceiling also posts the same
 events to a bare Starlette endpoint that only verifies the signature, to show what client + HTTP allow.
 
-Findings (2 vCPU box shared by client and server, Python 3.11, uvloop + httptools; figures vary ~15%):
+Findings, 2026-11-23 (2 vCPU box shared by client and server, Python 3.11; figures vary ~15%):
 
-* Measured: ~100-110 events/s with httpx at concurrency 16 (150 with --client raw), p95 ~0.5-0.9 s,
-  p99 ~1.5-2 s. At concurrency 1: ~109 events/s, p50 8.8 ms. The goal (1,000/s) is NOT met, by ~10x.
-  The harness is not the limit: --ceiling acknowledges ~9,600 events/s with --client raw. But httpx
-  itself caps at ~1,000 req/s on this box (one AsyncClient per worker; one shared client with a
-  16-connection pool caps at ~500), so with httpx 1,000/s cannot be shown here even by a perfect server.
-* Where the time goes: one event is one write transaction of 10 statements (BEGIN IMMEDIATE; INSERT
-  webhook_events; SELECT payment; SELECT invoice; INSERT audit_log; UPDATE invoices; UPDATE payments;
-  SELECT customer; INSERT outbox; UPDATE webhook_events.processed_at). Through SQLAlchemy's
-  AsyncSession on aiosqlite a statement costs ~0.55 ms even for `SELECT 1` (the adapter makes ~4
-  thread hops per statement: cursor, execute, fetch, close; a raw aiosqlite hop is ~0.1 ms, a sync
-  SQLAlchemy Session on pysqlite ~0.03 ms). So the transaction holds SQLite's write lock for ~9 ms, and
-  writers are serial: concurrency adds no throughput. It adds latency: the 15 pooled connections
-  wait for the lock in SQLite's busy handler, which sleeps (1, 2, 5 ... 100 ms), hence the p95/p99.
-  Receipt rendering (two Jinja templates) is ~0.2 ms per event; signature verification is negligible.
-* Experiments (prototypes outside the repo, same data): writer engine with pool_size=1 -> 166/s and
-  p99 165 ms (default pool: 144/s, p99 2,046 ms). The same transaction on a sync SQLAlchemy ORM
-  Session in one writer thread: 233/s (1 event per transaction), 475/s (32 per transaction). Core
-  statements built per call: ~560-750/s. Fixed SQL on a plain sqlite3 connection in one writer
-  thread: 2,080/s (1 per transaction), 3,240/s (32 per transaction, SAVEPOINT each), both including
-  the receipt render (11,400/s without it).
-* What to change, in order:
-  1. db.py create_engine / app.py lifespan: give writers their own engine with pool_size=1,
-     max_overflow=0 (readers keep a separate pooled engine; today reader_engine shares the pool).
-     Writers then queue FIFO in the pool instead of sleeping in SQLite's busy handler. Small change;
-     p99 12x better, +15% throughput. Not enough on its own.
-  2. payments/views.py stripe_webhook: hand the verified event to one writer task that group-commits:
-     drain up to ~64 queued events, BEGIN IMMEDIATE, SAVEPOINT per event (record_event +
-     apply_stripe_event), COMMIT, then resolve each request's future (200 only after COMMIT; 500 for an
-     event whose savepoint rolled back, so Stripe retries it). Same durability as today.
-  3. Run that batch off aiosqlite and the ORM unit of work: one call per batch into a dedicated writer
-     thread holding a sync sqlite3 (pysqlite) connection with the same pragmas, and the succeeded path
-     of payments/service.py as 6 fixed statements: INSERT webhook_events with processed_at already set
-     (drop the trailing UPDATE in apply_stripe_event); one SELECT joining payments -> invoices ->
-     customers (replaces _payment_for_intent + session.get_one(Invoice) + _queue_receipt's
-     session.get_one(Customer)); UPDATE payments; UPDATE invoices SET amount_paid = amount_paid + ?;
-     INSERT audit_log; INSERT outbox. To keep one state machine, write apply_intent and its helpers
-     against a sync Session/Connection and call them from the async pay/reconcile paths with
-     `await session.run_sync(...)`. Expected from the prototype: >= 2,000 events/s in the writer, i.e.
-     the goal looks reachable with 1 + 2 + 3 (unproven end to end; HTTP, ~0.1 ms a request, comes next).
+* Now: 318 events/s with httpx at concurrency 16 (p50 45 ms, p95 66 ms, p99 125 ms); 462 events/s with
+  --client raw at concurrency 64. Every invoice paid exactly once, one receipt each. The goal
+  (1,000/s) is NOT met yet. Before the writer below: ~104 events/s, p99 ~2 s.
+* What changed: on SQLite, payments/webhooks.py WebhookWriter queues verified events to one writer
+  that applies them in batches (one transaction per batch, a savepoint per event, the answer only
+  after commit) on a synchronous pysqlite connection in a thread of its own; the state machine in
+  payments/service.py is plain synchronous code, run with AsyncSession.run_sync elsewhere.
+* Where the time goes now (py-spy): the writer thread is ~57% of CPU, almost all of it SQLAlchemy's
+  ORM unit of work in apply_intent (loads, flushes, identity map) and the receipt render; the
+  event loop thread (HTTP, signature check, JSON) most of the rest; the client shares the 2 cores.
+* Next step toward 1,000/s (measured in a prototype outside the repo: a plain sqlite3 writer did
+  2,000-3,200 events/s including the receipt render): the succeeded path as a few fixed Core
+  statements (INSERT webhook_events with processed_at set; one SELECT joining payments, invoices and
+  customers; UPDATE payments; UPDATE invoices; INSERT audit_log; INSERT outbox), keeping apply_intent
+  as the one state machine for the other transitions.
+* The harness is not the limit: --ceiling acknowledges ~9,600 events/s with --client raw, but httpx
+  itself caps near 1,000 req/s on this box, so use --client raw to look for 1,000/s.
 """
 
 from __future__ import annotations

@@ -17,45 +17,25 @@
 Runtime with the defaults: ~65 s with wrk installed (setup ~10 s, 2 x 20 s locust, 2 x 8 s wrk), ~95 s with
 --what-if. Only 127.0.0.1 is used. The run fails (exit 1) on any failed request or lost link open.
 
-Findings (2 vCPU box shared by the clients and the server, Python 3.11, uvloop + httptools, 1,000 links;
-figures vary ~15% from run to run):
+Findings, 2026-11-23 (2 vCPU box shared by the clients and the server, Python 3.11, uvloop + httptools,
+1,000 links; figures vary ~15% from run to run):
 
-* Measured: the app serves 240-300 req/s (locust: p50 ~210 ms, p95 370-420 ms with 64 users; wrk -c32:
-  p50 110-130 ms, p95 ~190-210 ms), no failures. Bare Starlette serving the same page: 7,000-8,500 req/s
-  with locust (locust is the limit: one process, FastHttpUser) and 15,000-30,000 req/s with wrk (this
-  box is noisy). Ratio app/bare: 0.035-0.042x (locust), 0.008-0.018x (wrk). The DESIGN.md target
-  (>= 0.25x) is NOT met, by far.
-* Where the time goes, per request (in-process timings, one request at a time): the database read
-  (links/service.py load_pay_page through the readers AsyncSession: BEGIN, 2 SELECTs, ROLLBACK, each
-  statement ~4 aiosqlite thread hops) 1.5-2.4 ms; the same two reads on a read-only sqlite3 connection
-  on the event loop 0.02 ms. Rendering pay.html 0.32 ms; token check and CSRF token ~0.015 ms each.
-  More concurrency makes it worse (wrk: 268 req/s at 1 connection, 185 at 64): 15 aiosqlite threads
-  and the event loop contend for the GIL. The background OpenRecorder.flush (links/opens.py) issues
-  one UPDATE per distinct link opened, ~0.5-0.7 ms each on the same pool, so on payday (every open a
-  different link) it adds roughly a third of a read's cost again.
-* What-if (--what-if: the real app with load_pay_page memoised per link, so the read costs ~0):
-  1,100-1,150 req/s (locust), 1,500-1,600 req/s (wrk): 4-6.6x the app, still 0.14x / 0.05x of bare.
-  0.25x of wrk-bare is ~7,500 req/s, ~0.13 ms per request: less than rendering pay.html alone. The
-  DESIGN.md figure compared a prebuilt page after a point read, with no render, so the target cannot be
-  met while the page is rendered with Jinja on every request.
-* Data loss found: link opens are lost when the app stops right after a burst. links/opens.py
-  OpenRecorder.flush swaps the pending dict out, then writes it; app.py's lifespan cancels the task;
-  CancelledError is not an Exception, so a batch cancelled mid-flush is dropped, not put back. Under
-  load flushes are slow and starved, so the batch is large: the runs here lose 35-75% of the opens.
-  (Stopping after a 4 s pause instead recorded every open: 1,856 = 1,824 answered + 32 in flight.)
-* What to change, in order:
-  1. links/service.py load_pay_page (from links/views.py pay_page, also status_json and _show): on
-     SQLite, read with plain SQL on a read-only sqlite3 connection (file:...?mode=ro, uri=True,
-     PRAGMA query_only) called directly on the event loop, as DESIGN.md describes (WAL readers never
-     wait for writers; keep a short busy_timeout); keep the session path for PostgreSQL. Expected:
-     close to the what-if row above.
-  2. links/opens.py OpenRecorder.flush: one executemany UPDATE (Core update with bindparam for the id,
-     count, first and last times) instead of one statement per link; restore the batch on any
-     BaseException before re-raising; in app.py lifespan, ask the recorder to stop (an Event) and await
-     its last flush instead of cancelling it.
-  3. For the ratio: cache the rendered pay page per (link id, invoice status, live payment status,
-     saved cards, locale) and substitute the per-request CSP nonce and CSRF token, or restate the target
-     for a rendered page (e.g. an absolute >= 1,000 req/s per worker, which 1 + 2 should reach here).
+* Now: the app serves ~850-890 req/s (locust 64 users: p50 67 ms, p95 95 ms; wrk -c32: p50 36 ms,
+  p95 48 ms), no failures, every open recorded. Bare Starlette serving the same prebuilt page: ~8,300
+  req/s (locust, which is then the limit) and ~31,000 req/s (wrk). Ratio app/bare: 0.11x (locust),
+  0.03x (wrk): the DESIGN.md target (>= 0.25x) is NOT met. Before the changes below: 240-300 req/s,
+  and 35-75% of link opens were lost when the app stopped right after a burst.
+* What changed: links/pagereader.py reads the page on a read-only sqlite3 connection, synchronously,
+  on the event loop (WAL readers never wait for writers), instead of two aiosqlite round trips per
+  statement; links/opens.py writes the counters in one batched UPDATE and the access log in one
+  INSERT per second, puts a failed batch back, and is stopped (not cancelled) on shutdown.
+* Where the time goes now (py-spy): Jinja rendering of pay.html with its gettext calls (~0.3 ms a
+  page), Starlette/uvicorn per-request work, the ORM read (~0.1-0.2 ms), and ~20% of CPU in the
+  background flush of the access log (one row per open) on the aiosqlite thread.
+* 0.25x of wrk-bare is ~7,500 req/s, ~0.13 ms per request: less than rendering pay.html alone. The
+  DESIGN.md figure compared a prebuilt page after a point read, with no render, so the target can only
+  be met by caching rendered pages (per link, invoice state, cards and language, with the per-request
+  CSP nonce and CSRF token substituted) - not done - or by restating it for a rendered page.
 """
 
 from __future__ import annotations
