@@ -114,3 +114,36 @@ class TestBadRequests:
         issued = issue_invoice(cli, localstripe, CARD_OK)
         response = browser_client.post(issued.url, content=b"\xff\xfe garbage", headers={"content-type": "multipart/form-data; boundary=x"})
         assert response.status_code == 400
+
+
+class TestNewCardSetup:
+    """A customer imported in bulk (no Stripe customer yet) can still pay with a new card."""
+
+    def test_setup_intent_creates_the_stripe_customer_lazily(self, cli, server, browser_client: httpx.Client, tmp_path) -> None:
+        csv_file = tmp_path / "one.csv"
+        csv_file.write_text("email,name,amount,currency,description\nnew-card@example.com,Nora Card,30,eur,Annual fee\n")
+        imported = cli("import", str(csv_file), "--verified", "--send", "--json")
+        assert imported.code == 0, imported.err
+        assert cli("customer", "show", "new-card@example.com", "--json").json()["stripe_customer_id"] is None
+        number = cli("invoice", "list", "--json").json()["invoices"][0]["number"]
+        url = cli("link", "issue", number, "--json").json()["link"]["url"]
+        page = browser_client.get(url).text
+        assert "Pay by card" in page
+        setup = browser_client.post(f"{url}/setup", data={"csrf": csrf_of(page)})
+        assert setup.status_code == 200
+        assert setup.json()["client_secret"].startswith("seti_")
+        assert cli("customer", "show", "new-card@example.com", "--json").json()["stripe_customer_id"].startswith("cus_")
+        refused = browser_client.post(f"{url}/setup", data={})
+        assert refused.status_code == 400
+
+    def test_unconfirmed_setup_intent_is_refused(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        issued = issue_invoice(cli, localstripe)
+        page = browser_client.get(issued.url).text
+        secret = browser_client.post(f"{issued.url}/setup", data={"csrf": csrf_of(page)}).json()["client_secret"]
+        setup_id = secret.split("_secret_")[0]
+        response = browser_client.post(issued.url, data={"csrf": csrf_of(page), "setup_intent": setup_id, "save_card": "1"})
+        assert response.status_code == 409
+        assert "was not confirmed" in response.text
+        assert localstripe.payment_intents_for(issued.stripe_customer) == []
+        forged = browser_client.post(issued.url, data={"csrf": csrf_of(page), "setup_intent": "seti_' OR 1=1"})
+        assert forged.status_code == 400
