@@ -26,6 +26,7 @@ from links.service import (
     find_invoice,
     invoice_facts,
     issue_link,
+    link_with_invoice,
     normalize_email,
     pay_signer,
     pay_url,
@@ -160,14 +161,7 @@ async def request_fresh_link(session: AsyncSession, settings: Settings, link_id:
 
     The caller answers the customer the same way either way. Requests are stored, so the limits
     hold across restarts and across web processes."""
-    row = (
-        await session.execute(
-            select(PaymentLink, Invoice, Customer)
-            .join(Invoice, Invoice.id == PaymentLink.invoice_id)
-            .join(Customer, Customer.id == Invoice.customer_id)
-            .where(PaymentLink.id == link_id)
-        )
-    ).one_or_none()
+    row = (await session.execute(link_with_invoice(link_id))).one_or_none()
     if row is None:
         return False
     link, invoice, customer = row

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -236,6 +236,16 @@ def send_block_reason(customer: Customer) -> str | None:
     return None
 
 
+def link_with_invoice(link_id: uuid.UUID) -> Select[PaymentLink, Invoice, Customer]:
+    """A link with its invoice and customer: one indexed read."""
+    return (
+        select(PaymentLink, Invoice, Customer)
+        .join(Invoice, Invoice.id == PaymentLink.invoice_id)
+        .join(Customer, Customer.id == Invoice.customer_id)
+        .where(PaymentLink.id == link_id)
+    )
+
+
 # --- the pay page (the hot path: one indexed read, no Stripe call, no write) -----------------------
 
 
@@ -272,11 +282,7 @@ def pay_page_sync(session: Session, link_id: uuid.UUID) -> PayPage | None:
     from payments.models import Payment, PaymentProfile
 
     row = session.execute(
-        select(PaymentLink, Invoice, Customer, Payment.id, Payment.status)
-        .join(Invoice, Invoice.id == PaymentLink.invoice_id)
-        .join(Customer, Customer.id == Invoice.customer_id)
-        .outerjoin(Payment, Payment.live_invoice_id == Invoice.id)
-        .where(PaymentLink.id == link_id)
+        link_with_invoice(link_id).add_columns(Payment.id, Payment.status).outerjoin(Payment, Payment.live_invoice_id == Invoice.id)
     ).one_or_none()
     if row is None:
         return None

@@ -28,7 +28,7 @@ from emails import outbox
 from emails.messages import receipt_message
 from i18n import N_
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
-from links.service import customer_locale, invoice_facts
+from links.service import customer_locale, invoice_facts, link_with_invoice
 from payments.gateway import CardDeclined, CardSummary, GatewayError, GatewayUnavailable, IntentSnapshot, StripeGateway, intent_snapshot
 from payments.models import Payment, PaymentProfile, PaymentStatus, WebhookEvent
 from settings import Settings
@@ -124,14 +124,7 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
 
 
 async def _payable_link(session: AsyncSession, link_id: uuid.UUID) -> tuple[PaymentLink, Invoice, Customer]:
-    row = (
-        await session.execute(
-            select(PaymentLink, Invoice, Customer)
-            .join(Invoice, Invoice.id == PaymentLink.invoice_id)
-            .join(Customer, Customer.id == Invoice.customer_id)
-            .where(PaymentLink.id == link_id)
-        )
-    ).one_or_none()
+    row = (await session.execute(link_with_invoice(link_id))).one_or_none()
     if row is None:
         raise PaymentRefused(N_("This payment link does not exist."))
     link, invoice, customer = row
