@@ -10,6 +10,7 @@ import email.policy
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -172,27 +173,14 @@ def main() -> int:
         print(f"Open the payment link:\n\n  {invoice['link']['url']}\n")
         print("Ann has two saved cards: Visa 4242 pays at once; the 3184 card asks for 3-D Secure.")
         print(f"Emails (invoice, receipt) appear below and in {MAIL_DIR}")
-        print(f"Finance CLI against this demo:  env $(cat {VAR / 'env'} | xargs) .venv/bin/python -m links invoice list")
+        print(
+            f"Finance CLI against this demo, in another terminal:  set -a; . {VAR / 'env'}; set +a; .venv/bin/python -m links invoice list"
+        )
         print("Press Ctrl-C to stop everything.")
         print("=" * 72, flush=True)
-        (VAR / "env").write_text(
-            "".join(
-                f"{k}={env[k]}\n"
-                for k in (
-                    "DATABASE_URL",
-                    "BASE_URL",
-                    "LINK_SECRET_KEYS",
-                    "STRIPE_SECRET_KEY",
-                    "STRIPE_PUBLISHABLE_KEY",
-                    "STRIPE_API_BASE",
-                    "STRIPE_WEBHOOK_SECRET",
-                    "SMTP_HOST",
-                    "SMTP_PORT",
-                    "MAIL_FROM",
-                    "MERCHANT_NAME",
-                )
-            )
-        )
+        shared = ("DATABASE_URL", "BASE_URL", "LINK_SECRET_KEYS", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY", "STRIPE_API_BASE",
+                  "STRIPE_WEBHOOK_SECRET", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM", "MERCHANT_NAME")  # fmt: skip
+        (VAR / "env").write_text("".join(f"{k}={shlex.quote(env[k])}\n" for k in shared))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in children):
             time.sleep(0.5)
