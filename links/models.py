@@ -6,7 +6,7 @@ import uuid
 from datetime import date, datetime
 
 from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db import Base, new_id, utcnow
 
@@ -78,6 +78,9 @@ class Invoice(Base):
     needs_attention: Mapped[str | None] = mapped_column(Text)  # why finance must look at it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[datetime | None]
+
+    # Loaded only on purpose (contains_eager / joins): an accidental lazy load raises.
+    customer: Mapped[Customer] = relationship(lazy="raise")
 
 
 class PaymentLink(Base):

@@ -6,9 +6,10 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, Index, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from db import Base, new_id, utcnow
+from links.models import Invoice
 
 
 class PaymentStatus:
@@ -48,6 +49,9 @@ class Payment(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     succeeded_at: Mapped[datetime | None]
+
+    # Loaded only on purpose (contains_eager): an accidental lazy load raises.
+    invoice: Mapped[Invoice] = relationship(lazy="raise")
 
 
 class PaymentProfile(Base):

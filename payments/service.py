@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 import audit
 from db import utcnow
@@ -436,9 +436,10 @@ def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot,
     payment = _payment_for_intent(session, snapshot)
     if payment is None:
         return None
-    # Rows are locked (PostgreSQL; SQLite writers are serialised already) so that the pay POST and
-    # a webhook applying the same success at the same moment queue one behind the other.
-    invoice = session.get_one(Invoice, payment.invoice_id, with_for_update=True)
+    # Payment, invoice and customer were read and locked together (PostgreSQL; SQLite writers are
+    # serialised already), so the pay POST and a webhook applying the same success at the same
+    # moment queue one behind the other. This finds the invoice in the session, without a query.
+    invoice = session.get_one(Invoice, payment.invoice_id)
     status = snapshot.status
     if payment.status == PaymentStatus.SUCCEEDED:
         return payment  # money that arrived never un-arrives; late failures are ignored
@@ -467,6 +468,20 @@ def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot,
     return payment
 
 
+def _locked_payment(session: Session, condition: Any) -> Payment | None:
+    """The payment with its invoice and customer, in one query, rows locked until commit."""
+    # contains_eager keeps the invoice and customer referenced from the payment, so that later
+    # look-ups by primary key find them in the session instead of querying again.
+    return session.execute(
+        select(Payment)
+        .join(Payment.invoice)
+        .join(Invoice.customer)
+        .options(contains_eager(Payment.invoice).contains_eager(Invoice.customer))
+        .where(condition)
+        .with_for_update()
+    ).scalar_one_or_none()
+
+
 def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment | None:
     payment = _payment_by_intent_id(session, snapshot.id)
     if payment is not None:
@@ -474,12 +489,12 @@ def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment |
     # The process may have died before committing the intent id: find the attempt by its metadata.
     payment_id = _uuid(snapshot.metadata.get("payment_id"))
     if payment_id is not None:
-        payment = session.get(Payment, payment_id, with_for_update=True)
+        payment = _locked_payment(session, Payment.id == payment_id)
         if payment is not None and payment.stripe_payment_intent_id is None:
             payment.stripe_payment_intent_id = snapshot.id
             return payment
     invoice_id = _uuid(snapshot.metadata.get("invoice_id"))
-    if invoice_id is None or session.get(Invoice, invoice_id) is None:
+    if invoice_id is None or session.get(Invoice, invoice_id, with_for_update=True) is None:
         return None  # not ours
     # A payment for one of our invoices that we did not start (or whose row is gone): record it.
     payment = Payment(
@@ -555,7 +570,15 @@ def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payme
 
 def record_event(session: Session, event: dict[str, Any]) -> bool:
     """Store the event id first, with an insert that cannot race. True if it is new."""
-    values = {"id": event["id"], "type": str(event.get("type")), "stripe_created": event.get("created"), "received_at": utcnow()}
+    now = utcnow()
+    # processed_at is set here: the event is applied in this same transaction, or not at all.
+    values = {
+        "id": event["id"],
+        "type": str(event.get("type")),
+        "stripe_created": event.get("created"),
+        "received_at": now,
+        "processed_at": now,
+    }
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     result = session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -585,14 +608,12 @@ def apply_stripe_event(session: Session, settings: Settings, event: dict[str, An
         session.execute(delete(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == obj.get("id")))
     elif kind == "customer.updated":
         _apply_customer(session, obj)
-    session.execute(update(WebhookEvent).where(WebhookEvent.id == event["id"]).values(processed_at=utcnow()))
 
 
 def _payment_by_intent_id(session: Session, intent_id: Any) -> Payment | None:
     if not isinstance(intent_id, str):
         return None
-    query = select(Payment).where(Payment.stripe_payment_intent_id == intent_id).with_for_update()
-    return (session.execute(query)).scalar_one_or_none()
+    return _locked_payment(session, Payment.stripe_payment_intent_id == intent_id)
 
 
 def _apply_refund(session: Session, settings: Settings, charge: dict[str, Any], actor: str) -> None:
