@@ -464,8 +464,7 @@ def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot,
             _release(payment, PaymentStatus.CANCELED, N_("The payment was canceled."))
         if invoice.status == InvoiceStatus.PROCESSING:
             invoice.status = InvoiceStatus.OPEN
-    session.flush()
-    return payment
+    return payment  # flushed by the caller's commit (or savepoint), so that batches flush once
 
 
 def _locked_payment(session: Session, condition: Any) -> Payment | None:
@@ -624,6 +623,7 @@ def _apply_refund(session: Session, settings: Settings, charge: dict[str, Any], 
     # Stripe's amount_refunded is cumulative: keep the largest seen, so late or repeated events are harmless.
     payment.amount_refunded = max(payment.amount_refunded, int(charge.get("amount_refunded") or 0))
     invoice = session.get_one(Invoice, payment.invoice_id, with_for_update=True)
+    session.flush()  # the sum below must see this payment's new refund
     refunded = sum((session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
     invoice.amount_refunded = refunded
     if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED):

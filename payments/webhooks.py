@@ -2,10 +2,11 @@
 
 On SQLite every write takes the database's single write lock, and each statement through the async
 driver costs a thread hop. So events are queued to one writer that applies them in batches: one
-transaction per batch on a synchronous connection in a thread of its own, with a savepoint per
-event (an event that fails to apply is rolled back alone and answered 500, so that Stripe delivers
-it again). A request is answered only after its batch has committed. On PostgreSQL, where writers
-run side by side, each request applies its own event in its own transaction.
+transaction per batch, flushed once, on a synchronous connection in a thread of its own. If any
+event of a batch fails, the batch is rolled back and applied again with a savepoint per event, so
+that only the failing event is refused (answered 500, so that Stripe delivers it again). A request
+is answered only after its batch has committed. On PostgreSQL, where writers run side by side,
+each request applies its own event in its own transaction.
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ class WebhookWriter:
                     future.set_result(result)
 
     def _apply_batch(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
+        """All events in one transaction with one flush at the commit; if anything in it fails,
+        everything is rolled back and the events are applied again one by one, so that only the
+        failing event is refused."""
+        try:
+            return self._apply_together(events)
+        except Exception:
+            log.warning("webhooks.batch_failed_retrying_one_by_one events=%d", len(events))
+            return self._apply_one_by_one(events)
+
+    def _apply_together(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
+        with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            with session.no_autoflush:  # one flush for the whole batch, at the commit
+                return [record_and_apply(session, self._settings, event) for event in events]
+
+    def _apply_one_by_one(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
         results: list[bool | Exception] = []
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             for event in events:
