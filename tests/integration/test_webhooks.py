@@ -124,3 +124,31 @@ class TestOversizedBodies:
 
         streamed = httpx.post(f"{server.base}/webhooks/stripe", content=chunks(), headers={"stripe-signature": "t=1,v1=0"})
         assert streamed.status_code == 413
+
+
+@pytest.mark.postgres
+class TestBadEventInABatch:
+    """An event that cannot be applied is refused alone (500, so Stripe retries it); the others apply."""
+
+    def test_one_bad_event_among_good_ones(self, cli, localstripe: LocalStripe, server, settings: Settings) -> None:
+        issued = [issue_invoice(cli, localstripe, CARD_OK) for _ in range(6)]
+        events = []
+        for index, one in enumerate(issued):
+            one.invoice_id = invoice_id(settings, one.number)  # type: ignore[attr-defined]
+            events.append(intent_event(f"evt_batch_good_{index}", paid_intent_for(localstripe, one)))
+        broken = intent_event("evt_batch_bad", {"id": "pi_broken", "status": "succeeded", "amount": "not a number", "currency": "eur",
+                                                "metadata": {"invoice_id": issued[0].invoice_id}})  # type: ignore[attr-defined]  # fmt: skip
+        signed = [signed_event(e) for e in [*events[:3], broken, *events[3:]]]
+
+        async def deliver_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return list(
+                    await asyncio.gather(
+                        *(client.post(f"{server.base}/webhooks/stripe", content=p, headers={"stripe-signature": h}) for p, h in signed)
+                    )
+                )
+
+        statuses = [r.status_code for r in asyncio.run(deliver_all())]
+        assert statuses == [200, 200, 200, 500, 200, 200, 200]
+        assert [invoice_status(cli, one.number)["status"] for one in issued] == ["paid"] * 6
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_batch_bad'") == [(0,)]
