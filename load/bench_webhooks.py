@@ -14,21 +14,24 @@ events to a bare Starlette endpoint that only verifies the signature, to show wh
 
 Findings, 2026-11-23 (2 vCPU box shared by client and server, Python 3.11; figures vary ~15%):
 
-* Now: 318 events/s with httpx at concurrency 16 (p50 45 ms, p95 66 ms, p99 125 ms); 462 events/s with
-  --client raw at concurrency 64. Every invoice paid exactly once, one receipt each. The goal
-  (1,000/s) is NOT met yet. Before the writer below: ~104 events/s, p99 ~2 s.
+* Now: ~420 events/s with httpx at concurrency 16 (p50 34 ms, p95 47 ms, p99 106 ms); 570-730
+  events/s with --client raw at concurrency 64 (runs vary). Every invoice paid exactly once, one
+  receipt each. The goal (1,000/s) is NOT met yet. Before the writer below: ~104 events/s, p99 ~2 s.
+  The writer alone (no HTTP), measured in-process: ~890 events/s in batches of 50.
 * What changed: on SQLite, payments/webhooks.py WebhookWriter queues verified events to one writer
-  that applies them in batches (one transaction per batch, a savepoint per event, the answer only
-  after commit) on a synchronous pysqlite connection in a thread of its own; the state machine in
-  payments/service.py is plain synchronous code, run with AsyncSession.run_sync elsewhere.
-* Where the time goes now (py-spy): the writer thread is ~57% of CPU, almost all of it SQLAlchemy's
-  ORM unit of work in apply_intent (loads, flushes, identity map) and the receipt render; the
-  event loop thread (HTTP, signature check, JSON) most of the rest; the client shares the 2 cores.
-* Next step toward 1,000/s (measured in a prototype outside the repo: a plain sqlite3 writer did
-  2,000-3,200 events/s including the receipt render): the succeeded path as a few fixed Core
-  statements (INSERT webhook_events with processed_at set; one SELECT joining payments, invoices and
-  customers; UPDATE payments; UPDATE invoices; INSERT audit_log; INSERT outbox), keeping apply_intent
-  as the one state machine for the other transitions.
+  that applies them in batches (one transaction per batch, flushed once at the commit; a failing
+  batch is rolled back and retried event by event with savepoints; the answer only after commit)
+  on a synchronous pysqlite connection in a thread of its own; the state machine in
+  payments/service.py is plain synchronous code, run with AsyncSession.run_sync elsewhere, and
+  reads payment, invoice and customer in one query.
+* Where the time goes now (cProfile of the writer alone, per event): the ORM select of payment +
+  invoice + customer ~0.35 ms, the receipt's two templates ~0.25 ms, the webhook_events insert
+  ~0.2 ms, the batch's flush ~0.15 ms; HTTP, JSON and the signature check run on the event loop
+  thread and share the 2 cores (and the GIL) with the writer and the client.
+* Next steps toward 1,000/s: prefetch a batch's payments in one query (instead of one SELECT per
+  event) and insert its webhook_events ids in one statement; beyond that, the succeeded transition
+  as fixed Core statements (a prototype outside the repo on plain sqlite3 did 2,000-3,200 events/s
+  including the receipt render), keeping apply_intent the one state machine.
 * The harness is not the limit: --ceiling acknowledges ~9,600 events/s with --client raw, but httpx
   itself caps near 1,000 req/s on this box, so use --client raw to look for 1,000/s.
 """
