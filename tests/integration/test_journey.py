@@ -118,3 +118,31 @@ class TestCoreJourney:
         assert any("path=/pay/{token}" in r.getMessage() for r in caplog.records)
         app_records = [r for r in caplog.records if r.name != "httpx"]  # "httpx" here is this test's own client
         assert not [r for r in app_records if token in r.getMessage()]
+
+
+class TestSecurityHeaders:
+    """Link pages are locked down: a per-request nonce, only Stripe's origin for scripts and frames."""
+
+    def test_headers_on_a_link_page(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
+        from tests.harness import CARD_OK
+        from tests.integration.helpers import issue_invoice
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        first, second = browser_client.get(issued.url), browser_client.get(issued.url)
+        csp = first.headers["content-security-policy"]
+        nonce = re.search(r"'nonce-([^']+)'", csp)
+        assert nonce and f'nonce="{nonce.group(1)}"' in first.text
+        assert nonce.group(1) not in second.headers["content-security-policy"]  # new for every request
+        assert f"script-src 'self' 'nonce-{nonce.group(1)}' {localstripe.base}" in csp
+        assert f"frame-src {localstripe.base}" in csp
+        assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert first.headers["x-content-type-options"] == "nosniff"
+        assert first.headers["referrer-policy"] == "no-referrer"
+        assert first.headers["cache-control"] == "no-store"
+        assert "strict-transport-security" not in first.headers  # plain http here
+
+    def test_hsts_when_served_over_https(self, start_server) -> None:
+        app_server = start_server(BASE_URL="https://pay.example.com")
+        response = httpx.get(f"{app_server.base}/health")
+        assert response.headers["strict-transport-security"].startswith("max-age=")
