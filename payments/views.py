@@ -159,8 +159,7 @@ async def status_json(request: Request) -> Response:
     claims = verify_pay_token(request, request.path_params["token"])
     if isinstance(claims, Response):
         return JSONResponse({"error": "invalid_link"}, status_code=claims.status_code)
-    async with paylink(request).readers() as session:
-        page = await links.load_pay_page(session, claims.subject_id)
+    page, _ = await paylink(request).pages.pay_page(claims.subject_id)  # the same cheap read as the page
     if page is None:
         return JSONResponse({"error": "invalid_link"}, status_code=404)
     live = page.live_payment
