@@ -14,24 +14,24 @@ events to a bare Starlette endpoint that only verifies the signature, to show wh
 
 Findings, 2026-11-23 (2 vCPU box shared by client and server, Python 3.11; figures vary ~15%):
 
-* Now: ~420 events/s with httpx at concurrency 16 (p50 34 ms, p95 47 ms, p99 106 ms); 570-730
-  events/s with --client raw at concurrency 64 (runs vary). Every invoice paid exactly once, one
-  receipt each. The goal (1,000/s) is NOT met yet. Before the writer below: ~104 events/s, p99 ~2 s.
-  The writer alone (no HTTP), measured in-process: ~890 events/s in batches of 50.
+* Now: ~400 events/s with the httpx client at concurrency 16 (p50 36 ms, p95 55 ms; httpx itself is
+  the limit), 780-935 events/s with --client raw (concurrency 64-128, 5,000 events; p95 150-220 ms).
+  Every invoice paid exactly once, one receipt each. The goal (1,000/s) is NOT met, but close.
+  Before this work: ~104 events/s, p99 ~2 s. The writer alone (no HTTP), in-process: ~1,480
+  events/s in batches of 50; the rest of the budget goes to HTTP on the event loop thread, which
+  shares the GIL with the writer, and to the client on the same 2 cores.
 * What changed: on SQLite, payments/webhooks.py WebhookWriter queues verified events to one writer
   that applies them in batches (one transaction per batch, flushed once at the commit; a failing
-  batch is rolled back and retried event by event with savepoints; the answer only after commit)
+  batch is rolled back and retried event by event with savepoints; one statement stores a batch's
+  event ids, one query loads the payments they name; the answer only after commit)
   on a synchronous pysqlite connection in a thread of its own; the state machine in
   payments/service.py is plain synchronous code, run with AsyncSession.run_sync elsewhere, and
   reads payment, invoice and customer in one query.
-* Where the time goes now (cProfile of the writer alone, per event): the ORM select of payment +
-  invoice + customer ~0.35 ms, the receipt's two templates ~0.25 ms, the webhook_events insert
-  ~0.2 ms, the batch's flush ~0.15 ms; HTTP, JSON and the signature check run on the event loop
-  thread and share the 2 cores (and the GIL) with the writer and the client.
-* Next steps toward 1,000/s: prefetch a batch's payments in one query (instead of one SELECT per
-  event) and insert its webhook_events ids in one statement; beyond that, the succeeded transition
-  as fixed Core statements (a prototype outside the repo on plain sqlite3 did 2,000-3,200 events/s
-  including the receipt render), keeping apply_intent the one state machine.
+* Where the time goes now, per event in the writer: the receipt's two templates ~0.25 ms, the ORM
+  bookkeeping of the state machine and the batch's flush most of the rest (~0.4 ms).
+* Next steps toward 1,000/s: render receipts in the outbox worker instead of in the webhook's
+  transaction (store the facts, not the text), or the succeeded transition as fixed Core statements
+  (a prototype on plain sqlite3 did 2,000-3,200 events/s), keeping apply_intent the one state machine.
 * The harness is not the limit: --ceiling acknowledges ~9,600 events/s with --client raw, but httpx
   itself caps near 1,000 req/s on this box, so use --client raw to look for 1,000/s.
 """

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -467,18 +467,25 @@ def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot,
     return payment  # flushed by the caller's commit (or savepoint), so that batches flush once
 
 
-def _locked_payment(session: Session, condition: Any) -> Payment | None:
-    """The payment with its invoice and customer, in one query, rows locked until commit."""
+PREFETCHED_PAYMENTS = "paylink.prefetched_payments"  # session.info key: intent id -> Payment
+
+
+def _payments_with_invoice(condition: Any) -> Select[Payment]:
     # contains_eager keeps the invoice and customer referenced from the payment, so that later
     # look-ups by primary key find them in the session instead of querying again.
-    return session.execute(
+    return (
         select(Payment)
         .join(Payment.invoice)
         .join(Invoice.customer)
         .options(contains_eager(Payment.invoice).contains_eager(Invoice.customer))
         .where(condition)
         .with_for_update()
-    ).scalar_one_or_none()
+    )
+
+
+def _locked_payment(session: Session, condition: Any) -> Payment | None:
+    """The payment with its invoice and customer, in one query, rows locked until commit."""
+    return session.execute(_payments_with_invoice(condition)).scalar_one_or_none()
 
 
 def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment | None:
@@ -567,20 +574,51 @@ def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payme
 # --- webhooks -------------------------------------------------------------------------------------
 
 
-def record_event(session: Session, event: dict[str, Any]) -> bool:
-    """Store the event id first, with an insert that cannot race. True if it is new."""
-    now = utcnow()
+def _event_row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
     # processed_at is set here: the event is applied in this same transaction, or not at all.
-    values = {
+    return {
         "id": event["id"],
         "type": str(event.get("type")),
         "stripe_created": event.get("created"),
         "received_at": now,
         "processed_at": now,
     }
+
+
+def _insert_events(session: Session) -> Any:
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    result = session.execute(insert(WebhookEvent).values(**values).on_conflict_do_nothing(index_elements=["id"]))
+    return insert(WebhookEvent).on_conflict_do_nothing(index_elements=["id"])
+
+
+def record_event(session: Session, event: dict[str, Any]) -> bool:
+    """Store the event id first, with an insert that cannot race. True if it is new."""
+    result = session.execute(_insert_events(session).values(**_event_row(event, utcnow())))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def record_and_apply_batch(session: Session, settings: Settings, events: list[dict[str, Any]]) -> list[bool]:
+    """record_and_apply for many events in one transaction, with one statement to store their ids
+    and one query for the payments they name. Call it with autoflush off: one flush at the end."""
+    now = utcnow()
+    inserted = session.execute(_insert_events(session).values([_event_row(e, now) for e in events]).returning(WebhookEvent.id)).scalars()
+    new_ids = set(inserted)
+    intents = [
+        str(e["data"]["object"]["id"]) for e in events if str(e.get("type", "")).startswith("payment_intent.") and e["id"] in new_ids
+    ]
+    if intents:
+        loaded = session.execute(_payments_with_invoice(Payment.stripe_payment_intent_id.in_(intents))).scalars().all()
+        session.info[PREFETCHED_PAYMENTS] = {p.stripe_payment_intent_id: p for p in loaded}
+    results = []
+    try:
+        for event in events:
+            is_new = event["id"] in new_ids
+            new_ids.discard(event["id"])  # a second copy in the same batch is a duplicate
+            if is_new:
+                apply_stripe_event(session, settings, event)
+            results.append(is_new)
+    finally:
+        session.info.pop(PREFETCHED_PAYMENTS, None)
+    return results
 
 
 def record_and_apply(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> bool:
@@ -612,6 +650,9 @@ def apply_stripe_event(session: Session, settings: Settings, event: dict[str, An
 def _payment_by_intent_id(session: Session, intent_id: Any) -> Payment | None:
     if not isinstance(intent_id, str):
         return None
+    prefetched = session.info.get(PREFETCHED_PAYMENTS, {}).get(intent_id)
+    if prefetched is not None:
+        return prefetched  # type: ignore[no-any-return]
     return _locked_payment(session, Payment.stripe_payment_intent_id == intent_id)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from db import create_sync_sqlite_engine, is_sqlite
-from payments.service import record_and_apply
+from payments.service import record_and_apply, record_and_apply_batch
 from settings import Settings
 
 log = logging.getLogger("paylink.webhooks")
@@ -106,7 +106,7 @@ class WebhookWriter:
     def _apply_together(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             with session.no_autoflush:  # one flush for the whole batch, at the commit
-                return [record_and_apply(session, self._settings, event) for event in events]
+                return list(record_and_apply_batch(session, self._settings, events))
 
     def _apply_one_by_one(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
         results: list[bool | Exception] = []

@@ -152,3 +152,28 @@ class TestBadEventInABatch:
         assert statuses == [200, 200, 200, 500, 200, 200, 200]
         assert [invoice_status(cli, one.number)["status"] for one in issued] == ["paid"] * 6
         assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_batch_bad'") == [(0,)]
+
+
+class TestBatchApplication:
+    """The writer's batch path: the same event twice in one batch is applied once."""
+
+    def test_duplicate_within_one_batch(self, cli, localstripe: LocalStripe, settings: Settings) -> None:
+        from sqlalchemy.orm import Session
+
+        from db import create_sync_sqlite_engine
+        from payments.service import record_and_apply_batch
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        issued.invoice_id = invoice_id(settings, issued.number)  # type: ignore[attr-defined]
+        event = intent_event("evt_twice_in_batch", paid_intent_for(localstripe, issued))
+        other = intent_event("evt_unrelated", {"id": "pi_not_ours", "status": "succeeded", "amount": 5, "currency": "eur"})
+        engine = create_sync_sqlite_engine(settings.database_url)
+        try:
+            with Session(engine) as session, session.begin(), session.no_autoflush:
+                results = record_and_apply_batch(session, settings, [event, other, event])
+        finally:
+            engine.dispose()
+        assert results == [True, True, False]
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"]) == ("paid", 12050)
+        assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'receipt'") == [(1,)]
