@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -68,6 +68,43 @@ def receipt_message(
     subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
     return _build(
         Kind.RECEIPT, locale, subject, invoice=facts, amount_paid=amount_paid, brand=brand, last4=last4, paid_at=paid_at, link_url=link_url
+    )
+
+
+def receipt_payload(
+    facts: InvoiceFacts, *, amount_paid: int, brand: str | None, last4: str | None, paid_at: datetime, locale: str
+) -> tuple[str, dict[str, Any]]:
+    """The receipt's subject now, and the facts to render its body from when it is sent.
+
+    Applying a payment happens inside the webhook writer's transaction, where every millisecond
+    counts on payday; the outbox worker renders the two parts later (see `render_payload`)."""
+    subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
+    invoice = {**asdict(facts), "due_date": facts.due_date.isoformat() if facts.due_date else None}
+    payload = {
+        "locale": locale,
+        "invoice": invoice,
+        "amount_paid": amount_paid,
+        "brand": brand,
+        "last4": last4,
+        "paid_at": paid_at.isoformat(),
+    }
+    return subject, payload
+
+
+def render_payload(kind: str, payload: dict[str, Any]) -> EmailContent:
+    """Render a message queued as facts (see `receipt_payload`)."""
+    if kind != Kind.RECEIPT:
+        raise ValueError(f"no deferred rendering for {kind!r} messages")
+    invoice = dict(payload["invoice"])
+    invoice["due_date"] = date.fromisoformat(invoice["due_date"]) if invoice.get("due_date") else None
+    return receipt_message(
+        InvoiceFacts(**invoice),
+        amount_paid=payload["amount_paid"],
+        brand=payload["brand"],
+        last4=payload["last4"],
+        paid_at=datetime.fromisoformat(payload["paid_at"]),
+        link_url=None,
+        locale=payload["locale"],
     )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import JSON, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from db import Base, utcnow
@@ -27,6 +28,9 @@ class OutboxMessage(Base):
     subject: Mapped[str] = mapped_column(String(300))
     text: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
+    # For messages rendered at send time (receipts, so that applying a payment stays cheap): the
+    # facts to render from, in JSON; text and html are empty until then.
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     message_id: Mapped[str] = mapped_column(String(255), unique=True)  # stable across retries
     invoice_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("invoices.id"))
     status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING)

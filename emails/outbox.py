@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -38,6 +39,7 @@ class ClaimedMessage:
     html: str
     message_id: str
     attempts: int
+    payload: dict[str, Any] | None  # facts to render at send time, or None when text and html are set
 
 
 def mail_domain(mail_from: str) -> str:
@@ -66,6 +68,22 @@ def enqueue(
         next_attempt_at=utcnow(),
     )
     session.add(message)
+    return message
+
+
+def enqueue_to_render(
+    session: AsyncSession | Session,
+    settings: Settings,
+    recipient: str,
+    kind: str,
+    subject: str,
+    payload: dict[str, Any],
+    *,
+    invoice_id: uuid.UUID | None = None,
+) -> OutboxMessage:
+    """Like `enqueue`, for a message the worker renders from `payload` when it sends it."""
+    message = enqueue(session, settings, recipient, EmailContent(kind, subject, "", ""), invoice_id=invoice_id)
+    message.payload = payload
     return message
 
 
@@ -111,11 +129,14 @@ async def claim_due_messages(
             OutboxMessage.html,
             OutboxMessage.message_id,
             OutboxMessage.attempts,
+            OutboxMessage.payload,
         )
     )
     async with sessions.begin() as session:
         rows = (await session.execute(claim)).all()
-    claimed = [ClaimedMessage(token, r.id, r.kind, r.recipient, r.subject, r.text, r.html, r.message_id, r.attempts) for r in rows]
+    claimed = [
+        ClaimedMessage(token, r.id, r.kind, r.recipient, r.subject, r.text, r.html, r.message_id, r.attempts, r.payload) for r in rows
+    ]
     return sorted(claimed, key=lambda m: m.id)
 
 

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.header import Header
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
@@ -21,6 +21,7 @@ from email.utils import formataddr, formatdate, parseaddr
 import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from emails.messages import render_payload
 from emails.outbox import ClaimedMessage, claim_due_messages, mark_failed, mark_sent, release
 from settings import ConfigError, Settings
 
@@ -52,6 +53,8 @@ def build_mime(settings: Settings, message: ClaimedMessage) -> Message:
     for value in (message.subject, message.recipient, settings.mail_from, settings.reply_to or ""):
         if "\n" in value or "\r" in value:
             raise ValueError("a header value contains a line break")
+    if not message.text.strip() or not message.html.strip():
+        raise ValueError("the message has an empty part")
     mime = MIMEMultipart("alternative")
     mime["From"] = _address(settings.mail_from)
     mime["To"] = _address(message.recipient)
@@ -171,6 +174,9 @@ async def send_batch(
             await release(sessions, token, [m.id for m in batch[index:]])
             break
         try:
+            if message.payload is not None:
+                content = render_payload(message.kind, message.payload)
+                message = replace(message, text=content.text, html=content.html)
             mime = build_mime(settings, message)
         except Exception as exc:  # a message that cannot be built must not block the queue
             await mark_failed(sessions, settings, message, f"cannot build the message: {exc}", permanent=True)

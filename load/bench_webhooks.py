@@ -14,24 +14,23 @@ events to a bare Starlette endpoint that only verifies the signature, to show wh
 
 Findings, 2026-11-23 (2 vCPU box shared by client and server, Python 3.11; figures vary ~15%):
 
-* Now: ~400 events/s with the httpx client at concurrency 16 (p50 36 ms, p95 55 ms; httpx itself is
-  the limit), 780-935 events/s with --client raw (concurrency 64-128, 5,000 events; p95 150-220 ms).
-  Every invoice paid exactly once, one receipt each. The goal (1,000/s) is NOT met, but close.
-  Before this work: ~104 events/s, p99 ~2 s. The writer alone (no HTTP), in-process: ~1,480
-  events/s in batches of 50; the rest of the budget goes to HTTP on the event loop thread, which
-  shares the GIL with the writer, and to the client on the same 2 cores.
+* Now: 1,047-1,302 events/s with --client raw (5,000 events, concurrency 64-128; p50 53-87 ms, p95
+  128-157 ms), ~570 events/s with the httpx client at concurrency 16 (p50 23 ms, p95 38 ms; the
+  httpx client is then the limit). Every invoice paid exactly once, one receipt each. The goal
+  (>= 1,000 events/s on SQLite) is met with the raw client. Before this work: ~104 events/s, p99 ~2 s.
+  The writer alone (no HTTP), in-process: ~2,200 events/s in batches of 50.
 * What changed: on SQLite, payments/webhooks.py WebhookWriter queues verified events to one writer
   that applies them in batches (one transaction per batch, flushed once at the commit; a failing
   batch is rolled back and retried event by event with savepoints; one statement stores a batch's
-  event ids, one query loads the payments they name; the answer only after commit)
+  event ids, one query loads the payments they name; the receipt is queued as facts and rendered by
+  the outbox worker; the answer only after commit)
   on a synchronous pysqlite connection in a thread of its own; the state machine in
   payments/service.py is plain synchronous code, run with AsyncSession.run_sync elsewhere, and
   reads payment, invoice and customer in one query.
-* Where the time goes now, per event in the writer: the receipt's two templates ~0.25 ms, the ORM
-  bookkeeping of the state machine and the batch's flush most of the rest (~0.4 ms).
-* Next steps toward 1,000/s: render receipts in the outbox worker instead of in the webhook's
-  transaction (store the facts, not the text), or the succeeded transition as fixed Core statements
-  (a prototype on plain sqlite3 did 2,000-3,200 events/s), keeping apply_intent the one state machine.
+* Where the time goes now: HTTP, JSON and the signature check on the event loop thread, and the ORM
+  bookkeeping of the state machine in the writer, which share the GIL; the client shares the 2 cores.
+  Further headroom, if ever needed: the succeeded transition as fixed Core statements (a prototype
+  on plain sqlite3 did 2,000-3,200 events/s including a receipt render).
 * The harness is not the limit: --ceiling acknowledges ~9,600 events/s with --client raw, but httpx
   itself caps near 1,000 req/s on this box, so use --client raw to look for 1,000/s.
 """

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, contains_eager
 import audit
 from db import utcnow
 from emails import outbox
-from emails.messages import receipt_message
+from emails.messages import Kind, receipt_payload
 from i18n import N_
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from links.service import customer_locale, invoice_facts, link_with_invoice
@@ -559,16 +559,15 @@ def _flag(session: Session, settings: Settings, invoice: Invoice, reason: str, a
 
 def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payment: Payment) -> None:
     customer = session.get_one(Customer, invoice.customer_id)
-    content = receipt_message(
+    subject, payload = receipt_payload(
         invoice_facts(settings, invoice, customer),
         amount_paid=payment.amount,
         brand=payment.brand,
         last4=payment.last4,
         paid_at=payment.succeeded_at or utcnow(),
-        link_url=None,
         locale=customer_locale(settings, customer),
     )
-    outbox.enqueue(session, settings, customer.email, content, invoice_id=invoice.id)
+    outbox.enqueue_to_render(session, settings, customer.email, Kind.RECEIPT, subject, payload, invoice_id=invoice.id)
 
 
 # --- webhooks -------------------------------------------------------------------------------------

@@ -62,3 +62,15 @@ def test_finance_alert() -> None:
     message = finance_alert_message("Acme", "Invoice INV-7 needs attention", ["disputed: fraudulent"])
     assert message.subject == "[Acme] Invoice INV-7 needs attention"
     assert "disputed: fraudulent" in message.text and "disputed: fraudulent" in message.html
+
+
+def test_receipt_queued_as_facts_renders_the_same_as_directly() -> None:
+    from emails.messages import receipt_payload, render_payload
+
+    subject, payload = receipt_payload(FACTS, amount_paid=12050, brand="visa", last4="4242", paid_at=WHEN, locale="de")
+    direct = receipt_message(FACTS, amount_paid=12050, brand="visa", last4="4242", paid_at=WHEN, link_url=None, locale="de")
+    import json
+
+    later = render_payload(Kind.RECEIPT, json.loads(json.dumps(payload)))  # as stored in the outbox's JSON column
+    assert (subject, later.text, later.html) == (direct.subject, direct.text, direct.html)
+    assert "120,50\xa0€" in later.text

@@ -23,7 +23,7 @@ ENV = {
 
 def claimed(subject: str = "Rechnung INV-1 von Zoë's Café: 120,50 €", recipient: str = "ann@example.com") -> ClaimedMessage:
     return ClaimedMessage(
-        "token", 1, "invoice", recipient, subject, "Text part: https://x/pay/t", "<p>HTML part</p>", "<id-1@cafe.test>", 0
+        "token", 1, "invoice", recipient, subject, "Text part: https://x/pay/t", "<p>HTML part</p>", "<id-1@cafe.test>", 0, None
     )
 
 
