@@ -11,7 +11,7 @@ once, every outbox row is `sent`. Figure: emails/s (wall time of run_once). Goal
 
 Findings, 2026-11-23 (2 vCPU box, Python 3.11; figures vary ~15% from run to run):
 
-* Now: 354 emails/s with 2,000 emails and aiosmtpd in a thread of this process (it shares the GIL
+* Now: 354-454 emails/s (runs vary) with 2,000 emails and aiosmtpd in a thread of this process (it shares the GIL
   with the worker); every message arrived exactly once. Goal (>= 300/s): met. Before: 250-320/s.
 * What changed: emails/worker.py build_mime builds with the compat32 MIME classes (MIMEMultipart +
   MIMEText, Header for non-ASCII subjects and display names) instead of EmailMessage, whose header
