@@ -660,8 +660,11 @@ async def cmd_export(ctx: Context, rt: Runtime) -> None:
         return
     writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _jsonable(v) if v is not None else "" for k, v in row.items()})
+    with _progress(ctx, len(rows), "Exporting") as progress:
+        for row in rows:
+            writer.writerow({k: _jsonable(v) if v is not None else "" for k, v in row.items()})
+            if progress:
+                progress.advance(progress.task_ids[0])
 
 
 async def cmd_report_usage(ctx: Context, rt: Runtime) -> None:
