@@ -81,3 +81,4 @@ class OpenRecorder:
             except TimeoutError:
                 pass
             await self.flush()
+        await self.flush()  # opens counted while the last flush was running

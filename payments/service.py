@@ -498,6 +498,7 @@ def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment |
         payment = _locked_payment(session, Payment.id == payment_id)
         if payment is not None and payment.stripe_payment_intent_id is None:
             payment.stripe_payment_intent_id = snapshot.id
+            _remember(session, payment)
             return payment
     invoice_id = _uuid(snapshot.metadata.get("invoice_id"))
     if invoice_id is None or session.get(Invoice, invoice_id, with_for_update=True) is None:
@@ -514,7 +515,15 @@ def _payment_for_intent(session: Session, snapshot: IntentSnapshot) -> Payment |
     )
     session.add(payment)
     session.flush()
+    _remember(session, payment)
     return payment
+
+
+def _remember(session: Session, payment: Payment) -> None:
+    """A batch finds by intent id a payment it just linked to one (its refund may follow)."""
+    prefetched = session.info.get(PREFETCHED_PAYMENTS)
+    if prefetched is not None and payment.stripe_payment_intent_id:
+        prefetched[payment.stripe_payment_intent_id] = payment
 
 
 def _uuid(value: str | None) -> uuid.UUID | None:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from settings import Settings
 
 log = logging.getLogger("paylink.webhooks")
 MAX_BATCH = 200
+MAX_QUEUED = 10_000  # beyond this, answer 500 at once: Stripe delivers again later
 
 Pending = tuple[dict[str, Any], "asyncio.Future[bool]"]
 
@@ -39,7 +41,7 @@ class WebhookWriter:
         self._settings = settings
         self._sessions = sessions
         self._engine: Engine | None = create_sync_sqlite_engine(settings.database_url) if is_sqlite(settings.database_url) else None
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=MAX_QUEUED)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-writer") if self._engine else None
         self._task: asyncio.Task[None] | None = None
 
@@ -52,8 +54,13 @@ class WebhookWriter:
         if self._task is None:
             async with self._sessions.begin() as session:
                 return await session.run_sync(record_and_apply, self._settings, event)
+        if self._task.done():
+            raise WriterStopped()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._queue.put((event, future))
+        try:
+            self._queue.put_nowait((event, future))
+        except asyncio.QueueFull:
+            raise WriterStopped() from None
         return await future
 
     async def close(self) -> None:
@@ -64,8 +71,8 @@ class WebhookWriter:
             _, future = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(WriterStopped())
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        if self._executor is not None:  # waits for a batch in flight, off the event loop
+            await asyncio.to_thread(self._executor.shutdown, True)
         if self._engine is not None:
             self._engine.dispose()
 
@@ -85,6 +92,8 @@ class WebhookWriter:
             except Exception as exc:  # the batch's commit failed: none of its events is applied
                 log.exception("webhooks.batch_failed events=%d", len(batch))
                 results = [exc] * len(batch)
+            if len(results) != len(batch):  # never leave a request waiting, whatever happened
+                results = [RuntimeError("webhook batch results do not match its events")] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -99,6 +108,10 @@ class WebhookWriter:
         failing event is refused."""
         try:
             return self._apply_together(events)
+        except OperationalError:
+            # The database itself is unavailable (locked past the busy timeout, disk full): trying
+            # each event again would only wait again. Refuse the batch; Stripe delivers it later.
+            raise
         except Exception:
             log.warning("webhooks.batch_failed_retrying_one_by_one events=%d", len(events))
             return self._apply_one_by_one(events)
@@ -111,11 +124,14 @@ class WebhookWriter:
     def _apply_one_by_one(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
         results: list[bool | Exception] = []
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            session.connection()  # take the write lock once, before the first event
             for event in events:
                 try:
-                    with session.begin_nested():
-                        results.append(record_and_apply(session, self._settings, event))
+                    with session.begin_nested():  # its changes are written when it is released
+                        is_new = record_and_apply(session, self._settings, event)
                 except Exception as exc:
                     log.exception("webhook.failed event=%s type=%s", event.get("id"), event.get("type"))
                     results.append(exc)
+                else:
+                    results.append(is_new)
         return results

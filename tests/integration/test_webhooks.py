@@ -177,3 +177,27 @@ class TestBatchApplication:
         shown = invoice_status(cli, issued.number)
         assert (shown["status"], shown["amount_paid"]) == ("paid", 12050)
         assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'receipt'") == [(1,)]
+
+    def test_an_event_failing_at_its_write_is_refused_alone(self, cli, localstripe: LocalStripe, settings: Settings) -> None:
+        from payments.webhooks import WebhookWriter
+
+        issued = [issue_invoice(cli, localstripe, CARD_OK) for _ in range(2)]
+        good = []
+        for index, one in enumerate(issued):
+            one.invoice_id = invoice_id(settings, one.number)  # type: ignore[attr-defined]
+            good.append(intent_event(f"evt_write_good_{index}", paid_intent_for(localstripe, one)))
+        third = issue_invoice(cli, localstripe, CARD_OK)
+        third.invoice_id = invoice_id(settings, third.number)  # type: ignore[attr-defined]
+        failing = paid_intent_for(localstripe, third)
+        # An error code the database cannot store: the failure comes when the changes are written.
+        failing.update(status="requires_payment_method", last_payment_error={"code": {"not": "text"}, "message": "declined"})
+        bad = intent_event("evt_write_bad", failing, kind="payment_intent.payment_failed")
+        writer = WebhookWriter(settings, None)  # type: ignore[arg-type]
+        try:
+            results = writer._apply_batch([good[0], bad, good[1]])
+        finally:
+            assert writer._engine is not None
+            writer._engine.dispose()
+        assert results[0] is True and isinstance(results[1], Exception) and results[2] is True
+        assert [invoice_status(cli, one.number)["status"] for one in issued] == ["paid", "paid"]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_write_bad'") == [(0,)]
