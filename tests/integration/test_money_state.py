@@ -288,3 +288,36 @@ class TestConcurrentTruth:
         assert post_event(server, "payment_intent.succeeded", intent.to_dict()).status_code == 200
         shown = invoice_status(cli, issued.number)
         assert (shown["status"], shown["amount_paid"], shown["amount_refunded"]) == ("refunded", 12050, 12050)
+
+
+class TestBatchedRecovery:
+    """A payment found by its metadata and refunded in the same webhook batch ends refunded."""
+
+    def test_success_and_refund_in_one_batch_after_a_crash_before_the_id_was_kept(
+        self, cli, localstripe: LocalStripe, settings: Settings
+    ) -> None:
+        from sqlalchemy.orm import Session
+
+        from db import create_sync_sqlite_engine
+        from payments.service import record_and_apply_batch
+        from tests.harness import db_execute
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_crash(settings, link_id_of(settings, issued.number), issued.cards[0])
+        db_execute(settings.database_url, "UPDATE payments SET stripe_payment_intent_id = NULL")  # died before keeping the id
+        intent = paid_intent(localstripe, issued)
+        localstripe.client.v1.refunds.create({"payment_intent": intent.id})
+        charge_id = intent.latest_charge.id if hasattr(intent.latest_charge, "id") else intent.latest_charge
+        charge = localstripe.client.v1.charges.retrieve(charge_id).to_dict()
+        events = [
+            {"id": "evt_b_paid", "type": "payment_intent.succeeded", "created": int(time.time()), "data": {"object": intent.to_dict()}},
+            {"id": "evt_b_refund", "type": "charge.refunded", "created": int(time.time()), "data": {"object": charge}},
+        ]
+        engine = create_sync_sqlite_engine(settings.database_url)
+        try:
+            with Session(engine) as session, session.begin(), session.no_autoflush:
+                assert record_and_apply_batch(session, settings, events) == [True, True]
+        finally:
+            engine.dispose()
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_refunded"]) == ("refunded", 12050)
