@@ -11,6 +11,14 @@
     });
   });
 
+  // The Pay button names the card it will charge: follow the customer's choice.
+  var payButton = document.getElementById("pay-button");
+  Array.prototype.forEach.call(document.querySelectorAll("input[data-pay-label]"), function (radio) {
+    radio.addEventListener("change", function () {
+      if (radio.checked && payButton) { payButton.textContent = radio.dataset.payLabel; }
+    });
+  });
+
   // A new card: Stripe's card element; card data goes from this page to Stripe only.
   var form = document.getElementById("new-card-form");
   if (!form || typeof window.Stripe !== "function") { return; }

@@ -202,13 +202,14 @@ class TestLayout:
 
     @pytest.mark.parametrize("viewport", [PHONE, {"width": 768, "height": 1024}, DESKTOP], ids=["phone", "tablet", "desktop"])
     def test_viewports(self, cli, localstripe: LocalStripe, server, browser: Browser, viewport: dict[str, int]) -> None:
-        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OK)
+        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_3DS)
         context = browser.new_context(viewport=viewport)
         page = context.new_page()
         try:
             page.goto(issued.url)
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "horizontal scroll"
-            button = page.get_by_role("button", name="Pay €120.50").bounding_box()
+            pay = page.get_by_role("button", name=re.compile(r"^Pay €120.50 with Visa •••• 4242$"))
+            button = pay.bounding_box()
             amount = page.get_by_role("heading", level=1).bounding_box()
             assert button and amount
             assert button["y"] + button["height"] <= viewport["height"], "the Pay button must be visible without scrolling"
@@ -218,6 +219,8 @@ class TestLayout:
                 box = radio.bounding_box()
                 assert box and box["height"] >= 44
             snap(page, f"layout-{viewport['width']}x{viewport['height']}")
+            page.locator("label.card-choice").nth(1).click()  # the button follows the chosen card
+            expect(page.locator("#pay-button")).to_have_text("Pay €120.50 with Visa •••• 3184")
         finally:
             context.close()
 
