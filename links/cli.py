@@ -190,11 +190,9 @@ async def cmd_customer_add(ctx: Context, rt: Runtime) -> None:
         from payments.service import sync_profiles
 
         await _sync_quietly(ctx, lambda: sync_profiles(rt.sessions, rt.gateway, customer.id))
-    record = customer_record(customer)
+    state = "verified (attested)" if a.verified else "not verified yet: a confirmation email is on its way"
     emit(
-        ctx,
-        record,
-        lambda: ctx.console.print(f"Added customer {customer.email} ({'verified' if a.verified else 'not verified'}), Stripe {stripe_id}"),
+        ctx, customer_record(customer), lambda: ctx.console.print(f"Added customer {customer.email}, {state}. Stripe customer {stripe_id}.")
     )
 
 
