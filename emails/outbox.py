@@ -251,10 +251,6 @@ async def outbox_counts(session: AsyncSession) -> OutboxCounts:
     oldest = (
         await session.execute(select(func.min(OutboxMessage.created_at)).where(OutboxMessage.status == OutboxStatus.PENDING))
     ).scalar_one_or_none()
-    if oldest is not None and oldest.tzinfo is None:
-        from datetime import UTC
-
-        oldest = oldest.replace(tzinfo=UTC)
     return OutboxCounts(
         pending=counts.get(OutboxStatus.PENDING, 0),
         sent=counts.get(OutboxStatus.SENT, 0),

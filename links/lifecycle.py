@@ -114,14 +114,7 @@ async def release_held_invoices(session: AsyncSession, settings: Settings, custo
     ).scalars()
     released = 0
     for invoice in invoices:
-        link = (
-            await session.execute(
-                select(PaymentLink)
-                .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now)
-                .order_by(PaymentLink.created_at.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
+        link = await _newest_live_link(session, invoice.id, now)
         if link is None or link.sent_at is not None:
             continue
         url = pay_url(settings, pay_signer(settings).sign(link.id, link.expires_at))
