@@ -9,18 +9,7 @@ import httpx
 import pytest
 
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', html)
-    assert match, "the page has no CSRF field"
-    return match.group(1)
-
-
-def payment_method_of(html: str) -> str:
-    match = re.search(r'name="payment_method" value="(pm_[^"]+)"', html)
-    assert match, "the page offers no saved card"
-    return match.group(1)
+from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
 
 
 class TestCoreJourney:
@@ -84,7 +73,7 @@ class TestCoreJourney:
             "expires 12/30",
         ):
             assert expected in html, f"{expected!r} missing from the pay page"
-        assert payment_method_of(html) == pm_id
+        assert offered_cards(html) == [pm_id]
         assert page.headers["cache-control"] == "no-store"
         assert page.headers["referrer-policy"] == "no-referrer"
 
@@ -98,11 +87,7 @@ class TestCoreJourney:
         assert [(pi.amount, pi.currency, pi.status) for pi in intents] == [(12050, "eur", "succeeded")]
 
         # localstripe's signed webhook arrives and is recorded (the POST already applied the same truth).
-        def webhook_recorded() -> bool:
-            shown = cli("invoice", "show", invoice["number"], "--json")
-            return shown.json()["status"] == "paid"
-
-        wait_until(webhook_recorded, what="invoice to be paid")
+        wait_until(lambda: invoice_status(cli, invoice["number"])["status"] == "paid", what="invoice to be paid")
         receipt = smtp.mailbox.wait_for(2)[1]
         assert receipt["Subject"].startswith("Receipt for invoice")
         assert "Visa **** 4242" in text_part(receipt)
@@ -124,9 +109,6 @@ class TestSecurityHeaders:
     """Link pages are locked down: a per-request nonce, only Stripe's origin for scripts and frames."""
 
     def test_headers_on_a_link_page(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
-        from tests.harness import CARD_OK
-        from tests.integration.helpers import issue_invoice
-
         issued = issue_invoice(cli, localstripe, CARD_OK)
         first, second = browser_client.get(issued.url), browser_client.get(issued.url)
         csp = first.headers["content-security-policy"]
