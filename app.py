@@ -1,6 +1,8 @@
-"""The Starlette application: routes, middleware and a lifespan that owns the engine and clients.
+"""The web app's composition root: routes, middleware, exception handlers and a lifespan that opens
+the container (services.py) once.
 
-`uvicorn app:app` serves it; `create_app(settings)` builds one for tests and the demo.
+Run it with `uvicorn --factory app:create_app` (it reads the environment); tests and the demo call
+`create_app(settings)`.
 """
 
 from __future__ import annotations
@@ -16,23 +18,20 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from db import create_engine, create_session_factory, is_sqlite, migrate, reader_engine
-from emails.worker import run_forever
-from i18n import negotiate_locale
-from links.opens import OpenRecorder
-from links.pagereader import PageReader
-from links.views import routes as link_routes
-from payments.gateway import StripeGateway
-from payments.views import routes as payment_routes
-from payments.webhooks import WebhookWriter
-from rendering import emails, pages
-from settings import ConfigError, Settings
-from web import AccessLog, BodySizeLimit, Paylink, SecurityHeaders, origin_of
+from payments.views import routes as webhook_routes
+from plumbing.db import is_sqlite, migrate
+from plumbing.rendering import emails, pages
+from plumbing.settings import ConfigError, Settings
+from plumbing.web import SECURITY_HEADERS, AccessLog, BodySizeLimit, SecurityHeaders, origin_of, templated_path
+from services import Services, open_services, run_worker
+from views.errors import PageError, render_page_error
+from views.pages import routes as page_routes
+from views.render import render_page
 
 ROOT = Path(__file__).resolve().parent
 MAX_REQUEST_BYTES = 512 * 1024  # the largest Stripe event is far smaller; our forms are tiny
@@ -43,111 +42,91 @@ async def health(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-def _error_page(request: Request, status_code: int) -> Response:
-    locale = negotiate_locale(request.headers.get("accept-language"))
-    merchant = request.app.state.merchant_name
-    html = pages.render(
-        "error.html",
-        locale,
-        request=request,
-        csp_nonce=request.scope.get("csp_nonce", ""),
-        merchant=merchant,
-        languages={},
-        reason=str(status_code),
-    )
-    return Response(html, status_code=status_code, media_type="text/html")
-
-
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _error_page(request, exc.status_code)
+    return render_page(request, "error.html", status_code=exc.status_code, languages={}, reason=str(exc.status_code))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the log; the customer sees a friendly page that leaks nothing.
-    return _error_page(request, 500)
+    # The traceback goes to the log; the customer sees a friendly page that leaks nothing. Starlette
+    # runs this outside the middleware, so the security headers are added here.
+    response = render_page(request, "error.html", status_code=500, languages={}, reason="500")
+    for name, value in request.scope.get(SECURITY_HEADERS, []):
+        response.headers[name.decode()] = value.decode()
+    return response
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived: nobody is there to answer, and nothing went wrong."""
+    log.info("request.client_disconnected method=%s path=%s", request.method, templated_path(request.url.path))
+    return Response(status_code=400)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings.from_env()
+    """The app for `settings`, or for the environment (one clear line and exit 1 if a setting is bad)."""
+    if settings is None:
+        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+    configured: Settings = settings
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Paylink]]:
-        if is_sqlite(settings.database_url):
-            await migrate(settings.database_url)  # an embedded database migrates itself on start
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Services]]:
+        if is_sqlite(configured.database_url):
+            await migrate(configured.database_url)  # an embedded database migrates itself on start
         pages.warm()  # templates are compiled once, before the first customer arrives
         emails.warm()
-        engine = create_engine(settings.database_url)
-        sessions = create_session_factory(engine)
-        readers = create_session_factory(reader_engine(engine))
-        context = Paylink(
-            settings=settings,
-            engine=engine,
-            sessions=sessions,
-            readers=readers,
-            gateway=StripeGateway(settings),
-            opens=OpenRecorder(sessions),
-            pages=PageReader(settings.database_url, readers),
-            webhooks=WebhookWriter(settings, sessions),
-        )
-        context.webhooks.start()
-        opens = asyncio.create_task(context.opens.run(), name="opens")
-        outbox_stop = asyncio.Event()
-        tasks = [opens]
-        if settings.outbox_in_process:
-            tasks.append(asyncio.create_task(run_forever(sessions, settings, context.outbox_wakeup, outbox_stop), name="outbox"))
-        try:
-            yield {"paylink": context}
-        finally:
-            # Ask the background work to finish (the last opens are written, the current email
-            # is recorded), and only cancel what does not stop in time.
-            context.opens.stop()
-            outbox_stop.set()
-            context.outbox_wakeup.set()
-            _, late = await asyncio.wait(tasks, timeout=10)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await context.webhooks.close()
-            context.pages.close()
-            await engine.dispose()
+        async with open_services(configured, background=True) as services, _in_process_worker(services):
+            yield {"services": services}
 
-    stripe_origins = [origin_of(settings.stripe_js_url)]
-    if settings.stripe_api_base:
-        stripe_origins.append(origin_of(settings.stripe_api_base))
+    stripe_origins = [origin_of(configured.stripe_js_url)]
+    if configured.stripe_api_base:
+        stripe_origins.append(origin_of(configured.stripe_api_base))
     else:
         stripe_origins += ["https://api.stripe.com", "https://hooks.stripe.com"]
     app = Starlette(
         routes=[
-            *link_routes,
-            *payment_routes,
+            *page_routes,
+            *webhook_routes,
             Route("/health", health),
             Mount("/static", app=StaticFiles(directory=ROOT / "static"), name="static"),
         ],
         middleware=[
             Middleware(AccessLog),
+            # Outside the size limit, so that its 413 carries the security headers too.
+            Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=configured.base_url.startswith("https://")),
             Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES),
-            Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=settings.base_url.startswith("https://")),
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            PageError: render_page_error,
+            ClientDisconnect: client_gone,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
         lifespan=lifespan,
     )
-    app.state.merchant_name = settings.merchant_name
+    app.state.settings = configured
     return app
 
 
-def _app_from_env() -> Starlette:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+@contextlib.asynccontextmanager
+async def _in_process_worker(services: Services) -> AsyncIterator[None]:
+    """With OUTBOX_IN_PROCESS (the demo, the tests) the app also runs the worker's loops."""
+    if not services.settings.outbox_in_process:
+        yield
+        return
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(services, stop), name="worker")
     try:
-        return create_app()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def __getattr__(name: str) -> Starlette:
-    # `uvicorn app:app` reads the environment only when the app is asked for, so importing this
-    # module (tests, tools) needs no configuration.
-    if name == "app":
-        return _app_from_env()
-    raise AttributeError(name)
+        yield
+    finally:
+        # Ask the loops to finish the email in hand, and only cancel what does not stop in time.
+        stop.set()
+        services.outbox_wakeup.set()
+        done, _ = await asyncio.wait([task], timeout=10)
+        if not done:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

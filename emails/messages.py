@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Any
 
-from i18n import N_, format_money
-from rendering import emails
+from plumbing.i18n import N_, format_money
+from plumbing.rendering import emails
 
 
 class Kind:

@@ -5,12 +5,18 @@ the result, the lease runs out and another worker sends the row again with the s
 so a resend after a crash is recognisable. Claiming is one atomic UPDATE ... RETURNING (with
 FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite writers are serialised by BEGIN IMMEDIATE), so two
 workers never hold the same row at once.
+
+This is infrastructure: it knows nothing of customers or invoices. A message that goes dead is
+reported to a `DeadLetterHook` (the invoicing code's policy, see links/hooks.py), in the same
+transaction that marks the row dead. Whether a customer's address is paused is decided by the
+domain code that queues a message (links.hooks.queue_customer_email), not here.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import make_msgid, parseaddr
@@ -20,12 +26,11 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-import audit
-from db import utcnow
-from emails.messages import EmailContent, Kind, finance_alert_message
+from emails.messages import EmailContent, finance_alert_message
 from emails.models import OutboxMessage, OutboxStatus
-from links.models import Customer, Invoice
-from settings import Settings
+from plumbing import audit
+from plumbing.db import utcnow
+from plumbing.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,23 @@ class ClaimedMessage:
     message_id: str
     attempts: int
     payload: dict[str, Any] | None  # facts to render at send time, or None when text and html are set
+
+
+@dataclass(frozen=True)
+class DeadMessage:
+    """A message the outbox gave up on, as reported to the dead-letter hook."""
+
+    id: int
+    kind: str
+    recipient: str
+    subject: str
+    invoice_id: uuid.UUID | None
+    error: str
+    recipient_fault: bool  # the server refused the address itself (not the content, not our settings)
+
+
+# Applies domain policy to a dead message, inside the transaction that marks it dead.
+DeadLetterHook = Callable[[AsyncSession, DeadMessage], Awaitable[None]]
 
 
 def mail_domain(mail_from: str) -> str:
@@ -186,11 +208,14 @@ async def mark_failed(
     *,
     permanent: bool,
     recipient_fault: bool = False,
+    on_dead: DeadLetterHook | None = None,
 ) -> str:
-    """Record a failed try: retry later with backoff, or go dead (and tell finance). Returns the new status.
+    """Record a failed try: retry later with backoff, or go dead. Returns the new status.
 
-    `recipient_fault` (the server refused the address itself) also marks the customer's address
-    undeliverable; a message refused for its content or our server's settings does not."""
+    A dead message is never silent: it is audited, and `on_dead` (the domain's policy: flag the
+    invoice, pause a refused address, alert finance) runs in the same transaction, so the row is
+    dead exactly when the policy was applied. `recipient_fault` says the server refused the
+    address itself; a message refused for its content or for our server's settings is not."""
     attempts = message.attempts + 1
     dead = permanent or attempts >= settings.outbox_max_attempts
     async with sessions.begin() as session:
@@ -205,36 +230,11 @@ async def mark_failed(
             row.next_attempt_at = utcnow() + timedelta(seconds=backoff_seconds(attempts, settings))
             return OutboxStatus.PENDING
         row.status = OutboxStatus.DEAD
-        await _flag_undeliverable(session, settings, row, error, recipient_fault=recipient_fault)
+        audit.record(session, "worker", "email.dead", f"outbox:{row.id}", kind=row.kind, error=error[:500])
+        if on_dead is not None:
+            dead_message = DeadMessage(row.id, row.kind, row.recipient, row.subject, row.invoice_id, error, recipient_fault)
+            await on_dead(session, dead_message)
     return OutboxStatus.DEAD
-
-
-async def _flag_undeliverable(session: AsyncSession, settings: Settings, row: OutboxMessage, error: str, *, recipient_fault: bool) -> None:
-    """A permanent failure is never silent: flag the invoice (and a refused address), alert finance."""
-    audit.record(session, "worker", "email.dead", f"outbox:{row.id}", kind=row.kind, error=error[:500])
-    if row.kind == Kind.FINANCE_ALERT:
-        return
-    customer = (await session.execute(select(Customer).where(Customer.email == row.recipient))).scalar_one_or_none()
-    if recipient_fault and customer is not None and customer.email_undeliverable_at is None:
-        customer.email_undeliverable_at = utcnow()
-        customer.email_undeliverable_reason = error[:500]
-    invoice_number = None
-    if row.invoice_id is not None:
-        invoice = await session.get_one(Invoice, row.invoice_id)
-        invoice.needs_attention = f"email undeliverable to {row.recipient}: {error[:300]}"
-        invoice_number = invoice.number
-    alert_finance(
-        session,
-        settings,
-        f"Email undeliverable to {row.recipient}",
-        [
-            f"Message: {row.subject}",
-            f"Invoice: {invoice_number or '-'}",
-            f"Reason: {error[:300]}",
-            "Sends to this address are paused until it is corrected (python -m links customer update).",
-        ],
-        invoice_id=row.invoice_id,
-    )
 
 
 @dataclass(frozen=True)

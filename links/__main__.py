@@ -1,5 +1,7 @@
+"""`python -m links`: the finance CLI (cli/). The one import from links up to a composition root."""
+
 import sys
 
-from links.cli import main
+from cli import main
 
 sys.exit(main())

@@ -10,22 +10,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 
-from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-import audit
-from db import utcnow
-from i18n import SUPPORTED_LOCALES, MoneyError, check_currency, normalize_locale, to_minor_units
-from links.lifecycle import request_verification
-from links.models import Customer, Invoice, InvoiceStatus
-from links.service import IssuedLink, LinkError, check_invoice_number, issue_link
-from settings import Settings
+from links.customers import new_customer, normalize_email
+from links.errors import LinkError
+from links.invoices import check_invoice_number, flush_new_invoices, new_invoice
+from links.issuing import IssuedLink, issue_link
+from links.models import Customer, Invoice
+from links.verification import request_verification
+from plumbing import audit
+from plumbing.db import chunked, utcnow
+from plumbing.i18n import SUPPORTED_LOCALES, MoneyError, check_currency, normalize_locale, to_minor_units
+from plumbing.settings import Settings
 
 REQUIRED = ("email", "name", "amount", "currency", "description")
 OPTIONAL = ("due_date", "number", "locale")
@@ -114,9 +115,9 @@ def _parse(text: str) -> tuple[list[ImportRow], list[BadRow]]:
 
 def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | None]:
     try:
-        email = str(validate_email(v.get("email", ""), check_deliverability=False).normalized).lower()
-    except EmailNotValidError as exc:
-        return None, f"email {v.get('email')!r} is not valid: {exc}"
+        email = normalize_email(v.get("email", ""))
+    except LinkError as exc:
+        return None, str(exc)
     if not v.get("name"):
         return None, "name is empty"
     if not v.get("description"):
@@ -146,9 +147,7 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
 async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -> tuple[list[ImportRow], list[ImportRow], list[BadRow]]:
     """Split rows into new ones, ones already imported (same number, same invoice) and conflicts."""
     existing: dict[str, tuple[str, int, str]] = {}
-    numbers = [r.number for r in rows]
-    for chunk_start in range(0, len(numbers), 500):
-        chunk = numbers[chunk_start : chunk_start + 500]
+    for chunk in chunked([r.number for r in rows]):
         result = await session.execute(
             select(Invoice.number, Customer.email, Invoice.amount_due, Invoice.currency)
             .join(Customer, Customer.id == Invoice.customer_id)
@@ -182,21 +181,19 @@ async def write_rows(
     rows = list(rows)
     emails = sorted({r.email for r in rows})
     customers: dict[str, Customer] = {}
-    for chunk_start in range(0, len(emails), 500):
-        chunk = emails[chunk_start : chunk_start + 500]
+    for chunk in chunked(emails):
         found = await session.execute(select(Customer).where(Customer.email.in_(chunk)))
         customers.update({c.email: c for c in found.scalars()})
     now = utcnow()
     new_customers: list[Customer] = []
     for row in rows:
         if row.email not in customers:
-            customer = Customer(
-                id=uuid.uuid4(),
+            customer = new_customer(
                 email=row.email,
                 name=row.name,
                 locale=row.locale,
-                email_verified_at=now if verified else None,
-                email_verified_by=f"attested by {actor} (import)" if verified else None,
+                verified_by=f"attested by {actor} (import)" if verified else None,
+                now=now,
             )
             session.add(customer)
             customers[row.email] = customer
@@ -209,20 +206,20 @@ async def write_rows(
     invoices: list[tuple[Invoice, Customer]] = []
     for row in rows:
         customer = customers[row.email]
-        invoice = Invoice(
-            id=uuid.uuid4(),
-            number=row.number,
+        invoice = new_invoice(
             customer_id=customer.id,
+            number=row.number,
             currency=row.currency,
             amount_due=row.amount,
             description=row.description,
             due_date=row.due_date,
-            status=InvoiceStatus.OPEN,
         )
         session.add(invoice)
         invoices.append((invoice, customer))
     report.created_invoices = len(invoices)
-    await session.flush()  # invoices before the links and emails that refer to them
+    # Invoices before the links and emails that refer to them; a number taken since
+    # `check_against_database` (an import or a create at the same moment) is one clear error.
+    await flush_new_invoices(session, [invoice.number for invoice, _ in invoices])
     issued: list[IssuedLink] = []
     for count, (invoice, customer) in enumerate(invoices, start=1):
         if send:

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
+from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import JSON, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from db import Base, new_id, utcnow
+from plumbing.db import Base, new_id, utcnow
 
 
-class InvoiceStatus:
+class InvoiceStatus(StrEnum):
     OPEN = "open"
-    PROCESSING = "processing"
+    PROCESSING = "processing"  # a payment is on its way (bank transfer, slow card network)
     PAID = "paid"
     VOID = "void"
     REFUNDED = "refunded"
     PARTIALLY_REFUNDED = "partially_refunded"
 
-    ALL = (OPEN, PROCESSING, PAID, VOID, REFUNDED, PARTIALLY_REFUNDED)
-    PAYABLE = (OPEN,)
+    # Named groups (assigned below the class: an enum's body may only hold its members).
+    PAYABLE: ClassVar[tuple[InvoiceStatus, ...]]
+    HAS_RECEIPT: ClassVar[tuple[InvoiceStatus, ...]]
+    UNSETTLED: ClassVar[tuple[InvoiceStatus, ...]]
+
+
+InvoiceStatus.PAYABLE = (InvoiceStatus.OPEN,)
+InvoiceStatus.HAS_RECEIPT = (InvoiceStatus.PAID, InvoiceStatus.REFUNDED, InvoiceStatus.PARTIALLY_REFUNDED)
+InvoiceStatus.UNSETTLED = (InvoiceStatus.OPEN, InvoiceStatus.PROCESSING)  # its money state may still change
 
 
 class Customer(Base):

@@ -16,8 +16,8 @@ from datetime import datetime
 from sqlalchemy import Uuid, bindparam, case, insert, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db import UTCDateTime, utcnow
 from links.models import LinkOpen, PaymentLink
+from plumbing.db import UTCDateTime, utcnow
 
 log = logging.getLogger("paylink.opens")
 

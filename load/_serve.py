@@ -61,17 +61,17 @@ def bare_app(page: Path | None) -> Any:
 
 def memoise_pay_page_read() -> None:
     """What-if for payday.py: what the pay page would serve if its read cost nothing (first read per link hits the DB)."""
-    from links import service
+    from payments import page_reader
 
-    real = service.load_pay_page
+    real = page_reader.pay_page_sync
     cache: dict[Any, Any] = {}
 
-    async def load_pay_page(session: Any, link_id: Any) -> Any:
+    def pay_page_sync(session: Any, link_id: Any) -> Any:
         if link_id not in cache:
-            cache[link_id] = await real(session, link_id)
+            cache[link_id] = real(session, link_id)
         return cache[link_id]
 
-    service.load_pay_page = load_pay_page  # type: ignore[assignment]
+    page_reader.pay_page_sync = pay_page_sync  # type: ignore[assignment]
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ def write_csv(path: Path, n: int) -> None:
 def count(url: str, table: str) -> int:
     from sqlalchemy import text
 
-    from db import create_engine
+    from plumbing.db import create_engine
 
     async def run() -> int:
         engine = create_engine(url)

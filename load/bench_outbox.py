@@ -1,4 +1,4 @@
-"""Outbox throughput: N queued emails sent by `emails.worker.run_once` to a local aiosmtpd, on SQLite.
+"""Outbox throughput: N queued emails sent by `emails.sender.run_once` to a local aiosmtpd, on SQLite.
 
     .venv/bin/python load/bench_outbox.py [--n 2000] [--smtp thread|process] [--profile] [--keep]
 
@@ -13,7 +13,7 @@ Findings, 2026-11-23 (2 vCPU box, Python 3.11; figures vary ~15% from run to run
 
 * Now: 354-454 emails/s (runs vary) with 2,000 emails and aiosmtpd in a thread of this process (it shares the GIL
   with the worker); every message arrived exactly once. Goal (>= 300/s): met. Before: 250-320/s.
-* What changed: emails/worker.py build_mime builds with the compat32 MIME classes (MIMEMultipart +
+* What changed: emails/sender.py build_mime builds with the compat32 MIME classes (MIMEMultipart +
   MIMEText, Header for non-ASCII subjects and display names) instead of EmailMessage, whose header
   policy reparsed and refolded every header (~1.4 ms -> ~0.45 ms a message), and refuses header
   values with line breaks. The worker now stops between messages on an Event (SIGTERM, or the app's
@@ -119,9 +119,9 @@ async def enqueue_all(url: str, settings: Any, n: int) -> tuple[list[str], float
     """Queue N invoice emails (rendered from the real templates) through emails.outbox.enqueue."""
     from datetime import timedelta
 
-    from db import create_engine, create_session_factory, utcnow
     from emails import outbox
     from emails.messages import InvoiceFacts, invoice_message
+    from plumbing.db import create_engine, create_session_factory, utcnow
 
     engine = create_engine(url)
     sessions = create_session_factory(engine)
@@ -140,8 +140,8 @@ async def enqueue_all(url: str, settings: Any, n: int) -> tuple[list[str], float
 
 
 async def send_all(url: str, settings: Any, time_limit: float) -> tuple[Any, float]:
-    from db import create_engine, create_session_factory
-    from emails.worker import SendReport, SmtpSender, run_once
+    from emails.sender import SendReport, SmtpSender, run_once
+    from plumbing.db import create_engine, create_session_factory
 
     engine = create_engine(url)
     sessions = create_session_factory(engine)
@@ -177,8 +177,8 @@ def main() -> int:
     args = parser.parse_args()
     n = max(1, min(args.n, 50_000))
 
-    from db import migrate_sync
-    from settings import Settings
+    from plumbing.db import migrate_sync
+    from plumbing.settings import Settings
 
     with workdir("outbox", keep=args.keep) as work:
         db_path = work / "paylink.db"
@@ -214,7 +214,7 @@ def main() -> int:
         delivered = sum(1 for m in seen if m in expected)
         rate = delivered / seconds if seconds else 0.0
         print_table(
-            "outbox: emails.worker.run_once -> aiosmtpd on SQLite",
+            "outbox: emails.sender.run_once -> aiosmtpd on SQLite",
             [
                 ("queued", f"{n} in {enqueue_seconds:.2f} s ({n / enqueue_seconds:,.0f}/s, 500 per transaction)"),
                 ("SMTP server", f"aiosmtpd in a {args.smtp} of its own, port {sink.port}"),

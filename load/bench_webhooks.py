@@ -77,9 +77,9 @@ class Seeded:
 
 async def seed(url: str, n: int) -> list[Seeded]:
     """N customers, open invoices and live payments, inserted in bulk through the ORM models."""
-    from db import create_engine, create_session_factory, utcnow
     from links.models import Customer, Invoice, InvoiceStatus
     from payments.models import Payment, PaymentStatus
+    from plumbing.db import create_engine, create_session_factory, utcnow
 
     engine = create_engine(url)
     sessions = create_session_factory(engine)
@@ -280,7 +280,7 @@ def main() -> int:
     with workdir("webhooks", keep=args.keep) as work:
         db_path = work / "paylink.db"
         url = sqlite_url(db_path)
-        from db import migrate_sync
+        from plumbing.db import migrate_sync
 
         migrate_sync(url)
         t0 = time.perf_counter()

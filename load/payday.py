@@ -62,9 +62,11 @@ TARGET_RATIO = 0.25
 
 async def prepare(url: str, settings: Any, n: int) -> list[str]:
     """N customers with a saved card and an open invoice whose link is issued (no email): returns the links."""
-    from db import create_engine, create_session_factory
-    from links.service import add_customer, create_invoice, issue_link
+    from links.customers import add_customer
+    from links.invoices import create_invoice
+    from links.issuing import issue_link
     from payments.models import PaymentProfile
+    from plumbing.db import create_engine, create_session_factory
 
     engine = create_engine(url)
     sessions = create_session_factory(engine)
@@ -221,8 +223,8 @@ def main() -> int:
     if args.wrk == "yes" and not wrk:
         raise SystemExit("wrk is not installed (apt-get install -y wrk)")
 
-    from db import migrate_sync
-    from settings import Settings
+    from plumbing.db import migrate_sync
+    from plumbing.settings import Settings
 
     started = time.monotonic()
     results: list[Measured] = []

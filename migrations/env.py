@@ -8,12 +8,12 @@ import os
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import audit  # noqa: F401  (registers the table)
 import emails.models  # noqa: F401
 import links.models  # noqa: F401
 import payments.models  # noqa: F401
-from db import Base, create_engine, is_sqlite
-from settings import DEFAULT_DATABASE_URL
+import plumbing.audit  # noqa: F401  (registers the table)
+from plumbing.db import Base, create_engine, is_sqlite
+from plumbing.settings import DEFAULT_DATABASE_URL
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)

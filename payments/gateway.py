@@ -9,12 +9,13 @@ dataclasses so that services never touch SDK objects.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import stripe
 
-from settings import Settings
+from plumbing.settings import Settings
 
 
 class GatewayError(Exception):
@@ -115,6 +116,15 @@ def intent_snapshot(pi: Any) -> IntentSnapshot:
         error_message=_get(error, "message"),
         latest_charge_id=charge,
     )
+
+
+def _signed_at(header: str) -> int:
+    """The `t=` timestamp of a Stripe-Signature header (already verified by the SDK)."""
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _ref_id(value: Any) -> str | None:
@@ -250,6 +260,9 @@ class StripeGateway:
         """Verify Stripe-Signature before anything reads the body, then return the event as a dict."""
         try:
             stripe.WebhookSignature.verify_header(payload.decode("utf-8"), signature or "", self._webhook_secret, WEBHOOK_TOLERANCE_SECONDS)
+            # The SDK refuses timestamps too far in the past only; a replay window must close both ways.
+            if _signed_at(signature or "") > time.time() + WEBHOOK_TOLERANCE_SECONDS:
+                raise ValueError("the signature's timestamp is too far in the future")
             event = json.loads(payload)
         except (stripe.SignatureVerificationError, UnicodeDecodeError, ValueError) as exc:
             raise InvalidSignature(str(exc)) from None

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from db import Base, new_id, utcnow
 from links.models import Invoice
+from plumbing.db import Base, new_id, utcnow
 
 
-class PaymentStatus:
+class PaymentStatus(StrEnum):
     CREATED = "created"  # attempt claimed in our database, no PaymentIntent yet
     REQUIRES_CONFIRMATION = "requires_confirmation"  # PaymentIntent created, not yet confirmed
     REQUIRES_ACTION = "requires_action"  # 3-D Secure in progress
@@ -22,8 +24,28 @@ class PaymentStatus:
     FAILED = "failed"
     CANCELED = "canceled"
 
-    FINAL = (SUCCEEDED, FAILED, CANCELED)
-    LIVE = (CREATED, REQUIRES_CONFIRMATION, REQUIRES_ACTION, PROCESSING, PENDING)
+    # Named groups (assigned below the class: an enum's body may only hold its members).
+    FINAL: ClassVar[tuple[PaymentStatus, ...]]
+    LIVE: ClassVar[tuple[PaymentStatus, ...]]
+    IN_FLIGHT: ClassVar[tuple[PaymentStatus, ...]]
+
+
+PaymentStatus.FINAL = (PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CANCELED)
+# An attempt that holds the invoice's one live slot.
+PaymentStatus.LIVE = (
+    PaymentStatus.CREATED,
+    PaymentStatus.REQUIRES_CONFIRMATION,
+    PaymentStatus.REQUIRES_ACTION,
+    PaymentStatus.PROCESSING,
+    PaymentStatus.PENDING,
+)
+# Money may be moving and nothing is asked of the customer: the page says "we are confirming".
+PaymentStatus.IN_FLIGHT = (
+    PaymentStatus.CREATED,
+    PaymentStatus.REQUIRES_CONFIRMATION,
+    PaymentStatus.PROCESSING,
+    PaymentStatus.PENDING,
+)
 
 
 class Payment(Base):

@@ -12,12 +12,13 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db import utcnow
 from links.models import Invoice, InvoiceStatus
+from payments.checkout import settle_payment
+from payments.events import record_and_apply
 from payments.gateway import StripeGateway
 from payments.models import Payment, PaymentStatus, WebhookEvent
-from payments.service import record_and_apply, settle_payment
-from settings import Settings
+from plumbing.db import utcnow
+from plumbing.settings import Settings
 
 # Events of the last few days are fetched on every run (duplicates are skipped by id), so an event
 # that never reached us is found even when newer ones did; the first run looks back 30 days, as
@@ -50,9 +51,7 @@ async def _unsettled_invoices(sessions: async_sessionmaker[AsyncSession]) -> dic
     async with sessions() as session:
         live = select(Payment.invoice_id).where(Payment.status.in_(PaymentStatus.LIVE))
         rows = await session.execute(
-            select(Invoice.number, Invoice.status).where(
-                or_(Invoice.status.in_((InvoiceStatus.OPEN, InvoiceStatus.PROCESSING)), Invoice.id.in_(live))
-            )
+            select(Invoice.number, Invoice.status).where(or_(Invoice.status.in_(InvoiceStatus.UNSETTLED), Invoice.id.in_(live)))
         )
         return {number: status for number, status in rows}
 

@@ -112,7 +112,20 @@ def main() -> int:
         print(f"Mail catcher listening on 127.0.0.1:{smtp_port}; emails are saved in {MAIL_DIR}", flush=True)
         subprocess.run([PY, "-m", "links", "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         web = start(
-            [PY, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(app_port), "--no-access-log", "--log-level", "info"],
+            [
+                PY,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "app:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(app_port),
+                "--no-access-log",
+                "--log-level",
+                "info",
+            ],
             "app.log",
         )
         wait_for(f"{base_url}/health", "the app", web)

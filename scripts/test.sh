@@ -9,6 +9,7 @@ echo "== ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 echo "== mypy (strict)"; "$VENV/bin/mypy" .
+echo "== architecture contract (.importlinter)"; "$VENV/bin/lint-imports" --no-cache
 
 # PostgreSQL: the database-facing tests run again on it when it answers.
 if [ -z "${TEST_POSTGRES_URL:-}" ]; then

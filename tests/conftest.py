@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 # server thread and this one). Import them here, on the main thread, before any server starts.
 from anyio import open_file as _open_file  # noqa: E402, F401
 
-from settings import Settings  # noqa: E402
+from plumbing.settings import Settings  # noqa: E402
 from tests.harness import STRIPE_SECRET, WEBHOOK_SECRET, AppServer, LocalStripe, SmtpServer, free_port, in_thread, postgres_database  # noqa: E402
 
 LINK_KEY = "test-link-key-0123456789abcdef"
@@ -93,7 +93,7 @@ def env(database_url: str, localstripe: LocalStripe, smtp: SmtpServer) -> dict[s
 
 @pytest.fixture
 def settings(env: dict[str, str]) -> Settings:
-    from db import migrate_sync
+    from plumbing.db import migrate_sync
 
     in_thread(migrate_sync, env["DATABASE_URL"])
     return Settings.from_env(env)
@@ -151,7 +151,7 @@ class CliResult:
 @pytest.fixture
 def cli(env: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run `python -m links …` in-process with the test's environment."""
-    from links.cli import main
+    from cli import main
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)

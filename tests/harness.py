@@ -319,7 +319,7 @@ def db_execute(database_url: str, sql: str, **params: Any) -> None:
     """Change the database behind the app's back (only to set up a state, e.g. an expired link)."""
     from sqlalchemy import text
 
-    from db import create_engine
+    from plumbing.db import create_engine
 
     async def run() -> None:
         engine = create_engine(database_url)
@@ -336,7 +336,7 @@ def db_query(database_url: str, sql: str, **params: Any) -> list[tuple[Any, ...]
     """Read the app's database the way an operator would, on SQLite or PostgreSQL alike."""
     from sqlalchemy import text
 
-    from db import create_engine
+    from plumbing.db import create_engine
 
     async def run() -> list[tuple[Any, ...]]:
         engine = create_engine(database_url)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import db
+from plumbing import db
 
 revision: str = '0001'
 down_revision: str | None = None

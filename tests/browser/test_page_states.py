@@ -9,7 +9,7 @@ from playwright.sync_api import Page, expect
 from starlette.requests import Request
 from starlette.routing import Route
 
-from settings import Settings
+from plumbing.settings import Settings
 from tests.browser.conftest import assert_accessible, snap
 from tests.harness import CARD_3DS, CARD_OK, VERIFY_LINK, AppServer, LocalStripe, SmtpServer, db_execute, free_port, text_part
 from tests.integration.helpers import issue_invoice, unique_email

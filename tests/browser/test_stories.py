@@ -7,7 +7,7 @@ import re
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from settings import Settings
+from plumbing.settings import Settings
 from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, snap
 from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe, SmtpServer, pay_link_in
 from tests.integration.helpers import invoice_status, issue_invoice

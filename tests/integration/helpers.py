@@ -28,6 +28,7 @@ class Issued:
     url: str
     stripe_customer: str
     cards: list[str]
+    invoice_id: str  # as `invoice create --json` prints it
 
 
 def unique_email(prefix: str = "customer") -> str:
@@ -66,7 +67,7 @@ def issue_invoice(
     )
     assert created.code == 0, created.err
     data = created.json()
-    return Issued(email, data["number"], data["link"]["url"], cus_id, pm_ids)
+    return Issued(email, data["number"], data["link"]["url"], cus_id, pm_ids, data["id"])
 
 
 def invoice_status(cli: Any, number: str) -> dict[str, Any]:

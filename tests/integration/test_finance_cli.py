@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
-from settings import Settings
-from tests.harness import ROOT, db_query
+from links.customers import find_customer
+from links.invoices import create_invoice
+from plumbing.settings import Settings
+from services import open_services
+from tests.harness import ROOT, db_query, in_thread
 
 pytestmark = pytest.mark.postgres
 
@@ -253,3 +259,123 @@ class TestBadInputIsOneLine:
         assert run.stderr.strip().splitlines() == [
             "error: database: no such table: invoices (is the schema up to date? run `python -m links migrate`)"
         ]
+
+
+def add_customer_with_invoice(cli, email: str, number: str) -> None:
+    assert cli("customer", "add", "--email", email, "--name", "Gil", "--stripe-customer", f"cus_{number.lower()}", "--verified").code == 0
+    created = cli(
+        "invoice", "create", "--customer", email, "--amount", "9.50", "--currency", "eur", "--description", "d", "--number", number
+    )
+    assert created.code == 0, created.err
+
+
+class TestGlobalOptions:
+    """Staff type --json and --actor before or after the command; both are honoured, and the audit log names who acted."""
+
+    def test_json_anywhere_on_the_line(self, cli) -> None:
+        add_customer_with_invoice(cli, "gil@example.com", "G-1")
+        for line in (
+            ("--json", "invoice", "list"),
+            ("invoice", "--json", "list"),
+            ("invoice", "list", "--json"),
+            ("--json", "invoice", "list", "--status", "open"),
+        ):
+            result = cli(*line)
+            assert result.code == 0, (line, result.err)
+            assert [i["number"] for i in result.json()["invoices"]] == ["G-1"], line
+        assert "G-1" in cli("invoice", "list").out and not cli("invoice", "list").out.lstrip().startswith("{")
+
+    def test_actor_before_the_command_is_recorded(self, cli) -> None:
+        add_customer_with_invoice(cli, "gil@example.com", "G-2")
+        assert cli("--actor", "jane", "invoice", "void", "G-2").code == 0
+        assert cli("--actor", "max", "--json", "link", "revoke", "G-2").json()["revoked"] == 0
+        assert cli("outbox", "retry", "--actor", "ola").code == 0
+        entries = cli("--json", "audit").json()["entries"]
+        actors = {e["action"]: e["actor"] for e in entries}
+        assert actors["invoice.void"] == "cli:jane"
+        assert actors["link.revoke"] == "cli:max"
+        assert actors["outbox.retry"] == "cli:ola"
+        assert actors["invoice.create"].startswith("cli:") and actors["invoice.create"] != "cli:jane"  # the OS user by default
+
+
+class TestJsonErrors:
+    """A script that asks for --json gets its errors as JSON on stderr too, with the same exit codes."""
+
+    def test_user_errors(self, cli) -> None:
+        for line in (("--json", "invoice", "show", "NOPE"), ("invoice", "show", "NOPE", "--json")):
+            result = cli(*line)
+            assert result.code == 1
+            assert result.out == ""
+            assert json.loads(result.err) == {"error": "no invoice numbered NOPE", "kind": "user"}
+        assert cli("invoice", "show", "NOPE").err.strip() == "error: no invoice numbered NOPE"  # people still read one line
+
+    def test_usage_errors(self, cli) -> None:
+        result = cli("--json", "invoice", "frobnicate")
+        assert result.code == 2
+        error = json.loads(result.err)
+        assert error["kind"] == "usage" and "frobnicate" in error["error"] and error["usage"].startswith("usage: python -m links invoice")
+        plain = cli("invoice", "frobnicate")
+        assert plain.code == 2 and plain.err.startswith("usage: python -m links invoice") and "error: argument ACTION" in plain.err
+
+    def test_bad_import_rows_are_json_lines(self, cli, tmp_path: Path) -> None:
+        path = write_csv(tmp_path, "a@example.com,A,0,eur,d,,J-1,\nnot-an-email,B,5,eur,d,,J-2,\n")
+        result = cli("--json", "import", path)
+        assert result.code == 1
+        lines = [json.loads(line) for line in result.err.splitlines()]
+        assert [(e.get("line"), e["error"].startswith(f"{path}:")) for e in lines[:2]] == [(2, True), (3, True)]
+        assert lines[2]["kind"] == "user" and "nothing was imported" in lines[2]["error"]
+        assert result.json()["bad_rows"][0] == {"line": 2, "reason": "amount '0' must be greater than zero"}
+
+    def test_configuration_and_database_errors(self, cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'never-migrated.db'}")
+        database = cli("--json", "invoice", "list")
+        assert database.code == 1
+        assert json.loads(database.err) == {
+            "error": "no such table: invoices",
+            "kind": "database",
+            "hint": "is the schema up to date? run `python -m links migrate`",
+        }
+        monkeypatch.delenv("LINK_SECRET_KEYS")
+        config = cli("invoice", "list", "--json")
+        assert config.code == 1
+        assert json.loads(config.err) == {"error": "Config 'LINK_SECRET_KEYS' is missing, and has no default.", "kind": "configuration"}
+
+
+class TestDuplicateNumbers:
+    """Two people create the same invoice number at the same moment: the second is told the number is taken."""
+
+    def test_number_taken_while_we_were_creating(self, cli, settings: Settings, backend: str) -> None:
+        add_customer_with_invoice(cli, "gil@example.com", "G-3")
+        command = ("invoice", "create", "--customer", "gil@example.com", "--amount", "5", "--currency", "eur", "--description", "d")
+
+        async def race() -> object:
+            async with open_services(settings) as services:
+                async with services.sessions.begin() as session:  # the first create, not yet committed
+                    customer = await find_customer(session, "gil@example.com")
+                    await create_invoice(
+                        session, customer=customer, amount="5", currency="eur", description="first", actor="t", number="R-1"
+                    )
+                    second = asyncio.create_task(asyncio.to_thread(cli, *command, "--number", "R-1"))
+                    await until_blocked(services, backend)
+                return await second
+
+        result = in_thread(asyncio.run, race())
+        assert result.code == 1
+        assert result.err.strip() == "error: invoice number R-1 is already used"  # not "is the schema up to date?"
+        assert db_query(settings.database_url, "SELECT description FROM invoices WHERE number = 'R-1'") == [("first",)]
+
+
+async def until_blocked(services, backend: str) -> None:
+    """Wait until another connection waits for our transaction (PostgreSQL: on the unique index;
+    SQLite: for the write lock, which cannot be observed, so give it a moment)."""
+    if backend == "sqlite":
+        await asyncio.sleep(1.5)
+        return
+    query = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        async with services.readers() as session:
+            if (await session.execute(query)).scalar_one():
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the second create never waited for the first")

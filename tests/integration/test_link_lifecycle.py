@@ -10,8 +10,8 @@ from datetime import UTC, date, datetime, timedelta
 import httpx
 import pytest
 
-from links.tokens import Purpose, TokenSigner
-from settings import Settings
+from plumbing.settings import Settings
+from plumbing.signing import Purpose, TokenSigner
 from tests.conftest import LINK_KEY
 from tests.harness import CARD_OK, VERIFY_LINK, LocalStripe, SmtpServer, db_execute, db_query, pay_link_in, text_part, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, unique_email
@@ -228,7 +228,7 @@ class TestReminders:
 
 @pytest.mark.parametrize("locale", ["en"])
 def test_expired_page_is_in_plain_words(locale: str) -> None:
-    from rendering import pages
+    from plumbing.rendering import pages
 
     html = pages.render("expired.html", locale, request=None, csp_nonce="n", merchant="Acme", languages={}, token="t", csrf="c")
     assert "Email me a new link" in html

@@ -13,7 +13,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from payments.models import Payment, PaymentStatus
-from settings import Settings
+from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, in_thread, signed_event, wait_until
 from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
 
@@ -157,18 +157,15 @@ def _crash_when_recording_success(session: Session) -> None:
 def pay_and_crash(settings: Settings, link_id: uuid.UUID, payment_method: str) -> None:
     from sqlalchemy.ext.asyncio import async_sessionmaker
 
-    from db import create_engine
-    from payments.gateway import StripeGateway
-    from payments.service import pay_with_saved_profile
+    from payments.checkout import pay_with_saved_profile
+    from services import open_services
 
     async def run() -> None:
-        engine = create_engine(settings.database_url)
-        sessions = async_sessionmaker(engine, expire_on_commit=False, sync_session_class=CrashingSession)
-        try:
+        async with open_services(settings) as services:
+            # The container's engine, with sessions whose commit fails after Stripe charged.
+            sessions = async_sessionmaker(services.engine, expire_on_commit=False, sync_session_class=CrashingSession)
             with pytest.raises(RuntimeError, match="simulated crash"):
-                await pay_with_saved_profile(sessions, StripeGateway(settings), settings, link_id=link_id, payment_method_id=payment_method)
-        finally:
-            await engine.dispose()
+                await pay_with_saved_profile(sessions, services.gateway, settings, link_id=link_id, payment_method_id=payment_method)
 
     asyncio.run(run())
 
@@ -225,9 +222,9 @@ class TestStripeTimeouts:
 
                 # The confirm never reached Stripe. Once the attempt is stale, reconcile cancels it at
                 # Stripe and frees the invoice; the customer can pay again, and is charged once.
-                from payments import service
-
-                monkeypatch.setattr(service, "STALE_CLAIM", service.STALE_CLAIM * 0)
+                monkeypatch.setenv("STRIPE_TIMEOUT_SECONDS", "1")
+                monkeypatch.setenv("STALE_CLAIM_SECONDS", "1.5")  # longer than the Stripe timeout, as it must be
+                time.sleep(1.6)
                 report = cli("reconcile", "--json").json()
                 assert any(c["invoice"] == issued.number and c["to"] == "canceled" for c in report["changes"])
                 again = client.get(issued.url).text
@@ -243,21 +240,17 @@ class TestStripeTimeouts:
 def apply_concurrently(settings: Settings, snapshots: list[Any]) -> None:
     """Apply several Stripe snapshots at the same moment, each in its own transaction, as the
     pay POST and a webhook (or two webhook deliveries) would."""
-    from db import create_engine, create_session_factory
-    from payments.service import apply_intent
+    from payments.state import apply_intent
+    from services import open_services
 
     async def run() -> None:
-        engine = create_engine(settings.database_url)
-        sessions = create_session_factory(engine)
+        async with open_services(settings) as services:
 
-        async def apply(snapshot: Any) -> None:
-            async with sessions.begin() as session:
-                await session.run_sync(apply_intent, settings, snapshot, actor="test")
+            async def apply(snapshot: Any) -> None:
+                async with services.sessions.begin() as session:
+                    await session.run_sync(apply_intent, settings, snapshot, actor="test")
 
-        try:
             await asyncio.gather(*(apply(s) for s in snapshots))
-        finally:
-            await engine.dispose()
 
     in_thread(asyncio.run, run())
 
@@ -298,8 +291,8 @@ class TestBatchedRecovery:
     ) -> None:
         from sqlalchemy.orm import Session
 
-        from db import create_sync_sqlite_engine
-        from payments.service import record_and_apply_batch
+        from payments.events import record_and_apply_batch
+        from plumbing.db import create_sync_sqlite_engine
         from tests.harness import db_execute
 
         issued = issue_invoice(cli, localstripe, CARD_OK)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from db import create_engine, create_session_factory
 from emails.messages import EmailContent, Kind
 from emails.outbox import claim_due_messages, enqueue
-from emails.worker import SendReport, run_once
-from settings import Settings
+from emails.sender import SendReport, run_once
+from links.hooks import apply_dead_message_policy
+from plumbing.db import create_engine, create_session_factory
+from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, text_part
 from tests.integration.helpers import issue_invoice
 
@@ -46,10 +48,12 @@ def queue(settings: Settings, count: int, *, kind: str = Kind.RECEIPT, recipient
 
 
 def work(settings: Settings) -> SendReport:
+    """One `python -m emails.worker --once`: send what is due, with the invoicing code's dead-message policy."""
+
     async def run() -> SendReport:
         engine = create_engine(settings.database_url)
         try:
-            return await run_once(create_session_factory(engine), settings)
+            return await run_once(create_session_factory(engine), settings, on_dead=functools.partial(apply_dead_message_policy, settings))
         finally:
             await engine.dispose()
 

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 import pytest
 
 from emails.messages import InvoiceFacts, Kind, finance_alert_message, invoice_message, receipt_message, verification_message
-from i18n import format_money
+from plumbing.i18n import format_money
 
 FACTS = InvoiceFacts("Acme GmbH", "Ann Lee", "INV-7", "Beratung <November>", 12050, "eur", date(2026, 12, 15))
 LINK = "https://pay.example.com/pay/abc.def"

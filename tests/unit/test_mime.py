@@ -8,8 +8,8 @@ import email.policy
 import pytest
 
 from emails.outbox import ClaimedMessage
-from emails.worker import build_mime
-from settings import Settings
+from emails.sender import build_mime
+from plumbing.settings import Settings
 
 ENV = {
     "LINK_SECRET_KEYS": "k" * 20,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from links.tokens import Purpose, TokenExpired, TokenInvalid, TokenSigner
+from plumbing.signing import Purpose, TokenExpired, TokenInvalid, TokenSigner
 
 OLD_KEY = "old-key-0123456789abcdef"
 NEW_KEY = "new-key-0123456789abcdef"

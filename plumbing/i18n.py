@@ -12,7 +12,7 @@ from babel.dates import format_date as babel_format_date
 from babel.numbers import format_currency, get_currency_precision, is_currency
 from babel.support import NullTranslations, Translations
 
-LOCALES_DIR = Path(__file__).resolve().parent / "locales"
+LOCALES_DIR = Path(__file__).resolve().parent.parent / "locales"
 SUPPORTED_LOCALES = ("en", "de", "fr", "es")
 DEFAULT_LOCALE = "en"
 LOCALE_NAMES = {"en": "English", "de": "Deutsch", "fr": "Français", "es": "Español"}

@@ -10,7 +10,7 @@ from pathlib import Path
 from starlette.config import Config, Environ
 from starlette.datastructures import CommaSeparatedStrings, Secret
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/paylink.db"
 SMTP_TLS_MODES = ("none", "starttls", "tls")
 
@@ -32,6 +32,7 @@ class Settings:
     stripe_webhook_secret: Secret
     stripe_timeout_seconds: float
     stripe_max_network_retries: int
+    stale_claim_seconds: float
     smtp_host: str
     smtp_port: int
     smtp_username: str | None
@@ -67,6 +68,17 @@ class Settings:
         except (KeyError, ValueError) as exc:
             raise ConfigError(str(exc).strip("'\"")) from None
 
+    def __post_init__(self) -> None:
+        # A claimed attempt without a PaymentIntent id is released after STALE_CLAIM_SECONDS; if
+        # that came before the create call could have timed out (every retry included), a late
+        # answer could race a second attempt. Stripe's own idempotency key is the second line.
+        longest_create = self.stripe_timeout_seconds * (1 + self.stripe_max_network_retries)
+        if self.stale_claim_seconds <= longest_create:
+            raise ValueError(
+                f"STALE_CLAIM_SECONDS ({self.stale_claim_seconds:g}) must be longer than STRIPE_TIMEOUT_SECONDS x "
+                f"(1 + STRIPE_MAX_NETWORK_RETRIES) = {longest_create:g}"
+            )
+
     @classmethod
     def _read(cls, config: Config) -> Settings:
         keys = config("LINK_SECRET_KEYS", cast=CommaSeparatedStrings)
@@ -95,6 +107,7 @@ class Settings:
             stripe_webhook_secret=config("STRIPE_WEBHOOK_SECRET", cast=Secret),
             stripe_timeout_seconds=config("STRIPE_TIMEOUT_SECONDS", cast=float, default=20.0),
             stripe_max_network_retries=config("STRIPE_MAX_NETWORK_RETRIES", cast=int, default=2),
+            stale_claim_seconds=config("STALE_CLAIM_SECONDS", cast=float, default=120.0),
             smtp_host=config("SMTP_HOST", default="127.0.0.1"),
             smtp_port=config("SMTP_PORT", cast=int, default=25),
             smtp_username=config("SMTP_USERNAME", default=None),

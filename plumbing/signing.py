@@ -14,13 +14,17 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature, URLSafeSerializer, URLSafeTimedSerializer
+
+from plumbing.settings import Settings
 
 
 class Purpose:
     PAY = "paylink.pay.v1"
     VERIFY_EMAIL = "paylink.verify-email.v1"
+    CSRF = "paylink.csrf.v1"
 
 
 class TokenInvalid(Exception):
@@ -66,3 +70,24 @@ class TokenSigner:
         if (now or datetime.now(UTC)) >= expires_at:
             raise TokenExpired(subject_id, expires_at)
         return TokenClaims(subject_id, expires_at)
+
+
+# --- every signer, in one place: one salt per purpose, keys from LINK_SECRET_KEYS -----------------
+
+
+@lru_cache(maxsize=8)
+def pay_signer(settings: Settings) -> TokenSigner:
+    """Tokens of emailed pay links (/pay/<token>)."""
+    return TokenSigner([str(k) for k in settings.link_secret_keys], Purpose.PAY)
+
+
+@lru_cache(maxsize=8)
+def verify_signer(settings: Settings) -> TokenSigner:
+    """Tokens of emailed address-confirmation links (/verify/<token>)."""
+    return TokenSigner([str(k) for k in settings.link_secret_keys], Purpose.VERIFY_EMAIL)
+
+
+@lru_cache(maxsize=8)
+def csrf_serializer(settings: Settings) -> URLSafeTimedSerializer:
+    """CSRF tokens of the forms on link pages (timed: a form older than a day is refused)."""
+    return URLSafeTimedSerializer([str(k) for k in reversed(settings.link_secret_keys)], salt=Purpose.CSRF)

@@ -13,9 +13,9 @@ from typing import Any
 
 import jinja2
 
-from i18n import SUPPORTED_LOCALES, format_day, format_money, normalize_locale, translations
+from plumbing.i18n import SUPPORTED_LOCALES, format_day, format_money, normalize_locale, translations
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Renderer:

@@ -1,4 +1,7 @@
-"""Read-only views for finance: the accounting export, usage by hour and day, aging, the audit trail."""
+"""Read-only views for finance: the accounting export, usage by hour and day, aging, the audit trail.
+
+They read invoices, payments and the outbox together, so they live with payments (links never
+imports payments)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from audit import AuditEntry
 from emails.models import OutboxMessage, OutboxStatus
-from i18n import format_money
 from links.models import Customer, Invoice, InvoiceStatus, LinkOpen, PaymentLink
 from payments.models import Payment, PaymentStatus
+from plumbing.audit import AuditEntry
+from plumbing.db import chunked
+from plumbing.i18n import format_money
 
 EXPORT_COLUMNS = (
     "number", "customer_email", "customer_name", "status", "currency", "amount_due", "amount_due_formatted", "amount_paid",
@@ -32,8 +36,7 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
     ids = [i.id for i, _ in invoices]
     payments: dict[Any, Payment] = {}
     links: dict[Any, tuple[Any, Any, Any, int]] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
+    for chunk in chunked(ids):
         paid = await session.execute(
             select(Payment).where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED).order_by(Payment.succeeded_at)
         )

@@ -1,4 +1,4 @@
-"""Applying verified Stripe events: exactly once, and fast enough for a payday's worth of them.
+"""The SQLite batch writer: verified Stripe events applied exactly once, fast enough for a payday.
 
 On SQLite every write takes the database's single write lock, and each statement through the async
 driver costs a thread hop. So events are queued to one writer that applies them in batches: one
@@ -6,7 +6,7 @@ transaction per batch, flushed once, on a synchronous connection in a thread of 
 event of a batch fails, the batch is rolled back and applied again with a savepoint per event, so
 that only the failing event is refused (answered 500, so that Stripe delivers it again). A request
 is answered only after its batch has committed. On PostgreSQL, where writers run side by side,
-each request applies its own event in its own transaction.
+each request applies its own event in its own transaction (`payments.events.DirectEventWriter`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from db import create_sync_sqlite_engine, is_sqlite
-from payments.service import record_and_apply, record_and_apply_batch
-from settings import Settings
+from payments.events import record_and_apply, record_and_apply_batch
+from plumbing.db import create_sync_sqlite_engine
+from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.webhooks")
 MAX_BATCH = 200
@@ -36,25 +35,22 @@ class WriterStopped(Exception):
     """The app is shutting down; the event was not applied (Stripe delivers it again)."""
 
 
-class WebhookWriter:
-    def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> None:
+class SqliteBatchWriter:
+    """One writer thread for a SQLite database: events queue up and are applied in batches."""
+
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._sessions = sessions
-        self._engine: Engine | None = create_sync_sqlite_engine(settings.database_url) if is_sqlite(settings.database_url) else None
+        self._engine: Engine = create_sync_sqlite_engine(settings.database_url)
         self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=MAX_QUEUED)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-writer") if self._engine else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-writer")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self._engine is not None:
-            self._task = asyncio.create_task(self._run(), name="webhook-writer")
+        self._task = asyncio.create_task(self._run(), name="webhook-writer")
 
     async def apply(self, event: dict[str, Any]) -> bool:
         """Record and apply one verified event; True if it was new, False for a duplicate."""
-        if self._task is None:
-            async with self._sessions.begin() as session:
-                return await session.run_sync(record_and_apply, self._settings, event)
-        if self._task.done():
+        if self._task is None or self._task.done():
             raise WriterStopped()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         try:
@@ -71,10 +67,8 @@ class WebhookWriter:
             _, future = self._queue.get_nowait()
             if not future.done():
                 future.set_exception(WriterStopped())
-        if self._executor is not None:  # waits for a batch in flight, off the event loop
-            await asyncio.to_thread(self._executor.shutdown, True)
-        if self._engine is not None:
-            self._engine.dispose()
+        await asyncio.to_thread(self._executor.shutdown, True)  # waits for a batch in flight, off the event loop
+        self._engine.dispose()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -83,7 +77,7 @@ class WebhookWriter:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await loop.run_in_executor(self._executor, self._apply_batch, [event for event, _ in batch])
+                results = await loop.run_in_executor(self._executor, self.apply_batch, [event for event, _ in batch])
             except asyncio.CancelledError:
                 for _, future in batch:
                     if not future.done():
@@ -102,7 +96,7 @@ class WebhookWriter:
                 else:
                     future.set_result(result)
 
-    def _apply_batch(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
+    def apply_batch(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
         """All events in one transaction with one flush at the commit; if anything in it fails,
         everything is rolled back and the events are applied again one by one, so that only the
         failing event is refused."""

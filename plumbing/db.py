@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from sqlalchemy import DateTime, MetaData, TypeDecorator, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.pool import SingletonThreadPool
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 READ_ONLY_OPTION = "paylink_read_only"
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -111,6 +115,19 @@ def _ensure_sqlite_dir(url: str) -> None:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def insert_ignore(session: Session | AsyncSession, model: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING in the session's dialect: one statement that cannot race
+    (SQLite and PostgreSQL both spell it this way). `.values(...)` and `.returning(...)` follow."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return insert(model).on_conflict_do_nothing()
+
+
+def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    """Slices for `IN (...)` lists that stay under every driver's parameter limit."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

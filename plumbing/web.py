@@ -1,52 +1,25 @@
-"""Shared web plumbing: the per-app context, page rendering, CSRF tokens, security headers."""
+"""Web plumbing that knows no domain: language negotiation, small forms, CSRF tokens, and the
+middleware (body size, access log without tokens, security headers)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from itsdangerous import BadSignature
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from i18n import LOCALE_NAMES, SUPPORTED_LOCALES, negotiate_locale, normalize_locale
-from links.opens import OpenRecorder
-from links.pagereader import PageReader
-from payments.gateway import StripeGateway
-from payments.webhooks import WebhookWriter
-from rendering import pages
-from settings import Settings
+from plumbing.i18n import SUPPORTED_LOCALES, negotiate_locale, normalize_locale
+from plumbing.settings import Settings
+from plumbing.signing import csrf_serializer
 
 CSRF_MAX_AGE_SECONDS = 24 * 3600
 MAX_FORM_BYTES = 16 * 1024
-
-
-@dataclass
-class Paylink:
-    """Everything a request needs, built once by the lifespan."""
-
-    settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]  # read-write (BEGIN IMMEDIATE on SQLite)
-    readers: async_sessionmaker[AsyncSession]  # read-only transactions
-    gateway: StripeGateway
-    opens: OpenRecorder
-    pages: PageReader
-    webhooks: WebhookWriter
-    outbox_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def paylink(request: Request) -> Paylink:
-    return request.state.paylink  # type: ignore[no-any-return]
 
 
 def origin_of(url: str) -> str:
@@ -75,25 +48,6 @@ def request_locale(request: Request, stored: str | None, default: str) -> str:
     return negotiate_locale(request.headers.get("accept-language"), normalize_locale(default))
 
 
-def render_page(request: Request, name: str, *, locale: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    settings = paylink(request).settings
-    html = pages.render(
-        name,
-        locale,
-        request=request,
-        csp_nonce=request.scope.get("csp_nonce", ""),
-        merchant=settings.merchant_name,
-        languages=LOCALE_NAMES,
-        **context,
-    )
-    response = HTMLResponse(html, status_code=status_code)
-    picked = request.query_params.get("lang")
-    if picked and normalize_locale(picked, default="") == locale:
-        # Remember the switcher's choice, so the pages after a form post stay in that language.
-        response.set_cookie(LANGUAGE_COOKIE, locale, max_age=365 * 24 * 3600, httponly=True, samesite="lax")
-    return response
-
-
 async def small_form(request: Request) -> dict[str, str] | None:
     """The posted form's text fields, or None for an oversized or malformed body."""
     if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
@@ -108,12 +62,8 @@ async def small_form(request: Request) -> dict[str, str] | None:
 # --- CSRF: a signed token bound to the link the form belongs to ------------------------------------
 
 
-def _csrf_serializer(settings: Settings) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer([str(k) for k in reversed(settings.link_secret_keys)], salt="paylink.csrf.v1")
-
-
 def csrf_token(settings: Settings, link_id: uuid.UUID) -> str:
-    return _csrf_serializer(settings).dumps(link_id.hex)
+    return csrf_serializer(settings).dumps(link_id.hex)
 
 
 def csrf_valid(request: Request, settings: Settings, link_id: uuid.UUID, token: str | None) -> bool:
@@ -123,7 +73,7 @@ def csrf_valid(request: Request, settings: Settings, link_id: uuid.UUID, token: 
     if not token:
         return False
     try:
-        return bool(_csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS) == link_id.hex)
+        return bool(csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS) == link_id.hex)
     except BadSignature:
         return False
 
@@ -189,6 +139,13 @@ async def _plain(send: Send, status: int, body: bytes) -> None:
 # --- an access log that never contains a token ---------------------------------------------------------
 
 TOKEN_IN_PATH = re.compile(r"^/(pay|verify)/[^/]+")
+
+
+def templated_path(path: str) -> str:
+    """The path as it may be logged: a link's token becomes `{token}`."""
+    return TOKEN_IN_PATH.sub(lambda m: f"/{m.group(1)}/{{token}}", path)
+
+
 access_log = logging.getLogger("paylink.access")
 
 
@@ -216,12 +173,15 @@ class AccessLog:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            path = TOKEN_IN_PATH.sub(lambda m: f"/{m.group(1)}/{{token}}", scope.get("path", ""))
+            path = templated_path(scope.get("path", ""))
             elapsed_ms = (time.perf_counter() - started) * 1000
             access_log.info("request method=%s path=%s status=%d ms=%.1f", scope.get("method"), path, status, elapsed_ms)
 
 
 # --- security headers --------------------------------------------------------------------------------
+
+
+SECURITY_HEADERS = "paylink.security_headers"  # scope key: the headers every answer carries
 
 
 class SecurityHeaders:
@@ -244,22 +204,23 @@ class SecurityHeaders:
             "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
         )
         path: str = scope.get("path", "")
+        strict = [
+            (b"content-security-policy", csp.encode()),
+            (b"referrer-policy", b"no-referrer"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=(self)"),
+        ]
+        if self.hsts:
+            strict.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+        if not path.startswith("/static/"):
+            strict.append((b"cache-control", b"no-store"))
+        # Starlette answers an unhandled error outside every middleware: its handler adds these itself.
+        scope[SECURITY_HEADERS] = strict
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", csp.encode()),
-                    (b"referrer-policy", b"no-referrer"),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"),
-                    (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=(self)"),
-                ]
-                if self.hsts:
-                    headers.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
-                if not path.startswith("/static/"):
-                    headers.append((b"cache-control", b"no-store"))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", []), *strict]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

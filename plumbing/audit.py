@@ -9,7 +9,7 @@ from sqlalchemy import JSON, Index, String
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from db import Base, utcnow
+from plumbing.db import Base, utcnow
 
 
 class AuditEntry(Base):

@@ -1,0 +1,92 @@
+"""`import` and `export`: invoices in from a CSV file, out for accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import sys
+from pathlib import Path
+
+from cli.common import Context, Parser, Services, Subcommands, UserError, command, emit, jsonable, parse_date, print_json, progress
+from links import importer
+from payments.reports import EXPORT_COLUMNS, export_rows
+
+
+def register(commands: Subcommands[Parser]) -> None:
+    p = command(
+        commands,
+        "import",
+        "Import invoices from a CSV file; every row is checked first, nothing is written if any is bad.",
+        example="python -m links import samples/invoices.csv --send",
+        run=import_csv,
+    )
+    p.add_argument("file", help="CSV with the header email,name,amount,currency,description,due_date,number,locale")
+    p.add_argument("--send", action="store_true", help="issue links and queue the invoice emails")
+    p.add_argument("--skip-bad", action="store_true", help="import the good rows even if some are bad")
+    p.add_argument("--verified", action="store_true", help="finance attests the new customers' addresses (audited)")
+
+    p = command(
+        commands,
+        "export",
+        "Export invoices with payments and link activity for accounting (CSV or JSON on stdout).",
+        example="python -m links export --since 2026-01-01 --format csv > invoices.csv",
+        run=export,
+    )
+    p.add_argument("--since", type=parse_date, help="only invoices created on or after this date, YYYY-MM-DD")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+
+
+async def import_csv(ctx: Context, services: Services) -> None:
+    a = ctx.args
+    try:
+        text = await asyncio.to_thread(Path(a.file).read_text, encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {a.file}: {exc}") from None
+    try:
+        rows, bad = importer.parse_csv(text)
+    except importer.ImportError_ as exc:
+        raise UserError(f"{a.file}: {exc}") from None
+    report = importer.ImportReport(rows=len(rows) + len(bad))
+    async with services.sessions.begin() as session:
+        new, done, conflicts = await importer.check_against_database(session, rows)
+        report.bad = sorted(bad + conflicts, key=lambda b: b.line)
+        report.already_imported = len(done)
+        if not report.bad or a.skip_bad:  # otherwise: everything validated, nothing written
+            with progress(ctx, len(new), "Importing") as advance:
+                await importer.write_rows(
+                    session, ctx.settings, new, actor=ctx.actor, send=a.send, verified=a.verified, report=report, progress=advance
+                )
+            report.written = True
+    record = {
+        "rows": report.rows, "written": report.written, "created_invoices": report.created_invoices,
+        "created_customers": report.created_customers, "already_imported": report.already_imported,
+        "emailed": report.emailed, "held": report.held, "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad],
+    }  # fmt: skip
+    for b in report.bad:
+        ctx.problem(f"{a.file}:{b.line}: {b.reason}", file=a.file, line=b.line, reason=b.reason)
+    emit(ctx, record, lambda: _print_import(ctx, report))
+    if report.bad and not a.skip_bad:
+        raise UserError(f"{len(report.bad)} bad row(s); nothing was imported (fix them, or use --skip-bad to import the rest)")
+
+
+def _print_import(ctx: Context, report: importer.ImportReport) -> None:
+    if not report.written:
+        return
+    ctx.console.print(
+        f"Imported {report.created_invoices} invoice(s) and {report.created_customers} new customer(s); "
+        f"{report.already_imported} already imported; {report.emailed} emailed, {report.held} held; {len(report.bad)} bad row(s) skipped."
+    )
+
+
+async def export(ctx: Context, services: Services) -> None:
+    async with services.readers() as session:
+        rows = await export_rows(session, ctx.args.since)
+    if ctx.args.format == "json" or ctx.json:
+        print_json(rows)
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    with progress(ctx, len(rows), "Exporting") as advance:
+        for row in rows:
+            writer.writerow({k: jsonable(v) if v is not None else "" for k, v in row.items()})
+            advance(1)

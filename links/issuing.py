@@ -1,0 +1,181 @@
+"""Payment links: issue, resolve, revoke, release held ones, and "email me a new link".
+
+A link is a bearer credential: its token is signed in plumbing/signing.py and never stored.
+The caller owns the transaction, so a link and the email that carries it commit together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from emails.messages import Kind, invoice_message
+from links.customers import customer_locale
+from links.errors import LinkError
+from links.hooks import paused_reason, queue_customer_email
+from links.invoices import find_invoice, invoice_facts
+from links.models import Customer, Invoice, InvoiceStatus, LinkRequest, PaymentLink
+from plumbing import audit
+from plumbing.db import utcnow
+from plumbing.settings import Settings
+from plumbing.signing import pay_signer
+
+
+def pay_url(settings: Settings, token: str) -> str:
+    return f"{settings.base_url}/pay/{token}"
+
+
+@dataclass(frozen=True)
+class IssuedLink:
+    link_id: uuid.UUID
+    url: str
+    expires_at: datetime
+    emailed: bool  # False when the email is held (unverified or paused address) or not asked for
+    held_reason: str | None
+
+
+async def issue_link(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    invoice: Invoice,
+    customer: Customer,
+    actor: str,
+    ttl_days: int | None = None,
+    send: bool = True,
+    kind: str = Kind.INVOICE,
+    audited: bool = True,
+) -> IssuedLink:
+    """Create a signed link for the invoice and, if asked, queue its email in this transaction.
+
+    `audited=False` is for bulk callers that write one audit entry for the whole operation."""
+    if invoice.status not in InvoiceStatus.PAYABLE:
+        raise LinkError(f"invoice {invoice.number} is {invoice.status}; links are issued only for open invoices")
+    ttl = ttl_days if ttl_days is not None else settings.link_ttl_days
+    if not 1 <= ttl <= 365:
+        raise LinkError("a link lives between 1 and 365 days")
+    now = utcnow()
+    # Whole seconds: the expiry in the token and in the database must be the same instant.
+    expires_at = (now + timedelta(days=ttl)).replace(microsecond=0)
+    link = PaymentLink(id=uuid.uuid4(), invoice_id=invoice.id, expires_at=expires_at)
+    session.add(link)
+    url = pay_url(settings, pay_signer(settings).sign(link.id, expires_at))
+    held = send_block_reason(customer) if send else None
+    emailed = False
+    if send and held is None:
+        content = invoice_message(
+            invoice_facts(settings, invoice, customer), url, expires_at, customer_locale(settings, customer), kind=kind
+        )
+        emailed = queue_customer_email(session, settings, customer, content, actor=actor, invoice_id=invoice.id)
+        if emailed:
+            link.sent_at = now
+    if audited:
+        audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)
+    return IssuedLink(link.id, url, expires_at, emailed, held)
+
+
+def send_block_reason(customer: Customer) -> str | None:
+    """Why an invoice email must not go to this customer now, or None when it may."""
+    if customer.email_verified_at is None:
+        return "email address not verified"
+    return paused_reason(customer)
+
+
+def link_with_invoice(link_id: uuid.UUID) -> Select[PaymentLink, Invoice, Customer]:
+    """A link with its invoice and customer: one indexed read."""
+    return (
+        select(PaymentLink, Invoice, Customer)
+        .join(Invoice, Invoice.id == PaymentLink.invoice_id)
+        .join(Customer, Customer.id == Invoice.customer_id)
+        .where(PaymentLink.id == link_id)
+    )
+
+
+async def revoke_links(session: AsyncSession, number: str, *, actor: str) -> int:
+    """Revoke every live link of an invoice. Returns how many were revoked."""
+    invoice = await find_invoice(session, number)
+    now = utcnow()
+    result = await session.execute(
+        update(PaymentLink)
+        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now)
+        .values(revoked_at=now)
+    )
+    count = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    audit.record(session, actor, "link.revoke", f"invoice:{invoice.number}", count=count)
+    return count
+
+
+async def release_held_invoices(session: AsyncSession, settings: Settings, customer: Customer) -> int:
+    """Queue the invoice email of every open invoice whose newest live link was held, unsent."""
+    if send_block_reason(customer) is not None:
+        return 0
+    now = utcnow()
+    invoices = (
+        await session.execute(select(Invoice).where(Invoice.customer_id == customer.id, Invoice.status == InvoiceStatus.OPEN))
+    ).scalars()
+    released = 0
+    for invoice in invoices:
+        link = await newest_live_link(session, invoice.id, now)
+        if link is None or link.sent_at is not None:
+            continue
+        url = pay_url(settings, pay_signer(settings).sign(link.id, link.expires_at))
+        content = invoice_message(invoice_facts(settings, invoice, customer), url, link.expires_at, customer_locale(settings, customer))
+        if not queue_customer_email(session, settings, customer, content, actor="link", invoice_id=invoice.id):
+            continue
+        link.sent_at = now
+        audit.record(session, "link", "link.released", f"invoice:{invoice.number}", link=str(link.id))
+        released += 1
+    return released
+
+
+FRESH_LINKS_PER_INVOICE_PER_HOUR = 3
+
+
+FRESH_LINKS_PER_CUSTOMER_PER_DAY = 5
+
+
+async def request_fresh_link(session: AsyncSession, settings: Settings, link_id: uuid.UUID) -> bool:
+    """Send a fresh link to the address on file, within the rate limits. Returns whether one went out.
+
+    The caller answers the customer the same way either way. Requests are stored, so the limits
+    hold across restarts and across web processes."""
+    row = (await session.execute(link_with_invoice(link_id))).one_or_none()
+    if row is None:
+        return False
+    link, invoice, customer = row
+    # Lock the invoice while counting (PostgreSQL; SQLite writers are serialised already), so that
+    # simultaneous requests cannot all see "fewer than 3" and all send.
+    await session.get_one(Invoice, invoice.id, with_for_update=True, populate_existing=True)
+    now = utcnow()
+    request = LinkRequest(invoice_id=invoice.id, customer_id=customer.id, requested_at=now, sent=False)
+    session.add(request)
+    if link.revoked_at is not None or invoice.status != InvoiceStatus.OPEN or send_block_reason(customer) is not None:
+        return False
+    per_invoice = await _sent_requests(session, LinkRequest.invoice_id == invoice.id, now - timedelta(hours=1))
+    per_customer = await _sent_requests(session, LinkRequest.customer_id == customer.id, now - timedelta(days=1))
+    if per_invoice >= FRESH_LINKS_PER_INVOICE_PER_HOUR or per_customer >= FRESH_LINKS_PER_CUSTOMER_PER_DAY:
+        audit.record(session, "link", "link.fresh_refused", f"invoice:{invoice.number}", reason="rate limit")
+        return False
+    await issue_link(session, settings, invoice=invoice, customer=customer, actor="link", kind=Kind.NEW_LINK)
+    request.sent = True
+    return True
+
+
+async def _sent_requests(session: AsyncSession, condition: Any, since: datetime) -> int:
+    query = select(func.count()).select_from(LinkRequest).where(condition, LinkRequest.sent.is_(True), LinkRequest.requested_at > since)
+    return int((await session.execute(query)).scalar_one())
+
+
+async def newest_live_link(session: AsyncSession, invoice_id: uuid.UUID, now: datetime) -> PaymentLink | None:
+    query = (
+        select(PaymentLink)
+        .where(PaymentLink.invoice_id == invoice_id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now)
+        .order_by(PaymentLink.created_at.desc())
+        .limit(1)
+    )
+    return (await session.execute(query)).scalar_one_or_none()

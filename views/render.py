@@ -1,0 +1,33 @@
+"""Rendering a page for a request: the merchant, the languages, the CSP nonce, the chosen language."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+
+from plumbing.i18n import LOCALE_NAMES, normalize_locale
+from plumbing.rendering import pages
+from plumbing.settings import Settings
+from plumbing.web import LANGUAGE_COOKIE, request_locale
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def render_page(request: Request, name: str, *, locale: str | None = None, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """Render a page in `locale` (default: the visitor's choice, then Accept-Language)."""
+    settings = settings_of(request)
+    locale = locale or request_locale(request, None, settings.default_locale)
+    context.setdefault("languages", LOCALE_NAMES)
+    html = pages.render(
+        name, locale, request=request, csp_nonce=request.scope.get("csp_nonce", ""), merchant=settings.merchant_name, **context
+    )
+    response = HTMLResponse(html, status_code=status_code)
+    picked = request.query_params.get("lang")
+    if picked and normalize_locale(picked, default="") == locale:
+        # Remember the switcher's choice, so the pages after a form post stay in that language.
+        response.set_cookie(LANGUAGE_COOKIE, locale, max_age=365 * 24 * 3600, httponly=True, samesite="lax")
+    return response
