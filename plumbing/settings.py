@@ -51,6 +51,14 @@ class Settings:
     outbox_backoff_max_seconds: float
     outbox_lease_seconds: float
     outbox_poll_seconds: float
+    # Issue 11: brakes, mail that survives outages, retention (each documented in the README).
+    outbox_give_up_after_hours: float
+    outbox_keep_days: int
+    link_opens_keep_days: int
+    link_requests_keep_days: int
+    pay_failed_attempts_per_invoice_hour: int
+    setup_intents_per_link_day: int
+    posts_per_client_minute: int
     reminder_days_before_due: int
     reminder_days_before_expiry: int
     reminder_interval_seconds: float
@@ -126,6 +134,13 @@ class Settings:
             outbox_backoff_max_seconds=config("OUTBOX_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             outbox_lease_seconds=config("OUTBOX_LEASE_SECONDS", cast=float, default=120.0),
             outbox_poll_seconds=config("OUTBOX_POLL_SECONDS", cast=float, default=2.0),
+            outbox_give_up_after_hours=config("OUTBOX_GIVE_UP_AFTER_HOURS", cast=float, default=72.0),
+            outbox_keep_days=_positive(config, "OUTBOX_KEEP_DAYS", 30),
+            link_opens_keep_days=_positive(config, "LINK_OPENS_KEEP_DAYS", 400),
+            link_requests_keep_days=_positive(config, "LINK_REQUESTS_KEEP_DAYS", 30),
+            pay_failed_attempts_per_invoice_hour=_positive(config, "PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR", 5),
+            setup_intents_per_link_day=_positive(config, "SETUP_INTENTS_PER_LINK_DAY", 10),
+            posts_per_client_minute=_positive(config, "POSTS_PER_CLIENT_MINUTE", 30),
             reminder_days_before_due=_positive(config, "REMINDER_DAYS_BEFORE_DUE", 3),
             reminder_days_before_expiry=_positive(config, "REMINDER_DAYS_BEFORE_EXPIRY", 3),
             reminder_interval_seconds=config("REMINDER_INTERVAL_SECONDS", cast=float, default=3600.0),
