@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -10,12 +11,16 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from emails import outbox
 from payments.cards import apply_card_event, apply_customer_event
 from payments.gateway import intent_snapshot
 from payments.models import Payment, PaymentProfile, WebhookEvent
 from payments.state import PREFETCHED_PAYMENTS, apply_dispute, apply_intent, apply_refund, payments_with_invoice
+from plumbing import audit
 from plumbing.db import insert_ignore, utcnow
 from plumbing.settings import Settings
+
+log = logging.getLogger("paylink.webhooks")
 
 
 def _event_row(event: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -39,37 +44,123 @@ def record_event(session: Session, event: dict[str, Any]) -> bool:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def record_and_apply_batch(session: Session, settings: Settings, events: list[dict[str, Any]]) -> list[bool]:
+class EventRefused(Exception):
+    """A verified event that can never be applied (no data, a non-numeric amount, ...). It is stored
+    (so a redelivery is a duplicate), finance is told, and Stripe is answered 400 instead of being
+    asked, with a 500, to deliver it again for three days."""
+
+
+Applied = bool | EventRefused  # True: new and applied; False: a duplicate; EventRefused: stored, refused
+
+
+def _number(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+
+
+def _optional_number(value: Any) -> bool:
+    return value is None or _number(value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 255
+
+
+def _optional_text(value: Any) -> bool:
+    return value is None or _text(value) or (isinstance(value, dict) and _text(value.get("id")))
+
+
+# What each handled type needs of `data.object` before any handler may read it.
+_REQUIRED: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "payment_intent.": lambda o: _text(o.get("id")) and _number(o.get("amount")) and _text(o.get("currency")) and _text(o.get("status")),
+    "charge.refunded": lambda o: (
+        _optional_text(o.get("payment_intent")) and (o.get("amount_refunded") is None or _number(o["amount_refunded"]))
+    ),
+    "charge.dispute.created": lambda o: _optional_text(o.get("payment_intent")) and (o.get("amount") is None or _number(o["amount"])),
+    "payment_method.": lambda o: _text(o.get("id")) and _optional_text(o.get("customer")),
+    "customer.updated": lambda o: _text(o.get("id")),
+}
+
+
+def check_event(event: dict[str, Any]) -> None:
+    """Raise EventRefused unless the event carries what its handler needs (unhandled types pass)."""
+    kind = str(event.get("type"))
+    rule = next(
+        (check for prefix, check in _REQUIRED.items() if kind == prefix or (prefix.endswith(".") and kind.startswith(prefix))), None
+    )
+    if rule is None:
+        return
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        raise EventRefused("the event has no data.object")
+    if not rule(obj):
+        raise EventRefused(f"data.object lacks what a {kind} event must carry, or carries it in the wrong type")
+
+
+def _refuse(session: Session, settings: Settings, event: dict[str, Any], refused: EventRefused, actor: str) -> EventRefused:
+    """Keep the refusal with the stored event id: audited, and finance is told once."""
+    audit.record(session, actor, "webhook.refused", f"event:{event['id']}", type=str(event.get("type"))[:100], reason=str(refused))
+    outbox.alert_finance(
+        session,
+        settings,
+        f"A Stripe event could not be processed: {event['id']}",
+        [f"Type: {str(event.get('type'))[:100]}", f"Reason: {refused}", "Look it up in the Stripe dashboard; nothing was changed here."],
+    )
+    log.warning("webhook.refused event=%s type=%s reason=%s", event["id"], str(event.get("type"))[:100], refused)
+    return refused
+
+
+def _intent_id(event: dict[str, Any]) -> str | None:
+    obj = (event.get("data") or {}).get("object") if isinstance(event.get("data"), dict) else None
+    return obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+
+
+def record_and_apply_batch(session: Session, settings: Settings, events: list[dict[str, Any]]) -> list[Applied]:
     """record_and_apply for many events in one transaction, with one statement to store their ids
     and one query for the payments they name. Call it with autoflush off: one flush at the end."""
     now = utcnow()
     inserted = session.execute(_insert_events(session).values([_event_row(e, now) for e in events]).returning(WebhookEvent.id)).scalars()
     new_ids = set(inserted)
     intents = [
-        str(e["data"]["object"]["id"]) for e in events if str(e.get("type", "")).startswith("payment_intent.") and e["id"] in new_ids
+        intent_id
+        for e in events
+        if str(e.get("type", "")).startswith("payment_intent.") and e["id"] in new_ids and (intent_id := _intent_id(e)) is not None
     ]
     if intents:
         loaded = session.execute(payments_with_invoice(Payment.stripe_payment_intent_id.in_(intents))).scalars().all()
         session.info[PREFETCHED_PAYMENTS] = {p.stripe_payment_intent_id: p for p in loaded}
-    results = []
+    results: list[Applied] = []
     try:
         for event in events:
             is_new = event["id"] in new_ids
             new_ids.discard(event["id"])  # a second copy in the same batch is a duplicate
-            if is_new:
-                apply_stripe_event(session, settings, event)
-            results.append(is_new)
+            results.append(_apply_new(session, settings, event, "webhook") if is_new else False)
     finally:
         session.info.pop(PREFETCHED_PAYMENTS, None)
     return results
 
 
+def _apply_new(session: Session, settings: Settings, event: dict[str, Any], actor: str) -> Applied:
+    try:
+        check_event(event)
+    except EventRefused as refused:
+        return _refuse(session, settings, event, refused, actor)
+    apply_stripe_event(session, settings, event, actor=actor)
+    return True
+
+
+def record_and_apply_outcome(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> Applied:
+    """Store the event id; apply the event only if it is new. True (applied), False (a duplicate),
+    or EventRefused (stored and refused: the caller commits, then answers 400)."""
+    if not record_event(session, event):
+        return False
+    return _apply_new(session, settings, event, actor)
+
+
 def record_and_apply(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> bool:
-    """Store the event id; apply the event only if it is new. Returns whether it was new."""
-    is_new = record_event(session, event)
-    if is_new:
-        apply_stripe_event(session, settings, event, actor=actor)
-    return is_new
+    """Store the event id; apply the event only if it is new. Returns whether it was new (a refused
+    event is new too: stored, finance told, nothing applied)."""
+    return record_and_apply_outcome(session, settings, event, actor=actor) is not False
 
 
 Handler = Callable[[Session, Settings, dict[str, Any], str], None]
@@ -120,7 +211,8 @@ def apply_stripe_event(session: Session, settings: Settings, event: dict[str, An
 
 
 class EventWriter(Protocol):
-    """Records and applies verified events; `apply` answers True for a new event, False for a duplicate."""
+    """Records and applies verified events; `apply` answers True for a new event, False for a
+    duplicate, and raises EventRefused (after committing the refusal) for one that cannot be applied."""
 
     def start(self) -> None: ...
 
@@ -141,7 +233,10 @@ class DirectEventWriter:
 
     async def apply(self, event: dict[str, Any]) -> bool:
         async with self._sessions.begin() as session:
-            return await session.run_sync(record_and_apply, self._settings, event)
+            outcome = await session.run_sync(record_and_apply_outcome, self._settings, event)
+        if isinstance(outcome, EventRefused):
+            raise outcome  # after the commit: the event id and the alert are kept
+        return outcome
 
     async def close(self) -> None:
         pass

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from payments.events import record_and_apply, record_and_apply_batch
+from payments.events import Applied, record_and_apply_batch, record_and_apply_outcome
 from plumbing.db import create_sync_sqlite_engine
 from plumbing.settings import Settings
 
@@ -96,7 +96,7 @@ class SqliteBatchWriter:
                 else:
                     future.set_result(result)
 
-    def apply_batch(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
+    def apply_batch(self, events: list[dict[str, Any]]) -> list[Applied | Exception]:
         """All events in one transaction with one flush at the commit; if anything in it fails,
         everything is rolled back and the events are applied again one by one, so that only the
         failing event is refused."""
@@ -110,22 +110,22 @@ class SqliteBatchWriter:
             log.warning("webhooks.batch_failed_retrying_one_by_one events=%d", len(events))
             return self._apply_one_by_one(events)
 
-    def _apply_together(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
+    def _apply_together(self, events: list[dict[str, Any]]) -> list[Applied | Exception]:
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             with session.no_autoflush:  # one flush for the whole batch, at the commit
                 return list(record_and_apply_batch(session, self._settings, events))
 
-    def _apply_one_by_one(self, events: list[dict[str, Any]]) -> list[bool | Exception]:
-        results: list[bool | Exception] = []
+    def _apply_one_by_one(self, events: list[dict[str, Any]]) -> list[Applied | Exception]:
+        results: list[Applied | Exception] = []
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             session.connection()  # take the write lock once, before the first event
             for event in events:
                 try:
                     with session.begin_nested():  # its changes are written when it is released
-                        is_new = record_and_apply(session, self._settings, event)
+                        outcome = record_and_apply_outcome(session, self._settings, event)
                 except Exception as exc:
                     log.exception("webhook.failed event=%s type=%s", event.get("id"), event.get("type"))
                     results.append(exc)
                 else:
-                    results.append(is_new)
+                    results.append(outcome)
         return results

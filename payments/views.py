@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from payments.events import EventWriter
+from payments.events import EventRefused, EventWriter
 from payments.gateway import InvalidSignature, StripeGateway
 
 log = logging.getLogger("paylink.payments")
@@ -41,6 +41,9 @@ async def stripe_webhook(request: Request) -> Response:
         return PlainTextResponse("invalid signature", status_code=400)
     try:
         is_new = await app.events.apply(event)
+    except EventRefused as refused:
+        # Stored and reported to finance: a redelivery is a duplicate. 400 says "never send it again".
+        return PlainTextResponse(f"event refused: {refused}", status_code=400)
     except Exception:
         # Rolled back, event id included: answer 5xx so that Stripe delivers it again.
         log.warning("webhook.not_applied event=%s type=%s", event.get("id"), event.get("type"))
