@@ -79,10 +79,11 @@ async def seed(url: str, n: int) -> list[Seeded]:
     """N customers, open invoices and live payments, inserted in bulk through the ORM models."""
     from links.models import Customer, Invoice, InvoiceStatus
     from payments.models import Payment, PaymentStatus
-    from plumbing.db import create_engine, create_session_factory, utcnow
+    from plumbing.db import utcnow
+    from plumbing.settings import Settings
+    from services import open_services
 
-    engine = create_engine(url)
-    sessions = create_session_factory(engine)
+    settings = Settings.from_env(bench_env(url, app_port=free_port()))
     rows: list[Seeded] = []
     customers: list[dict[str, Any]] = []
     invoices: list[dict[str, Any]] = []
@@ -129,13 +130,10 @@ async def seed(url: str, n: int) -> list[Seeded]:
             }
         )
         rows.append(Seeded(invoice_id, payment_id, intent_id, stripe_customer))
-    try:
-        async with sessions.begin() as session:
-            for model, values in ((Customer, customers), (Invoice, invoices), (Payment, payments)):
-                for start in range(0, len(values), 1000):
-                    await session.execute(insert(model), values[start : start + 1000])
-    finally:
-        await engine.dispose()
+    async with open_services(settings) as services, services.sessions.begin() as session:
+        for model, values in ((Customer, customers), (Invoice, invoices), (Payment, payments)):
+            for start in range(0, len(values), 1000):
+                await session.execute(insert(model), values[start : start + 1000])
     return rows
 
 

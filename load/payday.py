@@ -66,12 +66,11 @@ async def prepare(url: str, settings: Any, n: int) -> list[str]:
     from links.invoices import create_invoice
     from links.issuing import issue_link
     from payments.models import PaymentProfile
-    from plumbing.db import create_engine, create_session_factory
+    from services import open_services
 
-    engine = create_engine(url)
-    sessions = create_session_factory(engine)
     urls: list[str] = []
-    try:
+    async with open_services(settings) as services:
+        sessions = services.sessions
         for start in range(0, n, 250):
             async with sessions.begin() as session:
                 for i in range(start, min(n, start + 250)):
@@ -105,8 +104,6 @@ async def prepare(url: str, settings: Any, n: int) -> list[str]:
                     )
                     issued = await issue_link(session, settings, invoice=invoice, customer=customer, actor="load", send=False)
                     urls.append(issued.url)
-    finally:
-        await engine.dispose()
     return urls
 
 
