@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from emails import sender
 from emails.outbox import DeadLetterHook
-from links import reminders
+from links import reminders, retention
 from links.hooks import apply_dead_message_policy
 from links.opens import OpenRecorder
 from payments.events import DirectEventWriter, EventWriter
@@ -93,11 +93,12 @@ async def _finish(task: asyncio.Task[None], stop: Callable[[], None]) -> None:
 
 async def run_worker(services: Services, stop: asyncio.Event) -> None:
     """What `python -m emails.worker` runs (and the web app, with OUTBOX_IN_PROCESS): the outbox
-    loop, with the invoicing code's policy for dead messages, and the reminder schedule, until
+    loop, with the invoicing code's policy for dead messages, the reminder schedule and the hourly
+    retention purge (outbox bodies, link opens, fresh-link requests), until
     `stop` is set. Each loop finishes the message or reminder in hand before it returns."""
     settings = services.settings
     mail = sender.run_forever(services.sessions, settings, wakeup=services.outbox_wakeup, stop=stop, on_dead=dead_letter_hook(settings))
-    await asyncio.gather(mail, _remind_forever(services, stop))
+    await asyncio.gather(mail, _remind_forever(services, stop), retention.purge_forever(services.sessions, settings, stop))
 
 
 def dead_letter_hook(settings: Settings) -> DeadLetterHook:

@@ -1,13 +1,23 @@
-"""Build the messages Paylink sends: an HTML part and a plain-text part, in the customer's language."""
+"""Build the messages Paylink sends: an HTML part and a plain-text part, in the customer's language.
+
+Every message that carries a link (invoice, new link, reminder, address confirmation) and every
+receipt is queued as facts (`*_payload`: the subject now, a JSON payload for later) and rendered by
+the worker when it sends it (`render_payload`). A payload names its link by id and expiry only; the
+signed URL is built at send time (`pay_link_url`, `verify_link_url`: the token is deterministic), so
+the outbox never holds a token that opens an invoice or confirms an address.
+"""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Any
 
 from plumbing.i18n import N_, format_money
 from plumbing.rendering import emails
+from plumbing.settings import Settings
+from plumbing.signing import pay_signer, verify_signer
 
 
 class Kind:
@@ -17,6 +27,8 @@ class Kind:
     RECEIPT = "receipt"
     VERIFICATION = "verification"
     FINANCE_ALERT = "finance_alert"
+
+    WITH_PAY_LINK = (INVOICE, NEW_LINK, REMINDER)
 
 
 @dataclass(frozen=True)
@@ -50,16 +62,74 @@ def _build(kind: str, locale: str, subject: str, **context: Any) -> EmailContent
     )
 
 
+def pay_link_url(settings: Settings, link_id: uuid.UUID, expires_at: datetime) -> str:
+    """The emailed URL of a payment link (the token is deterministic: same link, same URL)."""
+    return f"{settings.base_url}/pay/{pay_signer(settings).sign(link_id, expires_at)}"
+
+
+def verify_link_url(settings: Settings, verification_id: uuid.UUID, expires_at: datetime) -> str:
+    """The emailed URL that confirms a customer's address."""
+    return f"{settings.base_url}/verify/{verify_signer(settings).sign(verification_id, expires_at)}"
+
+
+_INVOICE_SUBJECTS = {
+    Kind.INVOICE: N_("Invoice %(number)s from %(merchant)s: %(amount)s"),
+    Kind.NEW_LINK: N_("Your new payment link for invoice %(number)s"),
+    Kind.REMINDER: N_("Reminder: invoice %(number)s from %(merchant)s, %(amount)s"),
+}
+
+
+def _invoice_subject(facts: InvoiceFacts, locale: str, kind: str) -> str:
+    amount = format_money(facts.amount, facts.currency, locale)
+    return emails.gettext(locale, _INVOICE_SUBJECTS[kind], number=facts.number, merchant=facts.merchant, amount=amount)
+
+
 def invoice_message(facts: InvoiceFacts, link_url: str, expires_at: datetime, locale: str, *, kind: str = Kind.INVOICE) -> EmailContent:
     """The invoice email, or a fresh link for it (kind NEW_LINK) or a reminder (kind REMINDER)."""
-    amount = format_money(facts.amount, facts.currency, locale)
-    subjects = {
-        Kind.INVOICE: N_("Invoice %(number)s from %(merchant)s: %(amount)s"),
-        Kind.NEW_LINK: N_("Your new payment link for invoice %(number)s"),
-        Kind.REMINDER: N_("Reminder: invoice %(number)s from %(merchant)s, %(amount)s"),
-    }
-    subject = emails.gettext(locale, subjects[kind], number=facts.number, merchant=facts.merchant, amount=amount)
+    subject = _invoice_subject(facts, locale, kind)
     return _build(kind, locale, subject, invoice=facts, link_url=link_url, expires_at=expires_at)
+
+
+def invoice_payload(
+    facts: InvoiceFacts, *, link_id: uuid.UUID, expires_at: datetime, locale: str, kind: str = Kind.INVOICE
+) -> tuple[str, dict[str, Any]]:
+    """The subject now, and the facts to render an invoice, new-link or reminder email from when it
+    is sent: the link by id and expiry, never its URL or token."""
+    if kind not in Kind.WITH_PAY_LINK:
+        raise ValueError(f"{kind!r} is not an email with a payment link")
+    payload = {"locale": locale, "invoice": _facts_json(facts), "link": _link_json(link_id, expires_at)}
+    return _invoice_subject(facts, locale, kind), payload
+
+
+def verification_payload(
+    merchant: str, customer_name: str, *, verification_id: uuid.UUID, expires_at: datetime, locale: str
+) -> tuple[str, dict[str, Any]]:
+    """The subject now, and the facts to render the address confirmation from when it is sent."""
+    payload = {
+        "locale": locale,
+        "merchant": merchant,
+        "customer_name": customer_name,
+        "link": _link_json(verification_id, expires_at),
+    }
+    return _verification_subject(merchant, locale), payload
+
+
+def _facts_json(facts: InvoiceFacts) -> dict[str, Any]:
+    return {**asdict(facts), "due_date": facts.due_date.isoformat() if facts.due_date else None}
+
+
+def _facts_from_json(invoice: dict[str, Any]) -> InvoiceFacts:
+    invoice = dict(invoice)
+    invoice["due_date"] = date.fromisoformat(invoice["due_date"]) if invoice.get("due_date") else None
+    return InvoiceFacts(**invoice)
+
+
+def _link_json(subject_id: uuid.UUID, expires_at: datetime) -> dict[str, str]:
+    return {"id": subject_id.hex, "expires_at": expires_at.isoformat()}
+
+
+def _link_from_json(link: dict[str, str]) -> tuple[uuid.UUID, datetime]:
+    return uuid.UUID(hex=link["id"]), datetime.fromisoformat(link["expires_at"])
 
 
 def receipt_message(
@@ -79,10 +149,9 @@ def receipt_payload(
     Applying a payment happens inside the webhook writer's transaction, where every millisecond
     counts on payday; the outbox worker renders the two parts later (see `render_payload`)."""
     subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
-    invoice = {**asdict(facts), "due_date": facts.due_date.isoformat() if facts.due_date else None}
     payload = {
         "locale": locale,
-        "invoice": invoice,
+        "invoice": _facts_json(facts),
         "amount_paid": amount_paid,
         "brand": brand,
         "last4": last4,
@@ -91,25 +160,37 @@ def receipt_payload(
     return subject, payload
 
 
-def render_payload(kind: str, payload: dict[str, Any]) -> EmailContent:
-    """Render a message queued as facts (see `receipt_payload`)."""
-    if kind != Kind.RECEIPT:
-        raise ValueError(f"no deferred rendering for {kind!r} messages")
-    invoice = dict(payload["invoice"])
-    invoice["due_date"] = date.fromisoformat(invoice["due_date"]) if invoice.get("due_date") else None
-    return receipt_message(
-        InvoiceFacts(**invoice),
-        amount_paid=payload["amount_paid"],
-        brand=payload["brand"],
-        last4=payload["last4"],
-        paid_at=datetime.fromisoformat(payload["paid_at"]),
-        link_url=None,
-        locale=payload["locale"],
-    )
+def render_payload(settings: Settings, kind: str, payload: dict[str, Any]) -> EmailContent:
+    """Render a message queued as facts (`receipt_payload`, `invoice_payload`, `verification_payload`),
+    building its link's signed URL now (BASE_URL and the newest LINK_SECRET_KEYS key)."""
+    locale = payload["locale"]
+    if kind == Kind.RECEIPT:
+        return receipt_message(
+            _facts_from_json(payload["invoice"]),
+            amount_paid=payload["amount_paid"],
+            brand=payload["brand"],
+            last4=payload["last4"],
+            paid_at=datetime.fromisoformat(payload["paid_at"]),
+            link_url=None,
+            locale=locale,
+        )
+    if kind in Kind.WITH_PAY_LINK:
+        link_id, expires_at = _link_from_json(payload["link"])
+        url = pay_link_url(settings, link_id, expires_at)
+        return invoice_message(_facts_from_json(payload["invoice"]), url, expires_at, locale, kind=kind)
+    if kind == Kind.VERIFICATION:
+        verification_id, expires_at = _link_from_json(payload["link"])
+        url = verify_link_url(settings, verification_id, expires_at)
+        return verification_message(payload["merchant"], payload["customer_name"], url, expires_at, locale)
+    raise ValueError(f"no deferred rendering for {kind!r} messages")
+
+
+def _verification_subject(merchant: str, locale: str) -> str:
+    return emails.gettext(locale, "Confirm this address for invoices from %(merchant)s", merchant=merchant)
 
 
 def verification_message(merchant: str, customer_name: str, verify_url: str, expires_at: datetime, locale: str) -> EmailContent:
-    subject = emails.gettext(locale, "Confirm this address for invoices from %(merchant)s", merchant=merchant)
+    subject = _verification_subject(merchant, locale)
     return _build(
         Kind.VERIFICATION, locale, subject, merchant=merchant, customer_name=customer_name, link_url=verify_url, expires_at=expires_at
     )

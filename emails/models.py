@@ -21,7 +21,10 @@ class OutboxStatus(StrEnum):
 
 class OutboxMessage(Base):
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_created_at", "created_at"),  # the purge of old bodies (OUTBOX_KEEP_DAYS)
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32))
@@ -29,8 +32,11 @@ class OutboxMessage(Base):
     subject: Mapped[str] = mapped_column(String(300))
     text: Mapped[str] = mapped_column(Text)
     html: Mapped[str] = mapped_column(Text)
-    # For messages rendered at send time (receipts, so that applying a payment stays cheap): the
-    # facts to render from, in JSON; text and html are empty until then.
+    # For messages rendered at send time: the facts to render from, in JSON; text and html stay
+    # empty. Receipts (so that applying a payment stays cheap) and every message that carries a link
+    # (invoice, new link, reminder, address confirmation): the payload names the link by id and
+    # expiry, and the signed URL is built when the message is sent, so no table holds a token.
+    # Bodies and payloads of sent and dead messages are purged after OUTBOX_KEEP_DAYS.
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     message_id: Mapped[str] = mapped_column(String(255), unique=True)  # stable across retries
     invoice_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("invoices.id"))
@@ -41,4 +47,6 @@ class OutboxMessage(Base):
     lease_token: Mapped[str | None] = mapped_column(String(36))  # which worker's claim; results must match it
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by `outbox retry`: the message waits OUTBOX_GIVE_UP_AFTER_HOURS again from here.
+    requeued_at: Mapped[datetime | None]
     sent_at: Mapped[datetime | None]

@@ -5,11 +5,20 @@ reminder schedule and the policy for dead messages belong to the worker process 
 which passes that policy in as `on_dead`.
 
 How failures are classified (every one is recorded on the row and logged):
-- the server cannot be reached, 4xx, our own settings refused: retried with backoff;
+- the server cannot be reached: not the messages' fault. They are handed back untouched (no attempt
+  counted, still due) and the worker waits, with capped exponential backoff and jitter
+  (OUTBOX_BACKOFF_BASE_SECONDS .. OUTBOX_BACKOFF_MAX_SECONDS), before it tries the server again; when
+  the server is back, everything due goes out at once. While it stays down, messages that have
+  waited OUTBOX_GIVE_UP_AFTER_HOURS go dead with the reason, and the log says ERROR once the oldest
+  waiting message is an hour old;
+- 4xx, our own settings refused, the connection lost mid-message: that message is retried with
+  capped exponential backoff, and goes dead only once it has waited OUTBOX_GIVE_UP_AFTER_HOURS;
 - 5xx for a recipient: dead, and the address is at fault; 5xx at DATA: dead, the content is;
 - a message that can never be built (a header with a line break, an empty part): dead;
-- any other error while rendering or building (a template bug after a deploy, say): retried with
-  backoff, so fixing the bug delivers every queued message instead of losing them.
+- any other error while rendering or building (a template bug after a deploy, say): retried like a
+  4xx, so fixing the bug delivers every queued message instead of losing them.
+Messages queued as facts (receipts, and every message that carries a link) are rendered here, just
+before they are sent: that is when a link's signed URL is built, so no table ever holds it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from email.header import Header
 from email.message import Message
 from email.mime.multipart import MIMEMultipart
@@ -28,7 +38,19 @@ import aiosmtplib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from emails.messages import render_payload
-from emails.outbox import ClaimedMessage, DeadLetterHook, claim_due_messages, mark_failed, mark_sent, release
+from emails.outbox import (
+    ClaimedMessage,
+    DeadLetterHook,
+    backoff_seconds,
+    claim_due_messages,
+    defer_unreachable,
+    give_up_after,
+    give_up_waiting,
+    mark_failed,
+    mark_sent,
+    release,
+)
+from plumbing.db import utcnow
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.outbox")
@@ -196,7 +218,7 @@ async def send_batch(
             await release(sessions, token, [m.id for m in batch[index:]])
             break
         try:
-            mime = build_mime(settings, _rendered(message))
+            mime = build_mime(settings, _rendered(settings, message))
         except UnbuildableMessage as exc:  # never sendable as it is: must not block the queue
             status = await failed(message, f"cannot build the message: {exc}", permanent=True)
             log.error("email.unbuildable id=%s kind=%s status=%s error=%s", message.id, message.kind, status, exc)
@@ -208,12 +230,16 @@ async def send_batch(
         try:
             await sender.send(mime)
         except ServerUnreachable as exc:
-            # The server is down: every message of the batch waits for its next try, without
-            # a connection attempt (and its timeout) each.
-            for waiting in batch[index:]:
-                await failed(waiting, str(exc), permanent=False)
+            # The server is down: not these messages' fault. They are handed back as they were
+            # (still due, no attempt counted) without a connection attempt (and its timeout) each;
+            # the worker waits before it tries the server again.
+            waiting = batch[index:]
+            await defer_unreachable(sessions, token, [m.id for m in waiting], str(exc))
             report.unreachable = True
-            log.warning("email.server_unreachable waiting=%d error=%s", len(batch) - index, exc)
+            given_up = await give_up_waiting(sessions, settings, str(exc), on_dead=on_dead)
+            report.dead += len(given_up)
+            report.retrying += len({m.id for m in waiting} - set(given_up))
+            _log_unreachable(settings, waiting, exc)
             break
         except (TransientSendError, PermanentSendError) as exc:
             permanent = isinstance(exc, PermanentSendError)
@@ -232,11 +258,21 @@ async def send_batch(
     return len(batch) if not report.unreachable else 0
 
 
-def _rendered(message: ClaimedMessage) -> ClaimedMessage:
+def _log_unreachable(settings: Settings, waiting: list[ClaimedMessage], exc: Exception) -> None:
+    """WARNING while the outage is young; ERROR once the oldest waiting message has waited an hour
+    (or half of OUTBOX_GIVE_UP_AFTER_HOURS, if that is shorter): someone must look at the server."""
+    since = [m.waiting_since for m in waiting if m.waiting_since is not None]
+    waited = utcnow() - min(since) if since else timedelta(0)
+    long_outage = min(timedelta(hours=1), give_up_after(settings) / 2)
+    level = logging.ERROR if waited >= long_outage else logging.WARNING
+    log.log(level, "email.server_unreachable waiting=%d oldest_waiting_s=%.0f error=%s", len(waiting), waited.total_seconds(), exc)
+
+
+def _rendered(settings: Settings, message: ClaimedMessage) -> ClaimedMessage:
     """The message with its text and HTML parts, rendered now if it was queued as facts."""
     if message.payload is None:
         return message
-    content = render_payload(message.kind, message.payload)
+    content = render_payload(settings, message.kind, message.payload)
     return replace(message, text=content.text, html=content.html)
 
 
@@ -271,16 +307,29 @@ async def run_forever(
 ) -> None:
     """Poll the outbox until `stop` is set (or the task is cancelled); `wakeup.set()` makes it look
     at once (used after a commit). Stopping is checked between messages: the one being sent is
-    recorded first. Sends mail only: reminders are scheduled by the worker process."""
+    recorded first. Sends mail only: reminders are scheduled by the worker process.
+
+    While the SMTP server cannot be reached, the loop waits with capped exponential backoff and
+    jitter between tries of the server (a wakeup does not hurry it); the first try that reaches it
+    sends everything that is due."""
     sender = SmtpSender(settings)
     wakeup = wakeup or asyncio.Event()
     stop = stop or asyncio.Event()
+    outage = 0  # consecutive tries that found the server unreachable
     try:
         while not stop.is_set():
+            report = None
             try:
-                await run_once(sessions, settings, sender, stop, on_dead)
+                report = await run_once(sessions, settings, sender, stop, on_dead)
             except Exception:  # the loop must survive a database hiccup; the error is logged
                 log.exception("outbox.loop_error")
+            if report is not None and report.unreachable:
+                outage += 1
+                await _first_of(stop, within=backoff_seconds(outage, settings))
+                continue
+            if outage and report is not None and report.sent:
+                log.info("email.server_reachable_again after_tries=%d", outage)
+            outage = 0
             wakeup.clear()
             await _first_of(wakeup, stop, within=settings.outbox_poll_seconds)
     finally:

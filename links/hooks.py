@@ -4,7 +4,8 @@
   the message while the customer's address is paused (a permanent failure marked it
   undeliverable), and records the hold in the audit log.
 - `apply_dead_message_policy` is the outbox's dead-letter hook: a message that can never be
-  delivered flags its invoice, pauses a refused address and tells finance.
+  delivered (refused for good, or still undelivered after OUTBOX_GIVE_UP_AFTER_HOURS) flags its
+  invoice, pauses a refused address and tells finance.
 - `append_flag` adds a reason to an invoice's "needs attention" note without erasing the others.
 """
 
@@ -91,7 +92,9 @@ async def apply_dead_message_policy(settings: Settings, session: AsyncSession, d
 
     Bind the settings (functools.partial) to get the outbox's `DeadLetterHook`."""
     if dead.kind == Kind.FINANCE_ALERT:
-        return  # finance's own mailbox failing: the audit entry is all we can do
+        # No alert about an alert (it could never end): the outbox logs it at ERROR, and
+        # `outbox status` lists it among the dead until someone re-queues it.
+        return
     error = dead.error
     customer = (await session.execute(select(Customer).where(Customer.email == dead.recipient))).scalar_one_or_none()
     if dead.recipient_fault and customer is not None and customer.email_undeliverable_at is None:

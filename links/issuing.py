@@ -1,7 +1,9 @@
 """Payment links: issue, resolve, revoke, release held ones, and "email me a new link".
 
-A link is a bearer credential: its token is signed in plumbing/signing.py and never stored.
-The caller owns the transaction, so a link and the email that carries it commit together.
+A link is a bearer credential: its token is signed in plumbing/signing.py and never stored, not
+even in the email that carries it: the outbox holds the link's id and expiry, and the worker builds
+the URL when it sends the message (emails.messages.invoice_payload). The caller owns the
+transaction, so a link and the email that carries it commit together.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from emails.messages import Kind, invoice_message
+from emails.messages import EmailContent, Kind, invoice_payload, pay_link_url
 from links.customers import customer_locale
 from links.errors import LinkError
 from links.hooks import paused_reason, queue_customer_email
@@ -23,11 +25,6 @@ from links.models import Customer, Invoice, InvoiceStatus, LinkRequest, PaymentL
 from plumbing import audit
 from plumbing.db import utcnow
 from plumbing.settings import Settings
-from plumbing.signing import pay_signer
-
-
-def pay_url(settings: Settings, token: str) -> str:
-    return f"{settings.base_url}/pay/{token}"
 
 
 @dataclass(frozen=True)
@@ -64,19 +61,31 @@ async def issue_link(
     expires_at = (now + timedelta(days=ttl)).replace(microsecond=0)
     link = PaymentLink(id=uuid.uuid4(), invoice_id=invoice.id, expires_at=expires_at)
     session.add(link)
-    url = pay_url(settings, pay_signer(settings).sign(link.id, expires_at))
+    url = pay_link_url(settings, link.id, expires_at)  # for the caller (the CLI prints it); never stored
     held = send_block_reason(customer) if send else None
     emailed = False
     if send and held is None:
-        content = invoice_message(
-            invoice_facts(settings, invoice, customer), url, expires_at, customer_locale(settings, customer), kind=kind
-        )
-        emailed = queue_customer_email(session, settings, customer, content, actor=actor, invoice_id=invoice.id)
+        emailed = _queue_link_email(session, settings, invoice, customer, link, actor=actor, kind=kind)
         if emailed:
             link.sent_at = now
     if audited:
         audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)
     return IssuedLink(link.id, url, expires_at, emailed, held)
+
+
+def _queue_link_email(
+    session: AsyncSession, settings: Settings, invoice: Invoice, customer: Customer, link: PaymentLink, *, actor: str, kind: str
+) -> bool:
+    """Queue the email that carries `link`, as facts: the URL is built when it is sent."""
+    subject, payload = invoice_payload(
+        invoice_facts(settings, invoice, customer),
+        link_id=link.id,
+        expires_at=link.expires_at,
+        locale=customer_locale(settings, customer),
+        kind=kind,
+    )
+    content = EmailContent(kind, subject, "", "")
+    return queue_customer_email(session, settings, customer, content, actor=actor, payload=payload, invoice_id=invoice.id)
 
 
 def send_block_reason(customer: Customer) -> str | None:
@@ -123,9 +132,7 @@ async def release_held_invoices(session: AsyncSession, settings: Settings, custo
         link = await newest_live_link(session, invoice.id, now)
         if link is None or link.sent_at is not None:
             continue
-        url = pay_url(settings, pay_signer(settings).sign(link.id, link.expires_at))
-        content = invoice_message(invoice_facts(settings, invoice, customer), url, link.expires_at, customer_locale(settings, customer))
-        if not queue_customer_email(session, settings, customer, content, actor="link", invoice_id=invoice.id):
+        if not _queue_link_email(session, settings, invoice, customer, link, actor="link", kind=Kind.INVOICE):
             continue
         link.sent_at = now
         audit.record(session, "link", "link.released", f"invoice:{invoice.number}", link=str(link.id))

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from emails.messages import verification_message
+from emails.messages import EmailContent, Kind, verification_payload, verify_link_url
 from links.customers import customer_locale, normalize_email
 from links.errors import LinkError
 from links.hooks import queue_customer_email
@@ -17,7 +17,6 @@ from links.models import Customer
 from plumbing import audit
 from plumbing.db import utcnow
 from plumbing.settings import Settings
-from plumbing.signing import verify_signer
 
 VERIFY_TTL_DAYS = 7
 
@@ -25,15 +24,23 @@ VERIFY_TTL_DAYS = 7
 def request_verification(session: AsyncSession, settings: Settings, customer: Customer, *, actor: str) -> str:
     """Email the customer a link that confirms the address. Returns the link (for the CLI).
 
-    Like every email to a customer, it is held while the address is paused (undeliverable; see
-    links.hooks.paused_reason): correcting the address clears the pause and sends a new one."""
-    customer.email_verification_id = uuid.uuid4()
+    The email is queued as facts (the request's id and expiry); its URL is built when it is sent, so
+    the outbox holds no token. Like every email to a customer, it is held while the address is
+    paused (undeliverable; see links.hooks.paused_reason): correcting the address clears the pause
+    and sends a new one."""
+    verification_id = customer.email_verification_id = uuid.uuid4()
     expires_at = (utcnow() + timedelta(days=VERIFY_TTL_DAYS)).replace(microsecond=0)
-    url = f"{settings.base_url}/verify/{verify_signer(settings).sign(customer.email_verification_id, expires_at)}"
-    content = verification_message(settings.merchant_name, customer.name, url, expires_at, customer_locale(settings, customer))
-    if queue_customer_email(session, settings, customer, content, actor=actor):
+    subject, payload = verification_payload(
+        settings.merchant_name,
+        customer.name,
+        verification_id=verification_id,
+        expires_at=expires_at,
+        locale=customer_locale(settings, customer),
+    )
+    content = EmailContent(Kind.VERIFICATION, subject, "", "")
+    if queue_customer_email(session, settings, customer, content, actor=actor, payload=payload):
         audit.record(session, actor, "customer.verification_sent", f"customer:{customer.email}")
-    return url
+    return verify_link_url(settings, verification_id, expires_at)
 
 
 async def find_verification(session: AsyncSession, verification_id: uuid.UUID) -> Customer | None:

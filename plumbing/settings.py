@@ -46,7 +46,6 @@ class Settings:
     default_locale: str
     outbox_in_process: bool
     outbox_batch_size: int
-    outbox_max_attempts: int
     outbox_backoff_base_seconds: float
     outbox_backoff_max_seconds: float
     outbox_lease_seconds: float
@@ -129,12 +128,11 @@ class Settings:
             default_locale=config("DEFAULT_LOCALE", default="en"),
             outbox_in_process=config("OUTBOX_IN_PROCESS", cast=bool, default=False),
             outbox_batch_size=_positive(config, "OUTBOX_BATCH_SIZE", 100),
-            outbox_max_attempts=_positive(config, "OUTBOX_MAX_ATTEMPTS", 8),
             outbox_backoff_base_seconds=config("OUTBOX_BACKOFF_BASE_SECONDS", cast=float, default=30.0),
             outbox_backoff_max_seconds=config("OUTBOX_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
             outbox_lease_seconds=config("OUTBOX_LEASE_SECONDS", cast=float, default=120.0),
             outbox_poll_seconds=config("OUTBOX_POLL_SECONDS", cast=float, default=2.0),
-            outbox_give_up_after_hours=config("OUTBOX_GIVE_UP_AFTER_HOURS", cast=float, default=72.0),
+            outbox_give_up_after_hours=_positive_float(config, "OUTBOX_GIVE_UP_AFTER_HOURS", 72.0),
             outbox_keep_days=_positive(config, "OUTBOX_KEEP_DAYS", 30),
             link_opens_keep_days=_positive(config, "LINK_OPENS_KEEP_DAYS", 400),
             link_requests_keep_days=_positive(config, "LINK_REQUESTS_KEEP_DAYS", 30),
@@ -152,3 +150,10 @@ def _positive(config: Config, name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive whole number, not {value}")
     return int(value)
+
+
+def _positive_float(config: Config, name: str, default: float) -> float:
+    value = config(name, cast=float, default=default)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, not {value}")
+    return float(value)

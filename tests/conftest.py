@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 # anyio imports some modules lazily, and pytest rewrites anyio's modules (it ships a pytest plugin).
 # Rewriting runs ast.parse, which on Python 3.11 can fail when two threads parse at once (the app's
 # server thread and this one). Import them here, on the main thread, before any server starts.
+import hypothesis  # noqa: E402, F401  (the same: its pytest plugin imports lazily)
 from anyio import open_file as _open_file  # noqa: E402, F401
 
 from plumbing.settings import Settings  # noqa: E402

@@ -141,13 +141,33 @@ class TestSmtpReplies:
         work(outbox_settings)
         assert [m["Subject"] for m in smtp.mailbox.to(issued.email)] and issued.number in smtp.mailbox.to(issued.email)[0]["Subject"]
 
-    def test_too_many_temporary_failures_end_dead(self, worker_env: dict[str, str], settings: Settings, smtp: SmtpServer) -> None:
-        limited = Settings.from_env({**worker_env, "OUTBOX_MAX_ATTEMPTS": "3"})
-        smtp.mailbox.replies.extend(["451 busy"] * 5)
+    def test_temporary_failures_never_kill_a_message_before_the_give_up_age(self, outbox_settings: Settings, smtp: SmtpServer) -> None:
+        smtp.mailbox.replies.extend(["451 busy"] * 12)  # more tries than the old limit of 8 allowed
+        queue(outbox_settings, 1)
+        work_until_settled(outbox_settings, rounds=80)
+        assert db_query(outbox_settings.database_url, "SELECT status, attempts FROM outbox WHERE kind = 'receipt'") == [("sent", 13)]
+        assert [m["Subject"] for m in smtp.mailbox.messages] == ["Message 0"]  # once, and no alert to finance
+
+    def test_temporary_failures_past_the_give_up_age_end_dead(
+        self, worker_env: dict[str, str], settings: Settings, smtp: SmtpServer
+    ) -> None:
+        limited = Settings.from_env({**worker_env, "OUTBOX_GIVE_UP_AFTER_HOURS": "0.0003"})  # about a second
+        smtp.mailbox.replies.extend(["451 busy"] * 1000)
         queue(limited, 1)
-        work_until_settled(limited)
-        assert db_query(limited.database_url, "SELECT status, attempts FROM outbox WHERE kind = 'receipt'") == [("dead", 3)]
+        for _ in range(80):  # the worker's loop, until the message goes dead
+            work(limited)
+            if db_query(limited.database_url, "SELECT 1 FROM outbox WHERE kind = 'receipt' AND status = 'dead'"):
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        [(status, attempts, error)] = db_query(
+            limited.database_url, "SELECT status, attempts, last_error FROM outbox WHERE kind = 'receipt'"
+        )
+        assert status == "dead" and attempts > 1
+        assert "gave up after 0.0003 h" in error and "451 busy" in error
         assert smtp.mailbox.to("ann@example.com") == []
+
+        smtp.mailbox.replies.clear()  # the server accepts mail again: finance hears of it
+        work(limited)
         assert [m["Subject"] for m in smtp.mailbox.to("finance@acme.test")] == ["[Acme Consulting] Email undeliverable to ann@example.com"]
 
     def test_content_refused_is_dead_without_blaming_the_address(

@@ -1,5 +1,5 @@
 """What the invoicing rules make of the outbox: flags add up, a paused address gets nothing, a
-template bug delays mail but loses none.
+template bug delays mail but loses none, no stored message holds a link, and old data goes.
 
 The shop is driven through its services (the container every root opens) and the worker's own
 entry point (`python -m emails.worker --once`), on real localstripe and aiosmtpd."""
@@ -15,11 +15,12 @@ import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 import services
 from emails import outbox, worker
@@ -28,12 +29,25 @@ from emails.models import OutboxMessage
 from links.customers import add_customer, find_customer
 from links.invoices import create_invoice
 from links.issuing import issue_link
+from links.models import Invoice, LinkOpen, LinkRequest, PaymentLink
+from links.retention import purge_expired
 from links.verification import change_email, request_verification
 from payments.cards import sync_profiles
 from payments.checkout import pay_with_saved_profile
 from plumbing.settings import Settings
-from tests.harness import CARD_OK, VERIFY_LINK, LocalStripe, SmtpServer, db_query, in_thread, text_part
-from tests.integration.helpers import unique_email
+from tests.harness import (
+    CARD_OK,
+    PAY_LINK,
+    VERIFY_LINK,
+    LocalStripe,
+    SmtpServer,
+    db_execute,
+    db_query,
+    html_part,
+    in_thread,
+    text_part,
+)
+from tests.integration.helpers import csrf_of, unique_email
 
 pytestmark = pytest.mark.postgres
 
@@ -308,3 +322,130 @@ async def _queue_receipt(settings: Settings, subject: str, payload: dict[str, An
 async def _set_payload(settings: Settings, message_id: int, payload: dict[str, Any]) -> None:
     async with services.open_services(settings) as s, s.sessions.begin() as session:
         await session.execute(update(OutboxMessage).where(OutboxMessage.id == message_id).values(payload=payload))
+
+
+# An itsdangerous token as the pay and verify links carry it: a base64 payload, a dot, a signature.
+TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_\-]{20,}\.[A-Za-z0-9_\-]{20,}")
+
+
+class TestNoLinksInStorage:
+    """Whoever holds a copy of the database cannot open an invoice or confirm an address from it."""
+
+    def test_the_outbox_holds_no_link_yet_every_emailed_link_works(
+        self, cli: Any, localstripe: LocalStripe, smtp: SmtpServer, server: Any, browser_client: httpx.Client, settings: Settings
+    ) -> None:
+        # An unverified customer: the address confirmation goes out, the invoice email is held.
+        email = unique_email("storage")
+        cus_id, _ = localstripe.customer_with_cards(email, "Sto Rage", CARD_OK)
+        assert cli("customer", "add", "--email", email, "--name", "Sto Rage", "--stripe-customer", cus_id).code == 0
+        held = cli(
+            "invoice", "create", "--customer", email, "--amount", "80", "--currency", "eur", "--description", "Held", "--send", "--json"
+        )
+        assert held.json()["link"]["emailed"] is False
+        # A verified customer: an invoice due tomorrow (so a reminder is due), and a fresh link for it.
+        verified = unique_email("verified")
+        cus_id, _ = localstripe.customer_with_cards(verified, "Vera Fied", CARD_OK)
+        assert cli("customer", "add", "--email", verified, "--name", "Vera Fied", "--stripe-customer", cus_id, "--verified").code == 0
+        tomorrow = (date.today() + timedelta(days=1)).isoformat()
+        args = ["--amount", "120.50", "--currency", "eur", "--description", "Annual service", "--due", tomorrow, "--send", "--json"]
+        number = cli("invoice", "create", "--customer", verified, *args).json()["number"]
+        assert cli("remind", "--json").json()["sent"][0]["invoice"] == number
+        resent = cli("link", "resend", number, "--json")
+        assert "/pay/" in resent.json()["link"]["url"]  # the CLI still shows finance the link it issued
+
+        [confirmation] = smtp.mailbox.wait_for(4)[:1]
+        verify_url = VERIFY_LINK.search(text_part(confirmation))
+        assert verify_url
+        page = browser_client.get(verify_url.group(0))
+        assert page.status_code == 200
+        assert "your address is confirmed" in browser_client.post(verify_url.group(0), data={"csrf": csrf_of(page.text)}).text
+        delivered = smtp.mailbox.wait_for(5)  # ...and the held invoice is released
+
+        kinds = sorted(str(kind) for (kind,) in db_query(settings.database_url, "SELECT kind FROM outbox"))
+        assert kinds == sorted([Kind.VERIFICATION, Kind.INVOICE, Kind.REMINDER, Kind.NEW_LINK, Kind.INVOICE])
+        stored = "\n".join(
+            json.dumps(row, default=str) for row in db_query(settings.database_url, "SELECT text, html, payload FROM outbox")
+        )
+        assert "/pay/" not in stored and "/verify/" not in stored
+        assert not TOKEN_SHAPE.search(stored)
+        urls = [match.group(0) for m in delivered for match in [*PAY_LINK.finditer(text_part(m)), *VERIFY_LINK.finditer(text_part(m))]]
+        assert len(urls) == 5
+        assert not [url for url in urls if url.rsplit("/", 1)[1] in stored]
+        assert all(url in html_part(m) for m, url in zip(delivered, urls, strict=True))  # the button, too
+
+        # Each emailed payment link opens its invoice.
+        for url in urls:
+            if "/pay/" in url:
+                opened = browser_client.get(url)
+                assert opened.status_code == 200 and "Pay" in opened.text, url
+
+
+class TestRetention:
+    """Nothing is kept longer than it is useful: old message bodies, link opens and link requests go."""
+
+    def test_old_rows_are_emptied_or_deleted_and_recent_ones_kept(self, shop: Shop, smtp: SmtpServer) -> None:
+        settings = shop.settings  # OUTBOX_KEEP_DAYS 30, LINK_OPENS_KEEP_DAYS 400, LINK_REQUESTS_KEEP_DAYS 30
+        old_sent, recent_sent = shop.bill(), shop.bill()
+        assert shop.worker_once().sent == 2
+        old_dead = shop.bill()
+        smtp.mailbox.replies.append("554 5.7.1 Message rejected")  # the third invoice email is refused
+        assert shop.worker_once().dead == 1
+        shop.bill()  # a fourth, still pending (as is finance's alert about the third)
+        invoice_rows = "SELECT o.id, i.number FROM outbox o JOIN invoices i ON i.id = o.invoice_id WHERE o.kind = 'invoice'"
+        ids = {number: i for i, number in shop.query(invoice_rows)}
+        rows = {
+            number: shop.query("SELECT status FROM outbox WHERE id = :i", i=ids[number])[0][0]
+            for number in (old_sent.number, recent_sent.number, old_dead.number)
+        }
+        assert rows == {old_sent.number: "sent", recent_sent.number: "sent", old_dead.number: "dead"}
+        now = datetime.now(UTC)
+        for number, age in ((old_sent.number, 31), (recent_sent.number, 29), (old_dead.number, 31)):
+            db_execute(
+                settings.database_url, "UPDATE outbox SET created_at = :at WHERE id = :i", at=now - timedelta(days=age), i=ids[number]
+            )
+        db_execute(settings.database_url, "UPDATE outbox SET created_at = :at WHERE status = 'pending'", at=now - timedelta(days=60))
+        run(_add_activity(settings, old_sent.link_id, now))
+
+        assert run(_purge(settings)) == {"outbox_bodies": 2, "link_opens": 1, "link_requests": 1}
+        bodies = dict(
+            shop.query(
+                "SELECT i.number, length(o.text) + length(o.html) + (CASE WHEN o.payload IS NULL THEN 0 ELSE 1 END) "
+                "FROM outbox o JOIN invoices i ON i.id = o.invoice_id WHERE o.kind = 'invoice'"
+            )
+        )
+        assert bodies[old_sent.number] == 0 and bodies[old_dead.number] == 0
+        assert bodies[recent_sent.number] > 0 and len([n for n, size in bodies.items() if size > 0]) == 2  # and the pending one
+        assert shop.query("SELECT count(*) FROM outbox WHERE recipient = :e AND message_id != ''", e=old_sent.email) == [(1,)]
+        opens = sorted((now - _aware(at)).days for (at,) in shop.query("SELECT opened_at FROM link_opens"))
+        assert opens == [399]
+        requests = sorted((now - _aware(at)).days for (at,) in shop.query("SELECT requested_at FROM link_requests"))
+        assert requests == [29]
+
+        assert run(_purge(settings)) == {"outbox_bodies": 0, "link_opens": 0, "link_requests": 0}
+        assert run(_requeue_dead(settings)) == 0  # an emptied message cannot be sent again
+
+
+def _aware(value: Any) -> datetime:
+    at = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+async def _purge(settings: Settings) -> dict[str, int]:
+    async with services.open_services(settings) as s:
+        return await purge_expired(s.sessions, s.settings)
+
+
+async def _add_activity(settings: Settings, link_id: uuid.UUID, now: datetime) -> None:
+    """Opens of a link (401 and 399 days ago) and fresh-link requests (31 and 29 days ago)."""
+    async with services.open_services(settings) as s, s.sessions.begin() as session:
+        invoice_id, customer_id = (
+            await session.execute(
+                select(Invoice.id, Invoice.customer_id)
+                .join(PaymentLink, PaymentLink.invoice_id == Invoice.id)
+                .where(PaymentLink.id == link_id)
+            )
+        ).one()
+        for days in (401, 399):
+            session.add(LinkOpen(link_id=link_id, opened_at=now - timedelta(days=days)))
+        for days in (31, 29):
+            session.add(LinkRequest(invoice_id=invoice_id, customer_id=customer_id, requested_at=now - timedelta(days=days), sent=True))

@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
 from datetime import UTC, date, datetime
 
 import pytest
 
-from emails.messages import InvoiceFacts, Kind, finance_alert_message, invoice_message, receipt_message, verification_message
+from emails.messages import (
+    InvoiceFacts,
+    Kind,
+    finance_alert_message,
+    invoice_message,
+    invoice_payload,
+    pay_link_url,
+    receipt_message,
+    render_payload,
+    verification_message,
+    verification_payload,
+    verify_link_url,
+)
 from plumbing.i18n import format_money
+from plumbing.settings import Settings
+from plumbing.signing import pay_signer, verify_signer
 
 FACTS = InvoiceFacts("Acme GmbH", "Ann Lee", "INV-7", "Beratung <November>", 12050, "eur", date(2026, 12, 15))
 LINK = "https://pay.example.com/pay/abc.def"
 WHEN = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+SETTINGS = Settings.from_env(
+    {
+        "LINK_SECRET_KEYS": "unit-test-link-key-0123456789",
+        "STRIPE_SECRET_KEY": "sk_test_x",
+        "STRIPE_PUBLISHABLE_KEY": "pk_test_x",
+        "STRIPE_WEBHOOK_SECRET": "whsec_x",
+        "BASE_URL": "https://pay.example.com",
+    }
+)
+TOKEN = re.compile(r"[A-Za-z0-9_\-]{20,}\.[A-Za-z0-9_\-]{20,}")
 
 
 @pytest.mark.parametrize("kind", [Kind.INVOICE, Kind.NEW_LINK, Kind.REMINDER])
@@ -65,12 +92,54 @@ def test_finance_alert() -> None:
 
 
 def test_receipt_queued_as_facts_renders_the_same_as_directly() -> None:
-    from emails.messages import receipt_payload, render_payload
+    from emails.messages import receipt_payload
 
     subject, payload = receipt_payload(FACTS, amount_paid=12050, brand="visa", last4="4242", paid_at=WHEN, locale="de")
     direct = receipt_message(FACTS, amount_paid=12050, brand="visa", last4="4242", paid_at=WHEN, link_url=None, locale="de")
-    import json
-
-    later = render_payload(Kind.RECEIPT, json.loads(json.dumps(payload)))  # as stored in the outbox's JSON column
+    later = render_payload(SETTINGS, Kind.RECEIPT, json.loads(json.dumps(payload)))  # as stored in the outbox's JSON column
     assert (subject, later.text, later.html) == (direct.subject, direct.text, direct.html)
     assert "120,50\xa0€" in later.text
+
+
+class TestLinksRenderedAtSendTime:
+    """A queued email names its link by id and expiry; the signed URL exists only in the email sent."""
+
+    LINK_ID = uuid.UUID("6f1c7a4e-8a0b-4c57-9a57-2f7d0c1e9b11")
+
+    @pytest.mark.parametrize("kind", [Kind.INVOICE, Kind.NEW_LINK, Kind.REMINDER])
+    def test_invoice_kinds_render_the_same_as_directly(self, kind: str) -> None:
+        subject, payload = invoice_payload(FACTS, link_id=self.LINK_ID, expires_at=WHEN, locale="de", kind=kind)
+        stored = json.dumps(payload)  # what the outbox's JSON column holds
+        assert "/pay/" not in stored and not TOKEN.search(stored)
+        assert self.LINK_ID.hex in stored
+
+        later = render_payload(SETTINGS, kind, json.loads(stored))
+        url = pay_link_url(SETTINGS, self.LINK_ID, WHEN)
+        direct = invoice_message(FACTS, url, WHEN, "de", kind=kind)
+        assert (subject, later.subject, later.text, later.html) == (direct.subject, direct.subject, direct.text, direct.html)
+        assert url in later.text and f'href="{url}"' in later.html
+
+    def test_the_rendered_link_is_a_valid_token_for_that_link(self) -> None:
+        _, payload = invoice_payload(FACTS, link_id=self.LINK_ID, expires_at=WHEN, locale="en")
+        text = render_payload(SETTINGS, Kind.INVOICE, json.loads(json.dumps(payload))).text
+        [url] = re.findall(r"https://pay\.example\.com/pay/\S+", text)
+        claims = pay_signer(SETTINGS).verify(url.rsplit("/", 1)[1], now=datetime(2026, 11, 1, tzinfo=UTC))
+        assert (claims.subject_id, claims.expires_at) == (self.LINK_ID, WHEN)
+
+    def test_verification_renders_the_same_as_directly(self) -> None:
+        subject, payload = verification_payload("Acme", "Ann", verification_id=self.LINK_ID, expires_at=WHEN, locale="es")
+        stored = json.dumps(payload)
+        assert "/verify/" not in stored and not TOKEN.search(stored)
+
+        later = render_payload(SETTINGS, Kind.VERIFICATION, json.loads(stored))
+        url = verify_link_url(SETTINGS, self.LINK_ID, WHEN)
+        direct = verification_message("Acme", "Ann", url, WHEN, "es")
+        assert (subject, later.text, later.html) == (direct.subject, direct.text, direct.html)
+        claims = verify_signer(SETTINGS).verify(url.rsplit("/", 1)[1], now=datetime(2026, 11, 1, tzinfo=UTC))
+        assert claims.subject_id == self.LINK_ID
+
+    def test_a_kind_without_deferred_rendering_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="no deferred rendering"):
+            render_payload(SETTINGS, Kind.FINANCE_ALERT, {"locale": "en"})
+        with pytest.raises(ValueError, match="not an email with a payment link"):
+            invoice_payload(FACTS, link_id=self.LINK_ID, expires_at=WHEN, locale="en", kind=Kind.RECEIPT)
