@@ -6,10 +6,11 @@ import argparse
 from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, UserError, command, command_group, emit, sync_quietly, table
-from links.customers import ADDRESS_FIELDS, add_customer, check_address, check_new_email, find_customer, update_customer
+from links.customers import ADDRESS_FIELDS, add_customer, check_address, check_new_customer, find_customer, update_customer
 from links.models import Customer
 from links.verification import change_email, request_verification
 from payments.cards import sync_profiles
+from payments.gateway import GatewayError
 from payments.models import PaymentProfile
 from payments.queries import saved_cards
 
@@ -76,6 +77,13 @@ def _address(args: argparse.Namespace) -> dict[str, str]:
     return check_address({field: getattr(args, field, None) for field in ADDRESS_FIELDS})
 
 
+async def _delete_quietly(ctx: Context, services: Services, stripe_id: str) -> None:
+    try:
+        await services.gateway.delete_customer(stripe_id)
+    except GatewayError as exc:
+        ctx.warn(f"could not delete Stripe customer {stripe_id}, created for nothing ({exc}); delete it in the dashboard")
+
+
 def customer_record(customer: Customer) -> dict[str, Any]:
     return {
         "id": str(customer.id),
@@ -106,23 +114,37 @@ def _profile_record(profile: PaymentProfile) -> dict[str, Any]:
 
 async def add(ctx: Context, services: Services) -> None:
     a = ctx.args
-    address = _address(a)
+    # Everything is checked before a Stripe customer is created, so bad input leaves nothing there.
     async with services.readers() as session:
-        email = await check_new_email(session, a.email)  # before a Stripe customer is created for nothing
-    stripe_id = a.stripe_customer or await services.gateway.create_customer(email, a.name)
-    async with services.sessions.begin() as session:
-        customer = await add_customer(
+        details = await check_new_customer(
             session,
-            email=email,
+            email=a.email,
             name=a.name,
-            actor=ctx.actor,
             locale=a.locale,
-            stripe_customer_id=stripe_id,
-            verified=a.verified,
-            address=address,
+            stripe_customer_id=a.stripe_customer,
+            address={field: getattr(a, field, None) for field in ADDRESS_FIELDS},
         )
-        if not a.verified:
-            request_verification(session, ctx.settings, customer, actor=ctx.actor)
+    created_at_stripe = details.stripe_customer_id is None
+    stripe_id = details.stripe_customer_id or await services.gateway.create_customer(details.email, details.name)
+    try:
+        async with services.sessions.begin() as session:
+            customer = await add_customer(
+                session,
+                email=details.email,
+                name=details.name,
+                actor=ctx.actor,
+                locale=details.locale,
+                stripe_customer_id=stripe_id,
+                verified=a.verified,
+                address=details.address,
+            )
+            if not a.verified:
+                request_verification(session, ctx.settings, customer, actor=ctx.actor)
+    except Exception:
+        # e.g. the same email added a moment ago by someone else: take back what we made at Stripe.
+        if created_at_stripe:
+            await _delete_quietly(ctx, services, stripe_id)
+        raise
     if stripe_id:
         await sync_quietly(ctx, lambda: sync_profiles(services.sessions, services.gateway, customer.id))
     state = "verified (attested)" if a.verified else "not verified yet: a confirmation email is on its way"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cli.common import Context, Parser, Services, Subcommands, UserError, command, emit, jsonable, parse_date, print_json, progress
 from links import importer
-from payments.reports import EXPORT_COLUMNS, export_rows
+from payments.reports import EXPORT_COLUMNS, export_rows, spreadsheet_safe
 
 
 def register(commands: Subcommands[Parser]) -> None:
@@ -47,16 +47,26 @@ async def import_csv(ctx: Context, services: Services) -> None:
     except importer.ImportError_ as exc:
         raise UserError(f"{a.file}: {exc}") from None
     report = importer.ImportReport(rows=len(rows) + len(bad))
-    async with services.sessions.begin() as session:
+    async with services.readers() as session:
         new, done, conflicts = await importer.check_against_database(session, rows)
-        report.bad = sorted(bad + conflicts, key=lambda b: b.line)
-        report.already_imported = len(done)
-        if not report.bad or a.skip_bad:  # otherwise: everything validated, nothing written
-            with progress(ctx, len(new), "Importing") as advance:
-                await importer.write_rows(
-                    session, ctx.settings, new, actor=ctx.actor, send=a.send, verified=a.verified, report=report, progress=advance
-                )
-            report.written = True
+    report.bad = sorted(bad + conflicts, key=lambda b: b.line)
+    report.already_imported = len(done)
+    if not report.bad or a.skip_bad:  # otherwise: everything validated, nothing written
+        # Written in short transactions (chunks), all or nothing: see links/importer.py.
+        with progress(ctx, len(new), "Importing") as advance:
+            await importer.import_rows(
+                services.sessions,
+                services.readers,
+                ctx.settings,
+                new,
+                actor=ctx.actor,
+                source=str(a.file),
+                send=a.send,
+                verified=a.verified,
+                report=report,
+                progress=advance,
+            )
+        report.written = True
     record = {
         "rows": report.rows, "written": report.written, "created_invoices": report.created_invoices,
         "created_customers": report.created_customers, "already_imported": report.already_imported,
@@ -84,9 +94,12 @@ async def export(ctx: Context, services: Services) -> None:
     if ctx.args.format == "json" or ctx.json:
         print_json(rows)
         return
-    writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
+    # CSV is opened in spreadsheets: every text cell is neutralised against formula injection
+    # (payments.reports.spreadsheet_safe), and every cell is quoted, so that no value (a line break
+    # or a comma in a description) can start a new cell or row. JSON, read by programs, stays exact.
+    writer = csv.DictWriter(sys.stdout, fieldnames=EXPORT_COLUMNS, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writeheader()
     with progress(ctx, len(rows), "Exporting") as advance:
         for row in rows:
-            writer.writerow({k: jsonable(v) if v is not None else "" for k, v in row.items()})
+            writer.writerow({k: spreadsheet_safe(jsonable(v)) if v is not None else "" for k, v in row.items()})
             advance(1)

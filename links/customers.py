@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
+import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
+from babel import Locale
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,11 +18,21 @@ from links.errors import LinkError, NotFound
 from links.models import Customer
 from plumbing import audit
 from plumbing.db import new_id, utcnow
-from plumbing.i18n import normalize_locale
+from plumbing.i18n import SUPPORTED_LOCALES, normalize_locale
 from plumbing.settings import Settings
 
-# The billing address, shown prefilled on the pay page.
+# The billing address, shown prefilled on the pay page, with the longest value each column holds.
 ADDRESS_FIELDS = ("address_line1", "address_line2", "postal_code", "city", "country")
+_ADDRESS_LIMITS = {"address_line1": 200, "address_line2": 200, "postal_code": 32, "city": 100, "country": 2}
+_ADDRESS_LABELS = {"address_line1": "address line 1", "address_line2": "address line 2", "postal_code": "postal code", "city": "city"}
+NAME_LIMIT = 200
+# ISO 3166-1 alpha-2 codes (Babel's territories, without its groupings and private-use codes;
+# XK, Kosovo, stays: Stripe accepts it).
+_NOT_COUNTRIES = {"EU", "EZ", "UN", "QO", "XA", "XB", "ZZ"}
+COUNTRIES = frozenset(
+    code for code in map(str, Locale("en").territories) if len(code) == 2 and code.isalpha() and code not in _NOT_COUNTRIES
+)
+STRIPE_CUSTOMER_ID = re.compile(r"cus_[A-Za-z0-9_-]{1,251}")
 
 
 def normalize_email(email: str) -> str:
@@ -28,14 +43,88 @@ def normalize_email(email: str) -> str:
         raise LinkError(f"email address {email!r} is not valid: {exc}") from None
 
 
+def _has_control_characters(value: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)
+
+
 def check_address(values: Mapping[str, object]) -> dict[str, str]:
     """The address fields given (empty ones left out), trimmed; the country as a two-letter code."""
     address = {f: str(values[f]).strip() for f in ADDRESS_FIELDS if values.get(f)}
     if "country" in address:
-        if len(address["country"]) != 2 or not address["country"].isalpha():
-            raise LinkError("the country is a two-letter code, e.g. DE")
+        if address["country"].upper() not in COUNTRIES:
+            raise LinkError(f"country {address['country']!r} is not a two-letter ISO country code, e.g. DE")
         address["country"] = address["country"].upper()
+    for name, value in address.items():
+        label = _ADDRESS_LABELS.get(name, name)
+        if len(value) > _ADDRESS_LIMITS[name]:
+            raise LinkError(f"the {label} is longer than {_ADDRESS_LIMITS[name]} characters")
+        if _has_control_characters(value):
+            raise LinkError(f"the {label} cannot contain line breaks or control characters")
     return address
+
+
+def check_name(name: str) -> str:
+    """A customer's name, trimmed: 1 to 200 characters on one line."""
+    name = name.strip()
+    if not name:
+        raise LinkError("a customer needs a name")
+    if len(name) > NAME_LIMIT:
+        raise LinkError(f"a customer's name is at most {NAME_LIMIT} characters")
+    if _has_control_characters(name):
+        raise LinkError("a customer's name cannot contain line breaks or control characters")
+    return name
+
+
+def check_locale(locale: str | None) -> str | None:
+    """A supported language ("de-AT" -> "de"), None when not given; anything else is refused
+    (it used to fall back to English without a word)."""
+    if locale is None or not locale.strip():
+        return None
+    language = normalize_locale(locale.strip(), default="")
+    if language not in SUPPORTED_LOCALES:
+        raise LinkError(f"locale {locale!r} is not one of {', '.join(SUPPORTED_LOCALES)}")
+    return language
+
+
+def check_stripe_customer_id(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not STRIPE_CUSTOMER_ID.fullmatch(value):
+        raise LinkError(f"{value!r} is not a Stripe customer id (cus_…)")
+    return value
+
+
+@dataclass(frozen=True)
+class CustomerDetails:
+    """A new customer's details, every one checked: what `customer add` validates before it creates
+    anything at Stripe, so that bad input never leaves an orphan customer there."""
+
+    email: str  # normalized, and no customer has it yet
+    name: str
+    locale: str | None
+    stripe_customer_id: str | None
+    address: dict[str, str] = field(default_factory=dict)
+
+
+async def check_new_customer(
+    session: AsyncSession,
+    *,
+    email: str,
+    name: str,
+    locale: str | None = None,
+    stripe_customer_id: str | None = None,
+    address: Mapping[str, object] | None = None,
+) -> CustomerDetails:
+    """Validate everything about a new customer (raises LinkError with the first problem)."""
+    details = CustomerDetails(
+        email=normalize_email(email),
+        name=check_name(name),
+        locale=check_locale(locale),
+        stripe_customer_id=check_stripe_customer_id(stripe_customer_id),
+        address=check_address(address or {}),
+    )
+    await check_new_email(session, details.email)
+    return details
 
 
 def new_customer(
@@ -47,21 +136,19 @@ def new_customer(
     verified_by: str | None = None,
     address: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    import_batch_id: uuid.UUID | None = None,
 ) -> Customer:
     """The one way a customer row is built (CLI, importer, services). `email` is already normalized
     (`normalize_email`); `verified_by` says who attested the address, None leaves it unverified."""
-    if not name.strip():
-        raise LinkError("a customer needs a name")
-    if stripe_customer_id is not None and not stripe_customer_id.startswith("cus_"):
-        raise LinkError(f"{stripe_customer_id!r} is not a Stripe customer id (cus_…)")
     return Customer(
         id=new_id(),
         email=email,
-        name=name.strip(),
-        locale=normalize_locale(locale) if locale else None,
-        stripe_customer_id=stripe_customer_id,
+        name=check_name(name),
+        locale=check_locale(locale),
+        stripe_customer_id=check_stripe_customer_id(stripe_customer_id),
         email_verified_at=(now or utcnow()) if verified_by else None,
         email_verified_by=verified_by,
+        import_batch_id=import_batch_id,
         **check_address(address or {}),
     )
 
@@ -121,12 +208,10 @@ def update_customer(
     """Change the name, language or billing address (an email change is `verification.change_email`).
     Returns whether anything was given; the change is audited."""
     fields = check_address(address or {})
-    if name and not name.strip():
-        raise LinkError("a customer needs a name")
-    if name:
-        customer.name = name.strip()
+    if name is not None:
+        customer.name = check_name(name)
     if locale:
-        customer.locale = normalize_locale(locale)
+        customer.locale = check_locale(locale)
     for field_name, value in fields.items():
         setattr(customer, field_name, value)
     changed = bool(name or locale or fields)

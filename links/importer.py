@@ -1,8 +1,17 @@
-"""Bulk import of invoices from CSV: every row validated first, then written all at once.
+"""Bulk import of invoices from CSV: every row validated first, then written in short chunks.
 
 Columns (header row required): email,name,amount,currency,description,due_date,number,locale
-(due_date, number and locale may be empty or absent). A row without a number gets one derived from
-its contents (IMP-…), so importing the same file twice creates nothing twice either way.
+(due_date, number and locale may be empty or absent). A row without a number gets the next number
+of the invoice sequence (INV-000042), and a key derived from its contents (IMP-…) by which it is
+found again, so importing the same file twice creates nothing twice either way.
+
+Writing (`import_rows`): one transaction per chunk of CHUNK_ROWS rows, so that a large file never
+holds SQLite's write lock for long (a webhook waits at most about one chunk). To the user it stays
+all or nothing: every row carries the import's batch id (ImportBatch), its emails are queued held
+(next attempt at HOLD_UNTIL) and released in one short final transaction that also marks the batch
+done; if anything fails, what the earlier chunks wrote is deleted again, by the batch id, and its
+invoice numbers go back to the sequence. A run that died without undoing itself (kill -9) is undone
+by the next import once its heartbeat is older than STALE_IMPORT.
 """
 
 from __future__ import annotations
@@ -10,27 +19,47 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Callable, Iterable
+import logging
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql import ColumnElement
 
-from links.customers import new_customer, normalize_email
+from emails import outbox
+from emails.models import OutboxMessage
+from links.customers import check_locale, check_name, new_customer, normalize_email
 from links.errors import LinkError
-from links.invoices import check_invoice_number, flush_new_invoices, new_invoice
+from links.invoices import (
+    allocate_invoice_numbers,
+    check_invoice_number,
+    flush_new_invoices,
+    format_invoice_number,
+    give_back_invoice_numbers,
+    new_invoice,
+)
 from links.issuing import IssuedLink, issue_link
-from links.models import Customer, Invoice
+from links.models import Customer, ImportBatch, ImportStatus, Invoice, LinkOpen, LinkRequest, PaymentLink, ReminderSent
 from links.verification import request_verification
 from plumbing import audit
 from plumbing.db import chunked, utcnow
-from plumbing.i18n import SUPPORTED_LOCALES, MoneyError, check_currency, normalize_locale, to_minor_units
+from plumbing.i18n import MoneyError, check_currency, to_minor_units
 from plumbing.settings import Settings
+
+log = logging.getLogger("paylink.import")
 
 REQUIRED = ("email", "name", "amount", "currency", "description")
 OPTIONAL = ("due_date", "number", "locale")
 MAX_ROWS = 100_000
+CHUNK_ROWS = 500  # rows per write transaction: well under a second of SQLite's write lock
+# The next attempt of an unfinished import's emails: never due until the import releases them.
+HOLD_UNTIL = datetime(9999, 1, 1, tzinfo=UTC)
+# An import whose chunks stopped this long ago died without undoing itself: the next import undoes it.
+STALE_IMPORT = timedelta(minutes=10)
 
 
 class ImportError_(Exception):
@@ -46,8 +75,9 @@ class ImportRow:
     currency: str
     description: str
     due_date: date | None
-    number: str
+    number: str | None  # None: the next number of the invoice sequence, given when it is written
     locale: str | None
+    import_key: str | None  # for a row without a number: how a second import of it is recognised
 
 
 @dataclass(frozen=True)
@@ -68,7 +98,8 @@ class ImportReport:
     written: bool = False
 
 
-def derived_number(email: str, amount: int, currency: str, description: str, due: date | None) -> str:
+def derived_key(email: str, amount: int, currency: str, description: str, due: date | None) -> str:
+    """What identifies a row without a number across imports (it used to be its number)."""
     digest = hashlib.sha256(f"{email}|{amount}|{currency}|{description}|{due or ''}".encode()).hexdigest()
     return f"IMP-{digest[:12].upper()}"
 
@@ -91,6 +122,7 @@ def _parse(text: str) -> tuple[list[ImportRow], list[BadRow]]:
     rows: list[ImportRow] = []
     bad: list[BadRow] = []
     seen_numbers: dict[str, int] = {}
+    seen_keys: dict[str, int] = {}
     for index, raw in enumerate(reader):
         line = reader.line_num  # a quoted cell may span lines: report where the row ends, as a spreadsheet shows it
         if index >= MAX_ROWS:
@@ -105,10 +137,21 @@ def _parse(text: str) -> tuple[list[ImportRow], list[BadRow]]:
         if row is None:
             bad.append(BadRow(line, reason or "invalid row"))
             continue
-        if row.number in seen_numbers:
+        if row.number is not None and row.number in seen_numbers:
             bad.append(BadRow(line, f"invoice number {row.number} is also on line {seen_numbers[row.number]}"))
             continue
-        seen_numbers[row.number] = line
+        if row.import_key is not None and row.import_key in seen_keys:
+            first = seen_keys[row.import_key]
+            bad.append(
+                BadRow(
+                    line, f"the same invoice (email, amount, currency, description, due date) is also on line {first}; give each a number"
+                )
+            )
+            continue
+        if row.number is not None:
+            seen_numbers[row.number] = line
+        if row.import_key is not None:
+            seen_keys[row.import_key] = line
         rows.append(row)
     return rows, bad
 
@@ -120,6 +163,10 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
         return None, str(exc)
     if not v.get("name"):
         return None, "name is empty"
+    try:
+        name = check_name(v["name"])
+    except LinkError as exc:
+        return None, str(exc)
     if not v.get("description"):
         return None, "description is empty"
     try:
@@ -133,29 +180,37 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
             due = date.fromisoformat(v["due_date"])
         except ValueError:
             return None, f"due_date {v['due_date']!r} is not a date (use YYYY-MM-DD)"
-    locale = v.get("locale") or None
-    if locale and normalize_locale(locale, default="") not in SUPPORTED_LOCALES:
-        return None, f"locale {locale!r} is not one of {', '.join(SUPPORTED_LOCALES)}"
     try:
-        number = check_invoice_number(v["number"]) if v.get("number") else derived_number(email, amount, currency, v["description"], due)
+        locale = check_locale(v.get("locale") or None)
+        number = check_invoice_number(v["number"]) if v.get("number") else None
     except LinkError as exc:
         return None, str(exc)
-    row = ImportRow(line, email, v["name"], amount, currency, v["description"], due, number, normalize_locale(locale) if locale else None)
-    return row, None
+    key = None if number else derived_key(email, amount, currency, v["description"], due)
+    return ImportRow(line, email, name, amount, currency, v["description"], due, number, locale, key), None
 
 
 async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -> tuple[list[ImportRow], list[ImportRow], list[BadRow]]:
-    """Split rows into new ones, ones already imported (same number, same invoice) and conflicts."""
+    """Split rows into new ones, ones already imported (same number, same invoice; or, without a
+    number, the same contents) and conflicts."""
     existing: dict[str, tuple[str, int, str]] = {}
-    for chunk in chunked([r.number for r in rows]):
+    for chunk in chunked([r.number for r in rows if r.number is not None]):
         result = await session.execute(
             select(Invoice.number, Customer.email, Invoice.amount_due, Invoice.currency)
             .join(Customer, Customer.id == Invoice.customer_id)
             .where(Invoice.number.in_(chunk))
         )
         existing.update({n: (e, a, c) for n, e, a, c in result})
-    new, done, bad = [], [], []
+    known_keys: set[str] = set()
+    for chunk in chunked([r.import_key for r in rows if r.import_key is not None]):
+        keys = (await session.execute(select(Invoice.import_key).where(Invoice.import_key.in_(chunk)))).scalars()
+        known_keys.update(key for key in keys if key is not None)
+    new: list[ImportRow] = []
+    done: list[ImportRow] = []
+    bad: list[BadRow] = []
     for row in rows:
+        if row.number is None:
+            (done if row.import_key in known_keys else new).append(row)
+            continue
         found = existing.get(row.number)
         if found is None:
             new.append(row)
@@ -166,76 +221,261 @@ async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -
     return new, done, bad
 
 
-async def write_rows(
-    session: AsyncSession,
+class ImportFailed(LinkError):
+    """Writing failed part-way; what was written has been undone. One line for the operator."""
+
+
+async def import_rows(
+    sessions: async_sessionmaker[AsyncSession],
+    readers: async_sessionmaker[AsyncSession],
     settings: Settings,
-    rows: Iterable[ImportRow],
+    rows: Sequence[ImportRow],
+    *,
+    actor: str,
+    source: str,
+    send: bool,
+    verified: bool,
+    report: ImportReport,
+    progress: Callable[[int], None] = lambda n: None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> uuid.UUID:
+    """Create customers (matched case-insensitively by email) and invoices, chunk by chunk; issue
+    links and queue their emails if asked, held until the last chunk is written. All or nothing:
+    a failure undoes what the earlier chunks wrote. Returns the import's batch id."""
+    for undone in await undo_stale_imports(sessions, settings):
+        log.warning("import.undone_stale batch=%s", undone)
+    batch_id = await _start_batch(sessions, rows, actor=actor, source=source)
+    try:
+        numbers = await _allocate_numbers(sessions, batch_id, rows)
+        customers = await _existing_customers(readers, sorted({r.email for r in rows}))
+        issued: list[IssuedLink] = []
+        for start in range(0, len(rows), chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            try:
+                issued += await _write_chunk(
+                    sessions, settings, batch_id, chunk, numbers, customers, actor=actor, send=send, verified=verified, report=report
+                )
+            except SQLAlchemyError as exc:  # e.g. a customer or number created by someone else meanwhile
+                reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+                raise ImportFailed(f"lines {chunk[0].line}-{chunk[-1].line} could not be written ({reason})") from None
+            progress(len(chunk))
+        report.created_invoices = len(rows)
+        report.emailed = sum(1 for i in issued if i.emailed)
+        report.held = sum(1 for i in issued if not i.emailed)
+        await _finish_batch(sessions, batch_id, actor=actor, report=report)
+    except BaseException as exc:  # Ctrl-C too: leave nothing behind
+        reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+        try:
+            await undo_import(sessions, settings, batch_id, reason=reason, actor=actor)
+        except Exception:
+            log.exception("import.undo_failed batch=%s (the next import undoes it)", batch_id)
+        report.created_invoices = report.created_customers = report.emailed = report.held = 0
+        if isinstance(exc, LinkError):  # one line for the operator
+            raise ImportFailed(f"{exc}; nothing was imported") from None
+        raise
+    return batch_id
+
+
+async def _start_batch(sessions: async_sessionmaker[AsyncSession], rows: Sequence[ImportRow], *, actor: str, source: str) -> uuid.UUID:
+    async with sessions.begin() as session:
+        batch = ImportBatch(id=uuid.uuid4(), status=ImportStatus.WRITING, actor=actor[:200], source=source[-500:], rows=len(rows))
+        session.add(batch)
+        return batch.id
+
+
+async def _allocate_numbers(sessions: async_sessionmaker[AsyncSession], batch_id: uuid.UUID, rows: Sequence[ImportRow]) -> dict[int, str]:
+    """Numbers for the rows without one, in file order, taken in one short transaction and kept on
+    the batch, so that a failed import can give them back."""
+    unnumbered = [r.line for r in rows if r.number is None]
+    if not unnumbered:
+        return {}
+    async with sessions.begin() as session:
+        allocation = await allocate_invoice_numbers(session, len(unnumbered))
+        await session.execute(
+            update(ImportBatch).where(ImportBatch.id == batch_id).values(first_number=allocation.first, last_number=allocation.last)
+        )
+    return dict(zip(unnumbered, allocation.numbers, strict=True))
+
+
+async def _existing_customers(readers: async_sessionmaker[AsyncSession], emails: list[str]) -> dict[str, Customer]:
+    customers: dict[str, Customer] = {}
+    async with readers() as session:
+        for chunk in chunked(emails):
+            found = await session.execute(select(Customer).where(Customer.email.in_(chunk)))
+            customers.update({c.email: c for c in found.scalars()})
+    return customers
+
+
+async def _write_chunk(
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    batch_id: uuid.UUID,
+    rows: Sequence[ImportRow],
+    numbers: dict[int, str],
+    customers: dict[str, Customer],
     *,
     actor: str,
     send: bool,
     verified: bool,
     report: ImportReport,
-    progress: Callable[[int], None] = lambda n: None,
-) -> None:
-    """Create customers (matched case-insensitively by email) and invoices; issue and queue links if asked."""
-    rows = list(rows)
-    emails = sorted({r.email for r in rows})
-    customers: dict[str, Customer] = {}
-    for chunk in chunked(emails):
-        found = await session.execute(select(Customer).where(Customer.email.in_(chunk)))
-        customers.update({c.email: c for c in found.scalars()})
+) -> list[IssuedLink]:
+    """One short transaction. Everything is built (and every email rendered) before the first
+    statement, so the write lock is held only while the rows are inserted."""
     now = utcnow()
-    new_customers: list[Customer] = []
-    for row in rows:
-        if row.email not in customers:
-            customer = new_customer(
-                email=row.email,
-                name=row.name,
-                locale=row.locale,
-                verified_by=f"attested by {actor} (import)" if verified else None,
-                now=now,
+    async with sessions.begin() as session:
+        created: list[Customer] = []
+        for row in rows:
+            if row.email not in customers:
+                customer = new_customer(
+                    email=row.email,
+                    name=row.name,
+                    locale=row.locale,
+                    verified_by=f"attested by {actor} (import)" if verified else None,
+                    now=now,
+                    import_batch_id=batch_id,
+                )
+                session.add(customer)
+                customers[row.email] = customer
+                created.append(customer)
+        if send and not verified:
+            for customer in created:  # their invoices are held until they confirm the address
+                request_verification(session, settings, customer, actor=actor)
+        invoices: list[tuple[Invoice, Customer]] = []
+        for row in rows:
+            customer = customers[row.email]
+            invoice = new_invoice(
+                customer_id=customer.id,
+                number=row.number or numbers[row.line],
+                currency=row.currency,
+                amount_due=row.amount,
+                description=row.description,
+                due_date=row.due_date,
+                import_key=row.import_key,
+                import_batch_id=batch_id,
             )
-            session.add(customer)
-            customers[row.email] = customer
-            new_customers.append(customer)
-            report.created_customers += 1
-    await session.flush()
-    if send and not verified:
-        for customer in new_customers:  # their invoices are held until they confirm the address
-            request_verification(session, settings, customer, actor=actor)
-    invoices: list[tuple[Invoice, Customer]] = []
-    for row in rows:
-        customer = customers[row.email]
-        invoice = new_invoice(
-            customer_id=customer.id,
-            number=row.number,
-            currency=row.currency,
-            amount_due=row.amount,
-            description=row.description,
-            due_date=row.due_date,
+            session.add(invoice)
+            invoices.append((invoice, customer))
+        issued = (
+            [await issue_link(session, settings, invoice=i, customer=c, actor=actor, audited=False) for i, c in invoices] if send else []
         )
-        session.add(invoice)
-        invoices.append((invoice, customer))
-    report.created_invoices = len(invoices)
-    # Invoices before the links and emails that refer to them; a number taken since
-    # `check_against_database` (an import or a create at the same moment) is one clear error.
-    await flush_new_invoices(session, [invoice.number for invoice, _ in invoices])
-    issued: list[IssuedLink] = []
-    for count, (invoice, customer) in enumerate(invoices, start=1):
-        if send:
-            issued.append(await issue_link(session, settings, invoice=invoice, customer=customer, actor=actor, audited=False))
-        if count % 200 == 0:
-            progress(200)
-    progress(len(invoices) % 200)
-    report.emailed = sum(1 for i in issued if i.emailed)
-    report.held = sum(1 for i in issued if not i.emailed)
-    audit.record(
-        session,
-        actor,
-        "import",
-        "invoices",
-        created=report.created_invoices,
-        customers=report.created_customers,
-        emailed=report.emailed,
-        held=report.held,
+        for message in session.new:
+            if isinstance(message, OutboxMessage):
+                message.next_attempt_at = HOLD_UNTIL  # released with the last chunk
+        # The first statement of the transaction: the write lock is taken here. Customers and
+        # invoices first (links and emails refer to them; the unit of work does not know that).
+        later = [obj for obj in session.new if not isinstance(obj, (Customer, Invoice))]
+        for obj in later:
+            session.expunge(obj)
+        await flush_new_invoices(session, [invoice.number for invoice, _ in invoices])
+        session.add_all(later)
+        await session.flush()
+        await session.execute(update(ImportBatch).where(ImportBatch.id == batch_id).values(heartbeat_at=utcnow()))
+    report.created_customers += len(created)
+    return issued
+
+
+async def _finish_batch(sessions: async_sessionmaker[AsyncSession], batch_id: uuid.UUID, *, actor: str, report: ImportReport) -> None:
+    """The short final transaction: release the held emails, mark the batch done, audit the import."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.next_attempt_at == HOLD_UNTIL, _batch_messages(batch_id))
+            .values(next_attempt_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        await session.execute(
+            update(ImportBatch)
+            .where(ImportBatch.id == batch_id)
+            .values(status=ImportStatus.DONE, finished_at=utcnow(), heartbeat_at=utcnow())
+        )
+        audit.record(
+            session,
+            actor,
+            "import",
+            "invoices",
+            batch=str(batch_id),
+            created=report.created_invoices,
+            customers=report.created_customers,
+            emailed=report.emailed,
+            held=report.held,
+        )
+
+
+def _batch_messages(batch_id: uuid.UUID) -> ColumnElement[bool]:
+    """The batch's outbox rows: its invoices' emails, and the confirmation requests to its new customers."""
+    return or_(
+        OutboxMessage.invoice_id.in_(select(Invoice.id).where(Invoice.import_batch_id == batch_id)),
+        and_(
+            OutboxMessage.invoice_id.is_(None),
+            OutboxMessage.recipient.in_(select(Customer.email).where(Customer.import_batch_id == batch_id)),
+        ),
     )
+
+
+async def undo_import(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, batch_id: uuid.UUID, *, reason: str, actor: str
+) -> None:
+    """The compensating transaction: delete what the batch's chunks wrote, give its invoice numbers
+    back (or, if someone took a number since, tell finance which ones stay unused), mark it aborted."""
+    async with sessions.begin() as session:
+        batch = await session.get(ImportBatch, batch_id, with_for_update=True)
+        if batch is None or batch.status != ImportStatus.WRITING:
+            return
+        invoices = select(Invoice.id).where(Invoice.import_batch_id == batch_id)
+        links = select(PaymentLink.id).where(PaymentLink.invoice_id.in_(invoices))
+        unsent = {"synchronize_session": False}
+        await session.execute(
+            delete(OutboxMessage)
+            .where(
+                or_(
+                    OutboxMessage.invoice_id.in_(invoices),
+                    and_(OutboxMessage.next_attempt_at == HOLD_UNTIL, _batch_messages(batch_id)),
+                )
+            )
+            .execution_options(**unsent)
+        )
+        await session.execute(delete(LinkOpen).where(LinkOpen.link_id.in_(links)).execution_options(**unsent))
+        await session.execute(delete(LinkRequest).where(LinkRequest.invoice_id.in_(invoices)).execution_options(**unsent))
+        await session.execute(delete(ReminderSent).where(ReminderSent.invoice_id.in_(invoices)).execution_options(**unsent))
+        await session.execute(delete(PaymentLink).where(PaymentLink.invoice_id.in_(invoices)).execution_options(**unsent))
+        await session.execute(delete(Invoice).where(Invoice.import_batch_id == batch_id).execution_options(**unsent))
+        still_used = exists().where(Invoice.customer_id == Customer.id)
+        await session.execute(delete(Customer).where(Customer.import_batch_id == batch_id, ~still_used).execution_options(**unsent))
+        if batch.first_number is not None and batch.last_number is not None:
+            if not await give_back_invoice_numbers(session, batch.first_number, batch.last_number):
+                _report_unused_numbers(session, settings, batch, reason, actor)
+        batch.status = ImportStatus.ABORTED
+        batch.finished_at = utcnow()
+        batch.error = reason[:2000]
+        audit.record(session, actor, "import.undone", "invoices", batch=str(batch_id), source=batch.source, reason=reason[:300])
+
+
+def _report_unused_numbers(session: AsyncSession, settings: Settings, batch: ImportBatch, reason: str, actor: str) -> None:
+    """Someone numbered an invoice after the import took its numbers: they cannot go back (that
+    would hand out a number twice), so finance hears which ones stay unused, and why."""
+    assert batch.first_number is not None and batch.last_number is not None
+    first, last = format_invoice_number(batch.first_number), format_invoice_number(batch.last_number)
+    unused = f"{first} to {last}"
+    audit.record(session, actor, "invoice.numbers_unused", "invoices", batch=str(batch.id), first=first, last=last)
+    lines = [
+        f"Invoice numbers {unused} were taken by an import that failed, and are not used.",
+        "Other invoices were numbered meanwhile, so they could not be given back.",
+        f"Reason the import failed: {reason[:300]}",
+    ]
+    outbox.alert_finance(session, settings, "Invoice numbers left unused by a failed import", lines)
+
+
+async def undo_stale_imports(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> list[uuid.UUID]:
+    """Undo imports that died part-way (no chunk for STALE_IMPORT) without undoing themselves."""
+    cutoff = utcnow() - STALE_IMPORT
+    async with sessions() as session:
+        stale = list(
+            (
+                await session.execute(
+                    select(ImportBatch.id).where(ImportBatch.status == ImportStatus.WRITING, ImportBatch.heartbeat_at < cutoff)
+                )
+            ).scalars()
+        )
+    for batch_id in stale:
+        await undo_import(sessions, settings, batch_id, reason="the import stopped part-way (process ended)", actor="import")
+    return stale

@@ -1,21 +1,27 @@
-"""Invoices: the one factory (CLI, importer and services use it), numbering, look-ups, the facts emails show."""
+"""Invoices: the one factory (CLI, importer and services use it), numbering, look-ups, the facts emails show.
+
+Numbering: invoices created without a number (by `invoice create` or an import row without one)
+take the next number of one sequence, INV-000001, INV-000002, … with no gaps and no failures under
+concurrency (see `allocate_invoice_numbers`)."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from emails.messages import InvoiceFacts
 from links.errors import LinkError, NotFound
-from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
+from links.models import Customer, Invoice, InvoiceStatus, NumberSequence, PaymentLink
 from plumbing import audit
-from plumbing.db import new_id
+from plumbing.db import chunked, insert_ignore, new_id
 from plumbing.i18n import check_currency, to_minor_units
 from plumbing.settings import Settings
 
@@ -34,14 +40,81 @@ def check_invoice_number(number: str) -> str:
     return number
 
 
+INVOICE_SEQUENCE = "invoice"
+_INV_NUMBER = re.compile(r"INV-(\d+)")
+
+
+def format_invoice_number(value: int) -> str:
+    return f"INV-{value:06d}"
+
+
+@dataclass(frozen=True)
+class NumberAllocation:
+    """Numbers taken from the invoice sequence in one transaction: `first`..`last` of the sequence
+    were ours (those already used by invoices numbered by hand were skipped)."""
+
+    numbers: list[str]
+    first: int
+    last: int
+
+
+async def allocate_invoice_numbers(session: AsyncSession, count: int) -> NumberAllocation:
+    """The next `count` invoice numbers (INV-000042), in the caller's transaction.
+
+    The sequence row is bumped with one UPDATE … RETURNING: on PostgreSQL its row lock makes a
+    concurrent creator wait for this transaction (and then carry on from its result) instead of
+    failing; on SQLite writers are serialised by BEGIN IMMEDIATE anyway. If the caller rolls back,
+    the numbers go back with it, so the sequence has no gaps. A number someone gave by hand
+    (`--number INV-000050`) is skipped, not reused."""
+    if count <= 0:
+        raise ValueError("count must be positive")
+    numbers: list[str] = []
+    first: int | None = None
+    last = 0
+    while len(numbers) < count:
+        need = count - len(numbers)
+        last = await _bump_sequence(session, need)
+        first = last - need + 1 if first is None else first
+        candidates = [format_invoice_number(value) for value in range(last - need + 1, last + 1)]
+        taken: set[str] = set()
+        for chunk in chunked(candidates):
+            taken.update((await session.execute(select(Invoice.number).where(Invoice.number.in_(chunk)))).scalars())
+        numbers += [c for c in candidates if c not in taken]
+    assert first is not None
+    return NumberAllocation(numbers, first, last)
+
+
 async def next_invoice_number(session: AsyncSession) -> str:
-    count = (await session.execute(select(func.count()).select_from(Invoice))).scalar_one()
-    number = count + 1
-    while True:
-        candidate = f"INV-{number:06d}"
-        if not (await session.execute(select(Invoice.id).where(Invoice.number == candidate))).first():
-            return candidate
-        number += 1
+    return (await allocate_invoice_numbers(session, 1)).numbers[0]
+
+
+async def give_back_invoice_numbers(session: AsyncSession, first: int, last: int) -> bool:
+    """Undo an allocation committed earlier (a failed import): possible only while nobody has taken
+    a number since. Returns whether the numbers went back (otherwise they stay unused: a gap)."""
+    result = await session.execute(
+        update(NumberSequence)
+        .where(NumberSequence.name == INVOICE_SEQUENCE, NumberSequence.last_value == last)
+        .values(last_value=first - 1)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def _bump_sequence(session: AsyncSession, by: int) -> int:
+    bump = (
+        update(NumberSequence)
+        .where(NumberSequence.name == INVOICE_SEQUENCE)
+        .values(last_value=NumberSequence.last_value + by)
+        .returning(NumberSequence.last_value)
+        .execution_options(synchronize_session=False)
+    )
+    value = (await session.execute(bump)).scalar_one_or_none()
+    if value is None:  # the row is missing (migration 0008 creates it): start after the highest INV- number
+        numbers = (await session.execute(select(Invoice.number).where(Invoice.number.like("INV-%")))).scalars()
+        highest = max((int(m.group(1)) for n in numbers if (m := _INV_NUMBER.fullmatch(n))), default=0)
+        await session.execute(insert_ignore(session, NumberSequence).values(name=INVOICE_SEQUENCE, last_value=highest))
+        value = (await session.execute(bump)).scalar_one()
+    return int(value)
 
 
 def new_invoice(
@@ -52,6 +125,8 @@ def new_invoice(
     amount_due: int,
     description: str,
     due_date: date | None = None,
+    import_key: str | None = None,
+    import_batch_id: uuid.UUID | None = None,
 ) -> Invoice:
     """The one way an invoice row is built (CLI, importer, services): an open invoice for an amount
     in minor units. The caller adds it to its session (and see `flush_new_invoices`)."""
@@ -68,6 +143,8 @@ def new_invoice(
         description=description.strip(),
         due_date=due_date,
         status=InvoiceStatus.OPEN,
+        import_key=import_key,
+        import_batch_id=import_batch_id,
     )
 
 

@@ -54,6 +54,8 @@ class Customer(Base):
     city: Mapped[str | None] = mapped_column(String(100))
     country: Mapped[str | None] = mapped_column(String(2))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The import that created this customer (see ImportBatch); None for customers added otherwise.
+    import_batch_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
 
     @property
     def is_verified(self) -> bool:
@@ -71,10 +73,11 @@ class Invoice(Base):
         CheckConstraint("amount_due > 0", name="amount_due_positive"),
         Index("ix_invoices_customer_id", "customer_id"),
         Index("ix_invoices_status", "status"),
+        Index("ix_invoices_import_batch_id", "import_batch_id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
-    number: Mapped[str] = mapped_column(String(64), unique=True)
+    number: Mapped[str] = mapped_column(String(64), unique=True)  # given, or the next of NumberSequence "invoice"
     customer_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("customers.id"))
     currency: Mapped[str] = mapped_column(String(3))  # ISO 4217, lower-case as Stripe wants it
     amount_due: Mapped[int]  # minor units
@@ -87,6 +90,11 @@ class Invoice(Base):
     needs_attention: Mapped[str | None] = mapped_column(Text)  # why finance must look at it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[datetime | None]
+    # For a CSV row imported without a number: derived from the row's contents (IMP-…), so that
+    # importing the same file again finds the invoice instead of creating it twice.
+    import_key: Mapped[str | None] = mapped_column(String(32), unique=True)
+    # The import that created this invoice (see ImportBatch); None for invoices created otherwise.
+    import_batch_id: Mapped[uuid.UUID | None]
 
     # Loaded only on purpose (contains_eager / joins): an accidental lazy load raises.
     customer: Mapped[Customer] = relationship(lazy="raise")
@@ -144,3 +152,40 @@ class ReminderSent(Base):
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
     point: Mapped[str] = mapped_column(String(64))  # e.g. "due-3d", "link-expiry:<link id>"
     sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class NumberSequence(Base):
+    """Human, gap-free numbers (INV-000042): one row per sequence, bumped with UPDATE … RETURNING in
+    the transaction that uses the number. The row lock serialises creators (PostgreSQL; SQLite
+    writers are serialised already), and a creator that rolls back gives its number back."""
+
+    __tablename__ = "number_sequences"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)  # "invoice"
+    last_value: Mapped[int]  # the last number handed out
+
+
+class ImportStatus(StrEnum):
+    WRITING = "writing"  # chunks are being written; its emails are held
+    DONE = "done"  # every row written, emails released
+    ABORTED = "aborted"  # failed; what its chunks wrote was deleted again
+
+
+class ImportBatch(Base):
+    """One `import` run. Its rows are written in short transactions (chunks) and carry its id, so
+    that a failed run can be undone, and its emails are held until the whole file is written."""
+
+    __tablename__ = "import_batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    status: Mapped[str] = mapped_column(String(16), default=ImportStatus.WRITING)
+    actor: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(500))  # the file name, for the audit trail
+    rows: Mapped[int] = mapped_column(default=0)
+    # Invoice numbers the run took from the sequence (first and last), to give back if it fails.
+    first_number: Mapped[int | None]
+    last_number: Mapped[int | None]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)  # every chunk; a stale one is undone
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)

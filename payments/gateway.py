@@ -155,6 +155,11 @@ class StripeGateway:
         customer = await self._call(self._client.v1.customers.create_async, {"email": email, "name": name})
         return str(customer.id)
 
+    async def delete_customer(self, customer_id: str) -> None:
+        """Take back a customer created for nothing (our own write failed right after)."""
+        # localstripe and Stripe: DELETE /v1/customers/{id}, no parameters.
+        await self._call(self._client.v1.customers.delete_async, customer_id)
+
     async def default_payment_method(self, customer_id: str) -> str | None:
         customer = await self._call(self._client.v1.customers.retrieve_async, customer_id)
         settings = _get(_plain(customer), "invoice_settings") or {}
@@ -228,6 +233,30 @@ class StripeGateway:
     async def retrieve_payment_intent(self, intent_id: str) -> IntentSnapshot:
         pi = await self._call(self._client.v1.payment_intents.retrieve_async, intent_id)
         return intent_snapshot(pi)
+
+    async def list_payment_intents(self, created_since: int, max_intents: int = 10_000) -> list[tuple[int, IntentSnapshot]]:
+        """PaymentIntents created at or after `created_since` (Unix time), with their creation time.
+
+        GET /v1/payment_intents with `limit` and `starting_after` only: localstripe accepts nothing
+        else there (no `customer`, no `created`, and no search by metadata), and Stripe accepts it
+        too, so the time window is applied here. Stripe lists newest first, so paging stops at the
+        first page that ends before the window; localstripe lists oldest first, so it is read to the
+        end (its stores are small)."""
+        params: dict[str, Any] = {"limit": 100}
+        found: list[tuple[int, IntentSnapshot]] = []
+        seen = 0
+        while seen < max_intents:
+            page = await self._call(self._client.v1.payment_intents.list_async, dict(params))
+            batch = [_plain(pi) for pi in page.data]
+            seen += len(batch)
+            created = [int(_get(pi, "created") or 0) for pi in batch]
+            found += [(when, intent_snapshot(pi)) for when, pi in zip(created, batch, strict=True) if when >= created_since]
+            if not page.has_more or not batch:
+                break
+            if created[0] > created[-1] and created[-1] < created_since:  # newest first, and past the window
+                break
+            params["starting_after"] = batch[-1]["id"]
+        return found
 
     # --- new cards -----------------------------------------------------------------------------
 

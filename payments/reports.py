@@ -27,6 +27,27 @@ EXPORT_COLUMNS = (
 )  # fmt: skip
 
 
+# CSV injection (formula injection), OWASP: https://owasp.org/www-community/attacks/CSV_Injection
+# A spreadsheet treats a cell that begins with =, +, -, @, a tab (0x09) or a carriage return (0x0D)
+# as a formula; OWASP's remedy is to prefix such a cell with a single quote ('), which the
+# spreadsheet reads as "this is text" (and shows without the quote), and to quote every cell that
+# holds a separator or a quote (the csv module does that, so a value cannot open a new cell). We
+# also treat a leading line feed and NUL (OWASP ASVS 1.2.10) as triggers, and look past leading
+# spaces, which some spreadsheets skip before they evaluate the cell.
+FORMULA_TRIGGERS = ("=", "+", "-", "@")
+LEADING_TRIGGERS = ("\t", "\r", "\n", "\0")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell that no spreadsheet evaluates: text that could start a formula gets a leading `'`.
+    Numbers, dates and plain text are returned unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith(LEADING_TRIGGERS) or value.lstrip().startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
 async def export_rows(session: AsyncSession, since: date | None) -> list[dict[str, Any]]:
     """One row per invoice, with its paying PaymentIntent and link activity, ready for an accounting import."""
     query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at, Invoice.number)

@@ -25,7 +25,7 @@ from payments.gateway import IntentSnapshot
 from payments.models import Payment, PaymentStatus
 from plumbing import audit
 from plumbing.db import utcnow
-from plumbing.i18n import N_
+from plumbing.i18n import N_, format_money
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.payments")
@@ -61,19 +61,29 @@ def apply_intent(session: Session, settings: Settings, snapshot: IntentSnapshot,
         if payment.status not in PaymentStatus.FINAL:
             payment.status = PaymentStatus.REQUIRES_ACTION
     elif status == "requires_payment_method" and (snapshot.error_message or snapshot.error_code or payment.status != PaymentStatus.CREATED):
+        was_live = payment.live_invoice_id == invoice.id
         if payment.status not in PaymentStatus.FINAL:
             release_attempt(
                 payment, PaymentStatus.FAILED, snapshot.error_message or N_("The payment was not completed."), snapshot.error_code
             )
             audit.record(session, actor, "payment.failed", f"invoice:{invoice.number}", payment=str(payment.id), code=snapshot.error_code)
-        if invoice.status == InvoiceStatus.PROCESSING:
-            invoice.status = InvoiceStatus.OPEN
+        _reopen(session, invoice, was_live)
     elif status == "canceled":
+        was_live = payment.live_invoice_id == invoice.id
         if payment.status not in PaymentStatus.FINAL:
             release_attempt(payment, PaymentStatus.CANCELED, N_("The payment was canceled."))
-        if invoice.status == InvoiceStatus.PROCESSING:
-            invoice.status = InvoiceStatus.OPEN
+        _reopen(session, invoice, was_live)
     return payment  # flushed by the caller's commit (or savepoint), so that batches flush once
+
+
+def _reopen(session: Session, invoice: Invoice, was_live: bool) -> None:
+    """A processing invoice is open again when the attempt that made it processing ended without
+    paying it. Not for an older attempt's late news (e.g. an orphan intent `reconcile` canceled)
+    while the current attempt is still processing."""
+    if invoice.status != InvoiceStatus.PROCESSING:
+        return
+    if was_live or session.execute(select(Payment.id).where(Payment.live_invoice_id == invoice.id)).first() is None:
+        invoice.status = InvoiceStatus.OPEN
 
 
 PREFETCHED_PAYMENTS = "paylink.prefetched_payments"  # session.info key: intent id -> Payment
@@ -145,16 +155,39 @@ def _uuid(value: str | None) -> uuid.UUID | None:
 def _payment_succeeded(
     session: Session, settings: Settings, payment: Payment, invoice: Invoice, snapshot: IntentSnapshot, *, actor: str
 ) -> None:
+    """Money arrived. It is always recorded on the payment; it counts towards the invoice only in
+    the invoice's currency, and the invoice is paid only when what was paid covers what is due."""
     now = utcnow()
+    was_live = payment.live_invoice_id == invoice.id
     payment.status = PaymentStatus.SUCCEEDED
     payment.live_invoice_id = None
     payment.succeeded_at = now
     payment.failure_code = payment.failure_message = None
     payment.amount = snapshot.amount
+    if len(snapshot.currency) == 3:  # what Stripe says was charged (an ISO code, as every Stripe currency is)
+        payment.currency = snapshot.currency
     subject = f"invoice:{invoice.number}"
-    audit.record(session, actor, "payment.succeeded", subject, payment=str(payment.id), intent=snapshot.id, amount=snapshot.amount)
-    if invoice.status in (InvoiceStatus.OPEN, InvoiceStatus.PROCESSING):
-        invoice.amount_paid += snapshot.amount
+    audit.record(
+        session, actor, "payment.succeeded", subject, payment=str(payment.id), intent=snapshot.id, amount=snapshot.amount,
+        currency=snapshot.currency,
+    )  # fmt: skip
+    received = format_money(snapshot.amount, snapshot.currency)
+    if snapshot.currency != invoice.currency:
+        # Never added to an amount in another currency, never "paid": finance refunds it or settles by hand.
+        _reopen(session, invoice, was_live)
+        reason = f"payment {snapshot.id} of {received} is in {snapshot.currency.upper()}, not the invoice's {invoice.currency.upper()}"
+        flag_invoice(session, settings, invoice, f"{reason}: not counted; refund it or settle by hand", actor)
+        return
+    invoice.amount_paid += snapshot.amount
+    if invoice.status in InvoiceStatus.UNSETTLED:
+        short = invoice.amount_due - invoice.amount_paid
+        if short > 0:
+            # Underpaid: the invoice stays open for the rest (the next payment asks for what is still due).
+            _reopen(session, invoice, was_live)
+            due = format_money(short, invoice.currency)
+            flag_invoice(session, settings, invoice, f"underpaid by {due}: payment {snapshot.id} of {received}; {due} still due", actor)
+            _queue_receipt(session, settings, invoice, payment, actor=actor)
+            return
         invoice.status = InvoiceStatus.PAID
         invoice.paid_at = now
         if invoice.amount_paid > invoice.amount_due:
@@ -165,7 +198,6 @@ def _payment_succeeded(
             _queue_receipt(session, settings, invoice, payment, actor=actor)
     else:
         # Paid twice, or paid after it was voided: keep the money on record and tell finance.
-        invoice.amount_paid += snapshot.amount
         flag_invoice(session, settings, invoice, f"payment {snapshot.id} received while the invoice was {invoice.status}", actor)
 
 
@@ -211,7 +243,9 @@ def apply_refund(session: Session, settings: Settings, charge: dict[str, Any], a
     payment.amount_refunded = max(payment.amount_refunded, int(charge.get("amount_refunded") or 0))
     invoice = session.get_one(Invoice, payment.invoice_id, with_for_update=True)
     session.flush()  # the sum below must see this payment's new refund
-    refunded = sum((session.execute(select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id))).scalars())
+    # Only refunds of money that counted towards the invoice: a payment in another currency never did.
+    same_currency = select(Payment.amount_refunded).where(Payment.invoice_id == invoice.id, Payment.currency == invoice.currency)
+    refunded = sum(session.execute(same_currency).scalars())
     invoice.amount_refunded = refunded
     if invoice.status in (InvoiceStatus.PAID, InvoiceStatus.PARTIALLY_REFUNDED, InvoiceStatus.REFUNDED):
         set_refund_status(invoice)

@@ -42,8 +42,8 @@ class TestImport:
         assert (report["created_invoices"], report["created_customers"], report["emailed"], report["bad_rows"]) == (4, 4, 4, [])
         listed = {i["number"]: i for i in cli("invoice", "list", "--json").json()["invoices"]}
         assert listed["INV-2026-0003"]["amount_due"] == 1500 and listed["INV-2026-0003"]["currency"] == "jpy"
-        derived = [n for n in listed if n.startswith("IMP-")]
-        assert len(derived) == 1  # the row without a number
+        sequenced = [n for n in listed if not n.startswith("INV-2026-")]
+        assert sequenced == ["INV-000001"]  # the row without a number: the next of the invoice sequence
         assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'invoice'") == [(4,)]
         audit = cli("audit", "--json").json()["entries"]
         assert any(e["action"] == "import" and e["details"]["created"] == 4 for e in audit)

@@ -314,3 +314,151 @@ class TestBatchedRecovery:
             engine.dispose()
         shown = invoice_status(cli, issued.number)
         assert (shown["status"], shown["amount_refunded"]) == ("refunded", 12050)
+
+
+def intent_from_elsewhere(localstripe: LocalStripe, issued: Issued, amount: int, currency: str) -> dict[str, Any]:
+    """A PaymentIntent really paid at localstripe for this invoice, not through our page (another
+    system, a dashboard payment): the amount and currency are whatever it says."""
+    intent = localstripe.client.v1.payment_intents.create(
+        {
+            "amount": amount,
+            "currency": currency,
+            "customer": issued.stripe_customer,
+            "payment_method": issued.cards[0],
+            "payment_method_types": ["card"],
+            "metadata": {"invoice_id": issued.invoice_id},
+            "confirm": True,
+        }
+    )
+    assert intent.status == "succeeded"
+    return intent.to_dict()
+
+
+def outbox_kinds(settings: Settings) -> dict[str, int]:
+    return dict(db_query(settings.database_url, "SELECT kind, count(*) FROM outbox GROUP BY kind"))
+
+
+@pytest.mark.postgres
+class TestAmountAndCurrencyChecks:
+    """A payment that does not cover the invoice, or comes in another currency, is recorded but never marks it paid."""
+
+    def test_a_payment_in_another_currency_is_recorded_flagged_and_not_counted(
+        self, cli, localstripe: LocalStripe, server, settings: Settings, browser_client: httpx.Client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)  # €120.50
+        intent = intent_from_elsewhere(localstripe, issued, 12050, "usd")
+        assert post_event(server, "payment_intent.succeeded", intent).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"], shown["paid_at"]) == ("open", 0, None)
+        assert "in USD, not the invoice's EUR" in shown["needs_attention"]
+        assert db_query(settings.database_url, "SELECT status, amount, currency FROM payments") == [("succeeded", 12050, "usd")]
+        kinds = outbox_kinds(settings)
+        assert kinds.get("finance_alert") == 1 and "receipt" not in kinds
+        assert offered_cards(browser_client.get(issued.url).text) == issued.cards  # still asks to be paid
+
+        # Finance refunds it at Stripe: the invoice's refunds (in euros) do not change.
+        localstripe.client.v1.refunds.create({"payment_intent": intent["id"]})
+        latest = intent["latest_charge"]
+        charge = localstripe.client.v1.charges.retrieve(latest["id"] if isinstance(latest, dict) else latest).to_dict()
+        assert post_event(server, "charge.refunded", charge).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"], shown["amount_refunded"]) == ("open", 0, 0)
+
+    def test_an_underpayment_leaves_the_rest_to_pay(
+        self, cli, localstripe: LocalStripe, server, settings: Settings, browser_client: httpx.Client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)  # €120.50
+        assert post_event(server, "payment_intent.succeeded", intent_from_elsewhere(localstripe, issued, 5000, "eur")).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"], shown["paid_at"]) == ("open", 5000, None)
+        assert "underpaid by €70.50" in shown["needs_attention"]
+        assert outbox_kinds(settings).get("finance_alert") == 1
+
+        # The customer pays the rest on the page: €70.50 is charged, and now the invoice is paid.
+        assert "Payment received" in pay_through_page(browser_client, issued).text
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"]) == ("paid", 12050)
+        assert sorted(pi.amount for pi in localstripe.payment_intents_for(issued.stripe_customer)) == [5000, 7050]
+        assert "overpaid" not in shown["needs_attention"]
+
+    def test_an_overpayment_is_paid_and_flagged(self, cli, localstripe: LocalStripe, server, settings: Settings) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        assert post_event(server, "payment_intent.succeeded", intent_from_elsewhere(localstripe, issued, 13000, "eur")).status_code == 200
+        shown = invoice_status(cli, issued.number)
+        assert (shown["status"], shown["amount_paid"]) == ("paid", 13000)
+        assert "overpaid by 950" in shown["needs_attention"]
+
+
+class DyingSession(Session):
+    """A session whose commit fails when it would keep a new PaymentIntent's id: the process 'dies'
+    after Stripe created the intent and before we recorded it."""
+
+
+@event.listens_for(DyingSession, "before_commit")
+def _die_before_keeping_the_intent_id(session: Session) -> None:
+    if any(
+        isinstance(obj, Payment) and obj.stripe_payment_intent_id and obj.status == PaymentStatus.REQUIRES_CONFIRMATION
+        for obj in session.identity_map.values()
+    ):
+        raise RuntimeError("simulated crash between creating the intent and keeping its id")
+
+
+def pay_and_die_before_keeping_the_intent(settings: Settings, link_id: uuid.UUID, payment_method: str) -> None:
+    from sqlalchemy.ext.asyncio import async_sessionmaker
+
+    from payments.checkout import pay_with_saved_profile
+    from services import open_services
+
+    async def run() -> None:
+        async with open_services(settings) as services:
+            sessions = async_sessionmaker(services.engine, expire_on_commit=False, sync_session_class=DyingSession)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                await pay_with_saved_profile(sessions, services.gateway, settings, link_id=link_id, payment_method_id=payment_method)
+
+    in_thread(asyncio.run, run())
+
+
+@pytest.mark.postgres
+class TestOrphanIntents:
+    """An intent created at Stripe whose id we never kept is canceled by reconcile, never while its attempt might still confirm it."""
+
+    def test_reconcile_cancels_the_orphan_once_its_attempt_is_abandoned(
+        self, cli, localstripe: LocalStripe, settings: Settings, server, browser_client: httpx.Client
+    ) -> None:
+        from datetime import UTC, datetime, timedelta
+
+        from tests.harness import db_execute
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        pay_and_die_before_keeping_the_intent(settings, link_id_of(settings, issued.number), issued.cards[0])
+        [orphan] = localstripe.payment_intents_for(issued.stripe_customer)
+        assert orphan.status == "requires_confirmation"
+        [(payment_id, kept)] = db_query(settings.database_url, "SELECT id, stripe_payment_intent_id FROM payments")
+        assert orphan.metadata["payment_id"] == str(uuid.UUID(str(payment_id))) and kept is None
+        # Someone else's unconfirmed intent for the same customer (no payment of ours named): never touched.
+        theirs = localstripe.client.v1.payment_intents.create(
+            {"amount": 999, "currency": "eur", "customer": issued.stripe_customer, "payment_method": issued.cards[0],
+             "payment_method_types": ["card"], "metadata": {"order": "elsewhere-42"}}
+        )  # fmt: skip
+
+        # The attempt is still live: it may be about to keep the id and confirm. Reconcile leaves it.
+        first = cli("reconcile", "--json")
+        assert first.code == 0, first.err
+        assert first.json()["orphans_canceled"] == 0
+        assert localstripe.client.v1.payment_intents.retrieve(orphan.id).status == "requires_confirmation"
+
+        # Later (past STALE_CLAIM_SECONDS), the attempt is abandoned: reconcile releases it and cancels its intent.
+        db_execute(settings.database_url, "UPDATE payments SET updated_at = :old", old=datetime.now(UTC) - timedelta(minutes=10))
+        second = cli("reconcile", "--json").json()
+        assert second["orphans_canceled"] == 1
+        assert any(c.get("intent") == orphan.id and c["to"] == "canceled" for c in second["changes"])
+        assert localstripe.client.v1.payment_intents.retrieve(orphan.id).status == "canceled"
+        assert localstripe.client.v1.payment_intents.retrieve(theirs.id).status == "requires_confirmation"
+        assert db_query(settings.database_url, "SELECT status, stripe_payment_intent_id FROM payments") == [("canceled", orphan.id)]
+        assert cli("reconcile", "--json").json()["orphans_canceled"] == 0  # safe to run again
+
+        # The customer pays again and is charged once.
+        assert "Payment received" in pay_through_page(browser_client, issued).text
+        statuses = sorted(pi.status for pi in localstripe.payment_intents_for(issued.stripe_customer) if pi.id != theirs.id)
+        assert statuses == ["canceled", "succeeded"]
+        assert invoice_status(cli, issued.number)["status"] == "paid"

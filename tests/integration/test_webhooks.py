@@ -133,16 +133,21 @@ class TestOversizedBodies:
 
 @pytest.mark.postgres
 class TestBadEventInABatch:
-    """An event that cannot be applied is refused alone (500, so Stripe retries it); the others apply."""
+    """An event that fails when applied is refused alone (500, so Stripe retries it); one that can never be
+    applied (a non-numeric amount) is stored and refused for good (400); the others apply."""
 
     def test_one_bad_event_among_good_ones(self, cli, localstripe: LocalStripe, server, settings: Settings) -> None:
-        issued = [issue_invoice(cli, localstripe, CARD_OK) for _ in range(6)]
+        issued = [issue_invoice(cli, localstripe, CARD_OK) for _ in range(7)]
         events = []
-        for index, one in enumerate(issued):
+        for index, one in enumerate(issued[:6]):
             events.append(intent_event(f"evt_batch_good_{index}", paid_intent_for(localstripe, one)))
-        broken = intent_event("evt_batch_bad", {"id": "pi_broken", "status": "succeeded", "amount": "not a number", "currency": "eur",
-                                                "metadata": {"invoice_id": issued[0].invoice_id}})  # fmt: skip
-        signed = [signed_event(e) for e in [*events[:3], broken, *events[3:]]]
+        failing = paid_intent_for(localstripe, issued[6])
+        # An error code the database cannot store: the failure comes when the changes are written.
+        failing.update(status="requires_payment_method", last_payment_error={"code": {"not": "text"}, "message": "declined"})
+        broken = intent_event("evt_batch_bad", failing, kind="payment_intent.payment_failed")
+        never = intent_event("evt_batch_never", {"id": "pi_never", "status": "succeeded", "amount": "not a number", "currency": "eur",
+                                                 "metadata": {"invoice_id": issued[0].invoice_id}})  # fmt: skip
+        signed = [signed_event(e) for e in [*events[:3], broken, never, *events[3:]]]
 
         async def deliver_all() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as client:
@@ -153,9 +158,10 @@ class TestBadEventInABatch:
                 )
 
         statuses = [r.status_code for r in asyncio.run(deliver_all())]
-        assert statuses == [200, 200, 200, 500, 200, 200, 200]
-        assert [invoice_status(cli, one.number)["status"] for one in issued] == ["paid"] * 6
+        assert statuses == [200, 200, 200, 500, 400, 200, 200, 200]
+        assert [invoice_status(cli, one.number)["status"] for one in issued[:6]] == ["paid"] * 6
         assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_batch_bad'") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id = 'evt_batch_never'") == [(1,)]
 
 
 class TestBatchApplication:
