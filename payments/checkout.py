@@ -3,22 +3,30 @@
 Every phase survives a crash anywhere (see `pay_with_saved_profile`). Claiming a payment and voiding
 an invoice both lock the invoice row first, so on PostgreSQL they can never interleave: a card is
 never charged for an invoice voided a moment earlier.
+
+Brakes (payments/brakes.py) come before Stripe is called: SetupIntents per link and per client
+address; failed attempts per invoice (counted here from the payments table, under the invoice row
+lock that the claim takes, so concurrent attempts cannot slip past it) and per client address (a
+hit reserved before the attempt, given back unless the attempt failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from links.errors import LinkError, NotFound
 from links.issuing import link_with_invoice
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
+from payments import brakes
 from payments.cards import forget_one_time_card, upsert_profile
 from payments.gateway import CardDeclined, GatewayError, GatewayUnavailable, IntentSnapshot, StripeGateway
 from payments.models import Payment, PaymentProfile, PaymentStatus
@@ -82,11 +90,20 @@ def _check_payable(invoice: Invoice) -> None:
         raise PaymentRefused(N_("This invoice is already paid, or its payment is being confirmed."))
 
 
-async def start_new_card(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, *, link_id: uuid.UUID) -> str:
-    """A SetupIntent for the link's customer; the page confirms it with Stripe.js. Returns its client secret."""
+async def start_new_card(
+    sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, settings: Settings, *, link_id: uuid.UUID, client: str | None = None
+) -> str:
+    """A SetupIntent for the link's customer; the page confirms it with Stripe.js. Returns its client secret.
+
+    At most SETUP_INTENTS_PER_LINK_DAY per link, and per client address (`client`, a keyed hash), in
+    a day: counted before anything is created at Stripe (a Stripe customer included)."""
     async with sessions() as session:
         _, invoice, customer = await _payable_link(session, link_id)
     _check_payable(invoice)
+    limits = [brakes.setup_intents_per_link(settings, link_id.hex, invoice.number)]
+    if client:
+        limits.append(brakes.setup_intents_per_client(settings, client))
+    await brakes.take(sessions, settings, *limits)
     stripe_customer_id = customer.stripe_customer_id or await _create_stripe_customer(sessions, gateway, customer)
     setup = await gateway.create_setup_intent(stripe_customer_id)
     if not setup.client_secret:
@@ -112,10 +129,26 @@ async def pay_with_new_card(
     link_id: uuid.UUID,
     setup_intent_id: str,
     save: bool,
+    client: str | None = None,
 ) -> PayOutcome:
     """Pay with a card the customer just entered in Stripe's card element (confirmed SetupIntent).
 
     Card data went from the browser to Stripe only; we see the SetupIntent and its payment method."""
+    async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
+        outcome = await _pay_with_new_card(sessions, gateway, settings, link_id=link_id, setup_intent_id=setup_intent_id, save=save)
+        outcomes.append(outcome)
+        return outcome
+
+
+async def _pay_with_new_card(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    *,
+    link_id: uuid.UUID,
+    setup_intent_id: str,
+    save: bool,
+) -> PayOutcome:
     async with sessions() as session:
         _, invoice, customer = await _payable_link(session, link_id)
     _check_payable(invoice)
@@ -138,7 +171,7 @@ async def pay_with_new_card(
         ).first() is not None
         await session.run_sync(upsert_profile, customer.id, card, reusable=save, is_default=True if save and not has_default else None)
         audit.record(session, "link", "card.added", f"customer:{customer.email}", saved=save, last4=card.last4)
-    outcome = await pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=card.payment_method_id)
+    outcome = await _pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=card.payment_method_id)
     await forget_one_time_card(sessions, gateway, outcome.payment_id, outcome.status)
     return outcome
 
@@ -150,6 +183,7 @@ async def pay_with_saved_profile(
     *,
     link_id: uuid.UUID,
     payment_method_id: str,
+    client: str | None = None,
 ) -> PayOutcome:
     """Pay the invoice's stored amount with a saved card, in phases that survive a crash anywhere.
 
@@ -159,7 +193,68 @@ async def pay_with_saved_profile(
     3. Confirm it and record the result through the state machine.
     A crash after 2 leaves an id that the webhook, the next request or `reconcile` can look up;
     money only moves at 3, which runs only for an id we have committed.
+
+    Past PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR failed attempts for the invoice, or from the client
+    address (`client`, a keyed hash), it raises brakes.TooManyAttempts before calling Stripe.
     """
+    async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
+        outcome = await _pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=payment_method_id)
+        outcomes.append(outcome)
+        return outcome
+
+
+@contextlib.asynccontextmanager
+async def _failure_brakes(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, link_id: uuid.UUID, client: str | None
+) -> AsyncIterator[list[PayOutcome]]:
+    """The failed-attempt brakes around one pay request. The invoice's count is checked first (the
+    claim checks it again under the invoice row lock); then a hit is reserved for the client address
+    and given back unless the attempt failed, so concurrent attempts from one address cannot slip
+    past its limit. The body appends its outcome to the list it is given."""
+    try:
+        async with sessions() as session:
+            _, invoice, _ = await _payable_link(session, link_id)
+            await _check_failed_attempts(session, settings, invoice)
+    except _InvoiceBrake as exc:
+        raise await brakes.refuse(sessions, settings, exc.brake) from None
+    reserved = await brakes.take(sessions, settings, brakes.failed_payments_per_client(settings, client)) if client else []
+    outcomes: list[PayOutcome] = []
+    try:
+        yield outcomes
+    finally:
+        if reserved and not (outcomes and outcomes[-1].status == PaymentStatus.FAILED):
+            await brakes.give_back(sessions, reserved)
+
+
+class _InvoiceBrake(Exception):
+    """The invoice's failed attempts are used up (raised inside a transaction, recorded after it)."""
+
+    def __init__(self, brake: brakes.Brake) -> None:
+        super().__init__(brake.key)
+        self.brake = brake
+
+
+async def _check_failed_attempts(session: AsyncSession, settings: Settings, invoice: Invoice) -> None:
+    """Raise _InvoiceBrake if the invoice had PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR failed attempts
+    started in the last hour (counted from the payments table, the truth about attempts)."""
+    brake = brakes.failed_payments_per_invoice(settings, invoice.id.hex, invoice.number)
+    failed = await session.scalar(
+        select(func.count())
+        .select_from(Payment)
+        .where(Payment.invoice_id == invoice.id, Payment.status == PaymentStatus.FAILED, Payment.created_at > utcnow() - brake.window)
+    )
+    if (failed or 0) >= brake.limit:
+        raise _InvoiceBrake(brake)
+
+
+async def _pay_with_saved_profile(
+    sessions: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    *,
+    link_id: uuid.UUID,
+    payment_method_id: str,
+) -> PayOutcome:
     claimed = await _claim_attempt(sessions, settings, link_id=link_id, payment_method_id=payment_method_id)
     if isinstance(claimed, PayOutcome):
         return claimed
@@ -221,9 +316,9 @@ async def _claim_attempt(
     sessions: async_sessionmaker[AsyncSession], settings: Settings, *, link_id: uuid.UUID, payment_method_id: str
 ) -> tuple[Payment, str, str] | PayOutcome:
     try:
-        return await _try_claim(
-            sessions, timedelta(seconds=settings.stale_claim_seconds), link_id=link_id, payment_method_id=payment_method_id
-        )
+        return await _try_claim(sessions, settings, link_id=link_id, payment_method_id=payment_method_id)
+    except _InvoiceBrake as exc:
+        raise await brakes.refuse(sessions, settings, exc.brake) from None
     except _ClaimedElsewhere as exc:
         async with sessions() as session:
             existing = await _live_payment(session, uuid.UUID(str(exc)))
@@ -233,8 +328,9 @@ async def _claim_attempt(
 
 
 async def _try_claim(
-    sessions: async_sessionmaker[AsyncSession], stale_claim: timedelta, *, link_id: uuid.UUID, payment_method_id: str
+    sessions: async_sessionmaker[AsyncSession], settings: Settings, *, link_id: uuid.UUID, payment_method_id: str
 ) -> tuple[Payment, str, str] | PayOutcome:
+    stale_claim = timedelta(seconds=settings.stale_claim_seconds)
     async with sessions.begin() as session:
         _, invoice, customer = await _payable_link(session, link_id, lock=True)
         now = utcnow()
@@ -246,6 +342,7 @@ async def _try_claim(
             else:
                 return PayOutcome(live.status, live.id)
         _check_payable(invoice)
+        await _check_failed_attempts(session, settings, invoice)  # under the invoice row lock
         profile = (
             await session.execute(
                 select(PaymentProfile).where(

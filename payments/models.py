@@ -1,4 +1,5 @@
-"""Payments (one per PaymentIntent attempt), saved payment profiles and received webhook events."""
+"""Payments (one per PaymentIntent attempt), saved payment profiles, received webhook events, and the
+counters of the brakes against card testing (payments/brakes.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import ClassVar
 
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from links.models import Invoice
@@ -103,3 +104,26 @@ class WebhookEvent(Base):
     stripe_created: Mapped[int | None]
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     processed_at: Mapped[datetime | None]
+
+
+class BrakeHit(Base):
+    """One counted event under a brake's key (a SetupIntent created, a pay attempt that may fail, a
+    POST), kept while it can still count: each key's rows older than its window are deleted when
+    the key counts again, and every row older than a day by `brakes.purge`."""
+
+    __tablename__ = "brake_hits"
+    __table_args__ = (Index("ix_brake_hits_key_at", "key", "at"), Index("ix_brake_hits_at", "at"))
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(100))  # e.g. "setup_intents:link:<hex>", "posts:client:<keyed hash>"
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BrakeTrip(Base):
+    """A brake refused a request: one row per key and alert window, so finance is alerted once."""
+
+    __tablename__ = "brake_trips"
+
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    tripped_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,8 +1,12 @@
-"""Web plumbing that knows no domain: language negotiation, small forms, CSRF tokens, and the
-middleware (body size, access log without tokens, security headers)."""
+"""Web plumbing that knows no domain: language negotiation, small forms, where a form came from,
+CSRF tokens bound to the browser, client addresses as keyed hashes, and the middleware (body size,
+access log without tokens, security headers)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -12,6 +16,7 @@ from urllib.parse import urlsplit
 
 from itsdangerous import BadSignature
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plumbing.i18n import SUPPORTED_LOCALES, negotiate_locale, normalize_locale
@@ -25,6 +30,49 @@ MAX_FORM_BYTES = 16 * 1024
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _normalized_origin(url: str) -> str | None:
+    """scheme://host[:port] in lower case, default port dropped; None if `url` has no origin."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme, host, port = parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+    except ValueError:  # a port that is not a number, a broken IPv6 literal
+        return None
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}" if port in (None, _DEFAULT_PORTS[scheme]) else f"{scheme}://{host}:{port}"
+
+
+def posted_from_our_pages(request: Request, base_url: str) -> bool:
+    """Whether a state-changing request may come from our own pages (BASE_URL's origin).
+
+    - `Sec-Fetch-Site` (set by the browser; a page cannot forge it) other than same-origin (or
+      none: the person started it, e.g. resubmitted the form by reloading): refused.
+    - `Origin` naming another origin: refused. Our pages send `Referrer-Policy: no-referrer`, and
+      with that policy a browser sends `Origin: null` on the pages' own form posts (Fetch standard),
+      so "null" names no origin: it is judged like an absent header.
+    - No (or a null) Origin: `Referer`, if present, must name our origin.
+    - Neither Origin nor Referer: allowed. That is a client that is not a browser (curl, a script
+      holding the link); a browser always sends `Origin` on a cross-site POST. The CSRF token, bound
+      to the link and to this browser's cookie, still has to be valid.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    ours = _normalized_origin(base_url)
+    origin = request.headers.get("origin")
+    if origin is not None and origin.strip() != "null":
+        return _normalized_origin(origin) == ours
+    referer = request.headers.get("referer")
+    if referer:
+        return _normalized_origin(referer) == ours
+    return True
 
 
 LANGUAGE_COOKIE = "paylink_lang"
@@ -59,23 +107,91 @@ async def small_form(request: Request) -> dict[str, str] | None:
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
-# --- CSRF: a signed token bound to the link the form belongs to ------------------------------------
+# --- CSRF: a signed token bound to the link (or address) the form belongs to, and to this browser ---
+#
+# Every browser gets a random cookie the first time a page with a form is rendered for it; the
+# token in the form signs the subject's id and a digest of that cookie. A token copied from one
+# browser (an attacker's own visit to a link) is worthless in another. Over https the cookie is
+# `__Host-pl_csrf` (Secure, Path=/, no Domain: no sibling subdomain can set or shadow it); over plain
+# http (development, tests) `__Host-` cookies cannot exist, so it is `paylink_csrf`.
+
+CSRF_COOKIE_HTTPS = "__Host-pl_csrf"
+CSRF_COOKIE_HTTP = "paylink_csrf"
+_NEW_BROWSER_ID = "paylink.csrf_cookie"  # scope key: a cookie value minted for this answer
+_BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
-def csrf_token(settings: Settings, link_id: uuid.UUID) -> str:
-    return csrf_serializer(settings).dumps(link_id.hex)
+def is_https(settings: Settings) -> bool:
+    return settings.base_url.startswith("https://")
 
 
-def csrf_valid(request: Request, settings: Settings, link_id: uuid.UUID, token: str | None) -> bool:
-    # A browser tells us when a form was posted from another site; refuse those outright.
-    if request.headers.get("sec-fetch-site") == "cross-site":
-        return False
-    if not token:
+def csrf_cookie_name(settings: Settings) -> str:
+    return CSRF_COOKIE_HTTPS if is_https(settings) else CSRF_COOKIE_HTTP
+
+
+def _browser_id(request: Request, settings: Settings) -> str | None:
+    value = request.cookies.get(csrf_cookie_name(settings))
+    return value if value is not None and _BROWSER_ID.fullmatch(value) else None
+
+
+def _browser_digest(browser_id: str) -> str:
+    # The form carries a digest, never the cookie itself: the page's HTML does not reveal it.
+    return hashlib.sha256(browser_id.encode()).hexdigest()[:32]
+
+
+def csrf_token(request: Request, settings: Settings, subject_id: uuid.UUID) -> str:
+    """A form token for `subject_id` in this browser (a new browser cookie is minted if needed;
+    `remember_browser` sets it on the answer, and `views.render.render_page` calls that)."""
+    browser_id = _browser_id(request, settings) or request.scope.get(_NEW_BROWSER_ID)
+    if browser_id is None:
+        browser_id = request.scope[_NEW_BROWSER_ID] = secrets.token_urlsafe(32)
+    return csrf_serializer(settings).dumps([subject_id.hex, _browser_digest(browser_id)])
+
+
+def remember_browser(request: Request, response: Response, settings: Settings) -> None:
+    """Set the browser cookie minted while rendering this answer (a session cookie, HttpOnly, Lax)."""
+    browser_id = request.scope.get(_NEW_BROWSER_ID)
+    if browser_id is not None:
+        response.set_cookie(csrf_cookie_name(settings), browser_id, path="/", secure=is_https(settings), httponly=True, samesite="lax")
+
+
+def csrf_valid(request: Request, settings: Settings, subject_id: uuid.UUID, token: str | None) -> bool:
+    browser_id = _browser_id(request, settings)
+    if not token or browser_id is None:
         return False
     try:
-        return bool(csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS) == link_id.hex)
+        signed = csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
     except BadSignature:
         return False
+    expected = [subject_id.hex, _browser_digest(browser_id)]
+    return (
+        isinstance(signed, list)
+        and len(signed) == 2
+        and all(isinstance(v, str) for v in signed)
+        and all(hmac.compare_digest(a, b) for a, b in zip(signed, expected, strict=True))
+    )
+
+
+# --- the client's address, as a keyed hash ------------------------------------------------------
+
+
+def client_key(request: Request, settings: Settings) -> str:
+    """Who is asking, for counting (brakes): a keyed hash of the client's address, never the address.
+
+    `request.client` is the peer; behind a proxy, run uvicorn with `--proxy-headers` and
+    `--forwarded-allow-ips <the proxy>` so that it is the address the proxy saw (X-Forwarded-For).
+    An IPv6 client counts by its /64 network: one subscriber can pick any address in it."""
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+            host = str(ipaddress.IPv6Network((address, 64), strict=False))
+        elif isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            host = str(address.ipv4_mapped)
+    except ValueError:
+        pass  # not an address (a unix socket, a test client): count it as it is
+    key = hashlib.sha256(f"paylink.client-address.v1:{settings.link_secret_keys[0]}".encode()).digest()
+    return hmac.new(key, host.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 # --- request size ---------------------------------------------------------------------------------------
@@ -139,10 +255,13 @@ async def _plain(send: Send, status: int, body: bytes) -> None:
 # --- an access log that never contains a token ---------------------------------------------------------
 
 TOKEN_IN_PATH = re.compile(r"^/(pay|verify)/[^/]+")
+LINK_IN_PATH = re.compile(r"^/pay/l/[^/]+")
 
 
 def templated_path(path: str) -> str:
-    """The path as it may be logged: a link's token becomes `{token}`."""
+    """The path as it may be logged: a link's token becomes `{token}`, a link's id `{link}`."""
+    if LINK_IN_PATH.match(path):
+        return LINK_IN_PATH.sub("/pay/l/{link}", path)
     return TOKEN_IN_PATH.sub(lambda m: f"/{m.group(1)}/{{token}}", path)
 
 

@@ -47,12 +47,14 @@
     status.textContent = form.dataset.checking || "…";
     var body = new FormData();
     body.append("csrf", form.elements.csrf.value);
-    fetch(form.dataset.setupUrl, { method: "POST", body: body, credentials: "same-origin" })
+    // Asking for JSON: errors come back as {"error", "message"} (a person or a script that does not
+    // ask gets the error pages instead, e.g. "Too many attempts" with 429).
+    fetch(form.dataset.setupUrl, { method: "POST", body: body, credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (response) {
         return response.json().then(function (data) { return { ok: response.ok, data: data }; });
       })
       .then(function (reply) {
-        if (!reply.ok) { throw new Error(reply.data.error || "error"); }
+        if (!reply.ok) { throw new Error(reply.data.message || reply.data.error || "error"); }
         return stripe.confirmCardSetup(reply.data.client_secret, { payment_method: { card: card } });
       })
       .then(function (result) {

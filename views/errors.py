@@ -5,12 +5,15 @@ Views raise; they never return "a page or an error" for the caller to check.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from views.render import render_page
+from plumbing.i18n import N_
+from plumbing.rendering import pages
+from plumbing.web import request_locale
+from views.render import render_page, settings_of
 
 
 class PageError(Exception):
@@ -18,10 +21,13 @@ class PageError(Exception):
 
     template = "error.html"
     status_code = 400
+    json_code: ClassVar[str | None] = None  # the JSON answer's "error" (else the route's own code)
+    json_message: ClassVar[str | None] = None  # and its "message" for the customer (translated)
 
     def __init__(self, **context: Any) -> None:
         super().__init__(self.template)
         self.context = context
+        self.headers: dict[str, str] = {}
 
 
 class InvalidLink(PageError):
@@ -31,8 +37,16 @@ class InvalidLink(PageError):
     status_code = 404
 
 
+class OpenFromEmail(InvalidLink):
+    """/pay/l/<link> without this link's cookie (another browser or device, a scanner that keeps no
+    cookies, a forged cookie): the page asks to open the link from the email."""
+
+    def __init__(self) -> None:
+        super().__init__(reason="handoff")
+
+
 class ExpiredLink(PageError):
-    """Ours, but its time is up: the page offers to email a fresh link."""
+    """Ours, but its time is up: the page offers to email a fresh link (context: renew_url, csrf)."""
 
     template = "expired.html"
     status_code = 410
@@ -48,6 +62,29 @@ class BadForm(PageError):
         super().__init__(reason="form")
 
 
+class CrossOrigin(PageError):
+    """A form posted from another website (Origin or Referer not ours)."""
+
+    template = "error.html"
+    status_code = 403
+
+    def __init__(self) -> None:
+        super().__init__(reason="origin")
+
+
+class TooManyAttempts(PageError):
+    """A brake refused the request (payments/brakes.py): try again later, or contact the merchant."""
+
+    template = "too_many.html"
+    status_code = 429
+    json_code = "too_many_attempts"
+    json_message = N_("Too many attempts. Please try again later, or contact %(merchant)s.")
+
+    def __init__(self, retry_after_seconds: int) -> None:
+        super().__init__()
+        self.headers["Retry-After"] = str(retry_after_seconds)
+
+
 class VerificationGone(PageError):
     """A verification link that expired, or was replaced by a newer request."""
 
@@ -58,9 +95,19 @@ class VerificationGone(PageError):
         super().__init__(state=state)
 
 
+JSON_ERROR = "paylink.json"  # scope key: this route answers errors in JSON, with this error code
+
+
 async def render_page_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, PageError)
-    json_error = request.scope.get("paylink.json")  # set by the routes that answer in JSON
+    json_error = request.scope.get(JSON_ERROR)  # set by the routes that answer in JSON
     if json_error:
-        return JSONResponse({"error": json_error}, status_code=exc.status_code)
-    return render_page(request, exc.template, status_code=exc.status_code, **exc.context)
+        body = {"error": exc.json_code or json_error}
+        if exc.json_message:
+            settings = settings_of(request)
+            locale = request_locale(request, None, settings.default_locale)
+            body["message"] = pages.gettext(locale, exc.json_message, merchant=settings.merchant_name)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    response = render_page(request, exc.template, status_code=exc.status_code, **exc.context)
+    response.headers.update(exc.headers)
+    return response

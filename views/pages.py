@@ -1,10 +1,28 @@
-"""Every customer-facing route of a link: /pay/{token} (page, pay, new card, status, fresh link) and
-/verify/{token}. Views are thin: they check the link and the form, call a service, pick a page.
+"""Every customer-facing route of a link: /pay/{token} (the emailed address), /pay/l/{link id hex}
+(the page and its forms) and /verify/{token}. Views are thin: they check the link and the form,
+call a service, pick a page.
 
-The hot path (GET /pay/{token}): the token is verified in memory (a forged one never reaches the
-database), then one read loads link, invoice, customer, live payment and saved cards; the open is
-counted in memory and written in the background. Stripe is never called on GET: mail scanners
-prefetch links, so GET changes nothing a customer would notice; only POST moves money.
+Link handoff. The emailed link /pay/<token> carries the link's bearer token. GET /pay/<token>
+verifies it in memory (a forged one never reaches the database), hands it to the cookie
+`pl_<link id hex>` (HttpOnly, SameSite=Lax so that it is sent on the redirect of a navigation that
+started in a webmail, Secure over https, Path=/pay/l/<link id hex> so that it reaches that page and
+the forms under it and nothing else) and answers 303 to /pay/l/<link id hex>: the token leaves the
+address bar, the history, bookmarks and screenshots. That page is served when the cookie holds a
+valid token for that link; otherwise (another browser or device, a scanner that keeps no cookies, a
+forged cookie) it asks to open the link from the email (404). The emailed link works on any device:
+opening it there hands over again. Every form posts under /pay/l/<link id hex>/…; the old routes
+under /pay/<token>/… keep working for tabs opened before, and move them over to the cookie.
+
+The hot path (GET /pay/l/<link>): the cookie's token is verified in memory, then one read loads
+link, invoice, customer, live payment and saved cards; the open is counted in memory and written in
+the background. Stripe is never called on GET: mail scanners prefetch links, so GET changes nothing
+a customer would notice (the handoff sets a cookie in the client, nothing on the server; a scanner
+that follows the redirect with its cookies sees the same page, one without sees "open the link from
+your email"). Only POST moves money.
+
+Every POST is checked in this order: the link (token or cookie), where it came from (Origin or
+Referer: 403), the client address's POST brake (429), the form's size and its CSRF token, bound to
+the link and to this browser (400). Brakes on SetupIntents and failed payments answer 429 as well.
 """
 
 from __future__ import annotations
@@ -13,6 +31,9 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -23,18 +44,24 @@ from starlette.routing import Route
 from links import issuing, verification
 from links.models import InvoiceStatus
 from links.opens import OpenRecorder
-from payments import checkout
+from payments import brakes, checkout
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
 from payments.models import PaymentStatus
 from payments.page_reader import PageReader, PayPage, Receipt, latest_payment_id, load_pay_page
+from plumbing.rendering import pages
 from plumbing.settings import Settings
 from plumbing.signing import TokenClaims, TokenExpired, TokenInvalid, pay_signer, verify_signer
-from plumbing.web import csrf_token, csrf_valid, request_locale, small_form
-from views.errors import BadForm, ExpiredLink, InvalidLink, VerificationGone
+from plumbing.web import client_key, csrf_token, csrf_valid, is_https, posted_from_our_pages, request_locale, small_form
+from views.errors import JSON_ERROR, BadForm, CrossOrigin, ExpiredLink, InvalidLink, OpenFromEmail, TooManyAttempts, VerificationGone
 from views.render import render_page
 
 log = logging.getLogger("paylink.pages")
 SETUP_INTENT_ID = re.compile(r"seti_[A-Za-z0-9]{1,250}")
+LINK_HEX = re.compile(r"[0-9a-f]{32}")
+LINK_COOKIE_PREFIX = "pl_"
+# The cookie outlives its token by a day, so that a page left open past the link's expiry still
+# offers "email me a new link" instead of "open the link from your email".
+LINK_COOKIE_GRACE = timedelta(days=1)
 
 
 class PageServices(Protocol):
@@ -53,24 +80,146 @@ def services_of(request: Request) -> PageServices:
     return request.state.services  # type: ignore[no-any-return]
 
 
-# --- checks shared by every route -------------------------------------------------------------------
+# --- which link a request is about: the token in the address, or the link's cookie ----------------
 
 
-def verify_pay_token(request: Request, token: str) -> TokenClaims:
-    """The link's claims; a bad or expired token raises before any database query."""
+@dataclass(frozen=True)
+class LinkAccess:
+    link_id: uuid.UUID
+    token: str  # verified: ours, for this link
+    expires_at: datetime
+    path: str  # where the link's page and forms live: /pay/l/<hex> (or /pay/<token> for an expired token)
+    from_address: bool = False  # the token came in the URL: hand it over to the cookie on the answer
+
+
+def link_path(link_id: uuid.UUID) -> str:
+    return f"/pay/l/{link_id.hex}"
+
+
+def link_cookie_name(link_id: uuid.UUID) -> str:
+    return f"{LINK_COOKIE_PREFIX}{link_id.hex}"
+
+
+def _expired(request: Request, settings: Settings, expired: TokenExpired, pay_path: str) -> ExpiredLink:
+    return ExpiredLink(pay_path=pay_path, csrf=csrf_token(request, settings, expired.subject_id))
+
+
+def _token_access(request: Request, *, expired_ok: bool = False) -> LinkAccess:
+    """The link of /pay/<token>/…; a bad token raises before any database query, an expired one
+    shows the expired page (unless `expired_ok`: asking for a fresh link)."""
     settings = services_of(request).settings
+    token = request.path_params["token"]
     try:
-        return pay_signer(settings).verify(token)
+        claims = pay_signer(settings).verify(token)
     except TokenExpired as expired:
-        raise ExpiredLink(token=token, csrf=csrf_token(settings, expired.subject_id)) from None
+        if not expired_ok:
+            raise _expired(request, settings, expired, f"/pay/{token}") from None
+        return LinkAccess(expired.subject_id, token, expired.expired_at, f"/pay/{token}")
     except TokenInvalid:
         raise InvalidLink() from None
+    return LinkAccess(claims.subject_id, token, claims.expires_at, link_path(claims.subject_id), from_address=True)
+
+
+def _cookie_access(request: Request, *, expired_ok: bool = False) -> LinkAccess:
+    """The link of /pay/l/<hex>/…, when this browser holds its token in the link's cookie."""
+    settings = services_of(request).settings
+    link_hex = request.path_params["link_hex"]
+    token = request.cookies.get(f"{LINK_COOKIE_PREFIX}{link_hex}") if LINK_HEX.fullmatch(link_hex) else None
+    if not token:
+        raise OpenFromEmail()
+    try:
+        claims: TokenClaims | TokenExpired = pay_signer(settings).verify(token)
+    except TokenExpired as expired:
+        claims = expired
+    except TokenInvalid:
+        raise OpenFromEmail() from None
+    if claims.subject_id.hex != link_hex:  # a valid token, but for another link
+        raise OpenFromEmail()
+    if isinstance(claims, TokenExpired):
+        if not expired_ok:
+            raise _expired(request, settings, claims, link_path(claims.subject_id))
+        return LinkAccess(claims.subject_id, token, claims.expired_at, link_path(claims.subject_id))
+    return LinkAccess(claims.subject_id, token, claims.expires_at, link_path(claims.subject_id))
+
+
+def _hand_over(response: Response, settings: Settings, access: LinkAccess) -> None:
+    """Put the link's token into its cookie (the token in the address is then no longer needed)."""
+    lifetime = access.expires_at - datetime.now(UTC) + LINK_COOKIE_GRACE
+    response.set_cookie(
+        link_cookie_name(access.link_id),
+        access.token,
+        max_age=max(int(lifetime.total_seconds()), 0),
+        path=access.path,
+        secure=is_https(settings),
+        httponly=True,
+        samesite="lax",
+    )
+
+
+Handler = Callable[[Request, LinkAccess], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _endpoint(
+    handler: Handler,
+    access_of: Callable[..., LinkAccess],
+    *,
+    expired_ok: bool = False,
+    json_error: str | None = None,
+    json_if_asked: bool = False,
+) -> Endpoint:
+    """An endpoint that finds the link (token or cookie), then runs `handler`. Errors answer as pages,
+    or in JSON with `json_error` (always, or only when the client asks for JSON: `json_if_asked`)."""
+
+    async def endpoint(request: Request) -> Response:
+        if json_error and (not json_if_asked or "application/json" in request.headers.get("accept", "")):
+            request.scope[JSON_ERROR] = json_error
+        access = access_of(request, expired_ok=expired_ok)
+        try:
+            response = await handler(request, access)
+        except brakes.TooManyAttempts as exc:
+            raise TooManyAttempts(exc.retry_after_seconds) from None
+        if access.from_address:
+            _hand_over(response, services_of(request).settings, access)
+        return response
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+def _link_routes(
+    suffix: str,
+    handler: Handler,
+    methods: list[str],
+    name: str,
+    *,
+    expired_ok: bool = False,
+    json_error: str | None = None,
+    json_if_asked: bool = False,
+) -> tuple[Route, Route]:
+    """The route under /pay/l/<link id hex> (the cookie) and the same under /pay/<token> (old tabs)."""
+    options: dict[str, Any] = {"expired_ok": expired_ok, "json_error": json_error, "json_if_asked": json_if_asked}
+    return (
+        Route(f"/pay/l/{{link_hex}}{suffix}", _endpoint(handler, _cookie_access, **options), methods=methods, name=f"{name}_l"),
+        Route(f"/pay/{{token}}{suffix}", _endpoint(handler, _token_access, **options), methods=methods, name=name),
+    )
+
+
+# --- checks shared by every POST --------------------------------------------------------------------
 
 
 async def checked_form(request: Request, subject_id: uuid.UUID) -> dict[str, str]:
-    """The posted form, after its CSRF token (bound to this link) and its size are checked."""
+    """The posted form, after checking where it came from (403), the client address's POST brake
+    (429), its size and its CSRF token, bound to this link (or address) and to this browser (400)."""
+    app = services_of(request)
+    if not posted_from_our_pages(request, app.settings.base_url):
+        raise CrossOrigin()
+    try:
+        await brakes.take(app.sessions, app.settings, brakes.posts_per_client(app.settings, client_key(request, app.settings)))
+    except brakes.TooManyAttempts as exc:
+        raise TooManyAttempts(exc.retry_after_seconds) from None
     form = await small_form(request)
-    if form is None or not csrf_valid(request, services_of(request).settings, subject_id, form.get("csrf")):
+    if form is None or not csrf_valid(request, app.settings, subject_id, form.get("csrf")):
         raise BadForm()
     return form
 
@@ -82,21 +231,25 @@ async def _read_page(request: Request, link_id: uuid.UUID) -> tuple[PayPage, Rec
     return page, receipt
 
 
-# --- GET /pay/{token} and the page's states ------------------------------------------------------
+# --- GET /pay/{token} (the handoff), GET /pay/l/{link} (the page) and the page's states -------------
 
 
-async def pay_page(request: Request) -> Response:
-    token = request.path_params["token"]
-    claims = verify_pay_token(request, token)
-    page, receipt = await _read_page(request, claims.subject_id)
+async def hand_off(request: Request, access: LinkAccess) -> Response:
+    """GET /pay/{token}: the token goes into the link's cookie (see `_endpoint`), the browser to the page."""
+    query = request.url.query
+    return RedirectResponse(f"{access.path}?{query}" if query else access.path, status_code=303)
+
+
+async def pay_page(request: Request, access: LinkAccess) -> Response:
+    page, receipt = await _read_page(request, access.link_id)
     if request.method == "GET":
         services_of(request).opens.record(page.link.id)
-    return render_pay_state(request, token, page, receipt=receipt)
+    return render_pay_state(request, access, page, receipt=receipt)
 
 
 def render_pay_state(
     request: Request,
-    token: str,
+    access: LinkAccess,
     page: PayPage,
     *,
     receipt: Receipt | None = None,
@@ -105,7 +258,7 @@ def render_pay_state(
 ) -> Response:
     settings = services_of(request).settings
     locale = request_locale(request, page.customer.locale, settings.default_locale)
-    context: dict[str, Any] = {"token": token, "invoice": page.invoice, "customer": page.customer, "link": page.link}
+    context: dict[str, Any] = {"pay_path": access.path, "invoice": page.invoice, "customer": page.customer, "link": page.link}
     invoice = page.invoice
     if invoice.status == InvoiceStatus.VOID:  # before "revoked": voiding also revokes the links
         return render_page(request, "void.html", locale=locale, status_code=410, **context)
@@ -116,14 +269,14 @@ def render_pay_state(
         return render_page(request, "paid.html", locale=locale, brand=brand, last4=last4, paid_at=paid_at or invoice.paid_at, **context)
     live = page.live_payment
     if invoice.status == InvoiceStatus.PROCESSING or (live is not None and live.status in PaymentStatus.IN_FLIGHT):
-        return render_page(request, "processing.html", locale=locale, csrf=csrf_token(settings, page.link.id), **context)
+        return render_page(request, "processing.html", locale=locale, csrf=csrf_token(request, settings, page.link.id), **context)
     return render_page(
         request,
         "pay.html",
         locale=locale,
         status_code=status_code,
         cards=page.cards,
-        csrf=csrf_token(settings, page.link.id),
+        csrf=csrf_token(request, settings, page.link.id),
         needs_action=live is not None and live.status == PaymentStatus.REQUIRES_ACTION,
         error=error,
         publishable_key=settings.stripe_publishable_key,
@@ -132,133 +285,132 @@ def render_pay_state(
     )
 
 
-async def _show(request: Request, token: str, link_id: uuid.UUID, *, error: str | None, status_code: int) -> Response:
+async def _show(request: Request, access: LinkAccess, *, error: str | None, status_code: int) -> Response:
     """The page again, with a message (a declined card, a refused request)."""
-    page, _ = await _read_page(request, link_id)
-    return render_pay_state(request, token, page, error=error, status_code=status_code)
+    page, _ = await _read_page(request, access.link_id)
+    return render_pay_state(request, access, page, error=error, status_code=status_code)
 
 
-async def _authenticate(request: Request, token: str, link_id: uuid.UUID, client_secret: str) -> Response:
+async def _authenticate(request: Request, access: LinkAccess, client_secret: str) -> Response:
     """The 3-D Secure page: Stripe.js finishes the bank's check, then the page posts to /status."""
     app = services_of(request)
     async with app.readers() as session:
-        page = await load_pay_page(session, link_id)
+        page = await load_pay_page(session, access.link_id)
     if page is None:
         raise InvalidLink()
     return render_page(
         request,
         "authenticate.html",
         locale=request_locale(request, page.customer.locale, app.settings.default_locale),
-        token=token,
+        pay_path=access.path,
         invoice=page.invoice,
         customer=page.customer,
         client_secret=client_secret,
         publishable_key=app.settings.stripe_publishable_key,
         stripe_js_url=app.settings.stripe_js_url,
-        csrf=csrf_token(app.settings, link_id),
+        csrf=csrf_token(request, app.settings, access.link_id),
     )
 
 
-# --- POST /pay/{token}: pay -------------------------------------------------------------------------
+# --- POST …: pay ---------------------------------------------------------------------------------------
 
 
-async def pay(request: Request) -> Response:
-    token = request.path_params["token"]
-    claims = verify_pay_token(request, token)
-    form = await checked_form(request, claims.subject_id)
+async def pay(request: Request, access: LinkAccess) -> Response:
+    form = await checked_form(request, access.link_id)
     app = services_of(request)
+    client = client_key(request, app.settings)
     setup_intent = form.get("setup_intent", "")
     try:
         if setup_intent:
             if not SETUP_INTENT_ID.fullmatch(setup_intent):
-                return await _show(request, token, claims.subject_id, error=checkout.NEW_CARD_NOT_CONFIRMED, status_code=400)
+                return await _show(request, access, error=checkout.NEW_CARD_NOT_CONFIRMED, status_code=400)
             outcome = await checkout.pay_with_new_card(
                 app.sessions,
                 app.gateway,
                 app.settings,
-                link_id=claims.subject_id,
+                link_id=access.link_id,
                 setup_intent_id=setup_intent,
                 save=form.get("save_card") == "1",
+                client=client,
             )
         else:
             outcome = await checkout.pay_with_saved_profile(
-                app.sessions, app.gateway, app.settings, link_id=claims.subject_id, payment_method_id=form.get("payment_method", "")
+                app.sessions,
+                app.gateway,
+                app.settings,
+                link_id=access.link_id,
+                payment_method_id=form.get("payment_method", ""),
+                client=client,
             )
     except checkout.PaymentRefused as exc:
-        return await _show(request, token, claims.subject_id, error=str(exc), status_code=409)
+        return await _show(request, access, error=str(exc), status_code=409)
     except GatewayUnavailable:
-        return await _show(request, token, claims.subject_id, error=checkout.GATEWAY_DOWN, status_code=503)
+        return await _show(request, access, error=checkout.GATEWAY_DOWN, status_code=503)
     except GatewayError:
-        return await _show(request, token, claims.subject_id, error=checkout.NEW_CARD_NOT_CONFIRMED, status_code=400)
+        return await _show(request, access, error=checkout.NEW_CARD_NOT_CONFIRMED, status_code=400)
     app.outbox_wakeup.set()
     log.info("payment.attempt payment=%s status=%s", outcome.payment_id, outcome.status)
     if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
-        return await _authenticate(request, token, claims.subject_id, outcome.client_secret)
+        return await _authenticate(request, access, outcome.client_secret)
     if outcome.status == PaymentStatus.FAILED:
-        return await _show(request, token, claims.subject_id, error=outcome.error_message or checkout.NOT_COMPLETED, status_code=402)
-    return RedirectResponse(f"/pay/{token}", status_code=303)
+        return await _show(request, access, error=outcome.error_message or checkout.NOT_COMPLETED, status_code=402)
+    return RedirectResponse(access.path, status_code=303)
 
 
-async def start_new_card(request: Request) -> Response:
-    """POST /pay/{token}/setup: a SetupIntent client secret for Stripe's card element (JSON)."""
-    request.scope["paylink.json"] = "invalid_request"  # errors raised below answer in JSON
-    claims = verify_pay_token(request, request.path_params["token"])
-    await checked_form(request, claims.subject_id)
+async def start_new_card(request: Request, access: LinkAccess) -> Response:
+    """POST …/setup: a SetupIntent client secret for Stripe's card element (JSON)."""
+    await checked_form(request, access.link_id)
     app = services_of(request)
     try:
-        client_secret = await checkout.start_new_card(app.sessions, app.gateway, link_id=claims.subject_id)
+        client_secret = await checkout.start_new_card(
+            app.sessions, app.gateway, app.settings, link_id=access.link_id, client=client_key(request, app.settings)
+        )
     except checkout.PaymentRefused as exc:
-        return JSONResponse({"error": str(exc)}, status_code=409)
+        return JSONResponse({"error": _translated(request, str(exc))}, status_code=409)
     except GatewayError:
-        return JSONResponse({"error": checkout.GATEWAY_DOWN}, status_code=503)
+        return JSONResponse({"error": _translated(request, checkout.GATEWAY_DOWN)}, status_code=503)
     return JSONResponse({"client_secret": client_secret})
 
 
-async def refresh_status(request: Request) -> Response:
-    """POST /pay/{token}/status: ask Stripe about the invoice's latest payment (after 3-D Secure,
-    or while it is processing) and show where it stands."""
-    token = request.path_params["token"]
-    claims = verify_pay_token(request, token)
-    await checked_form(request, claims.subject_id)
+def _translated(request: Request, message: str) -> str:
+    settings = services_of(request).settings
+    return pages.gettext(request_locale(request, None, settings.default_locale), message)
+
+
+async def refresh_status(request: Request, access: LinkAccess) -> Response:
+    """POST …/status: ask Stripe about the invoice's latest payment (after 3-D Secure, or while it is
+    processing) and show where it stands."""
+    await checked_form(request, access.link_id)
     app = services_of(request)
     async with app.readers() as session:
-        payment_id = await latest_payment_id(session, claims.subject_id)
+        payment_id = await latest_payment_id(session, access.link_id)
     if payment_id is not None:
         outcome = await checkout.settle_payment(app.sessions, app.gateway, app.settings, payment_id, actor="link")
         app.outbox_wakeup.set()
         if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
-            return await _authenticate(request, token, claims.subject_id, outcome.client_secret)
+            return await _authenticate(request, access, outcome.client_secret)
         if outcome.status == PaymentStatus.FAILED:
-            return await _show(request, token, claims.subject_id, error=outcome.error_message, status_code=402)
-    return RedirectResponse(f"/pay/{token}", status_code=303)
+            return await _show(request, access, error=outcome.error_message, status_code=402)
+    return RedirectResponse(access.path, status_code=303)
 
 
-async def status_json(request: Request) -> Response:
-    """GET /pay/{token}/status: where the invoice stands, from our database (the processing page polls)."""
-    request.scope["paylink.json"] = "invalid_link"
-    claims = verify_pay_token(request, request.path_params["token"])
-    page, _ = await _read_page(request, claims.subject_id)  # the same cheap read as the page
+async def status_json(request: Request, access: LinkAccess) -> Response:
+    """GET …/status: where the invoice stands, from our database (the processing page polls)."""
+    page, _ = await _read_page(request, access.link_id)  # the same cheap read as the page
     live = page.live_payment
     return JSONResponse({"invoice_status": page.invoice.status, "payment_status": live.status if live else None})
 
 
-async def request_fresh_link(request: Request) -> Response:
-    """POST /pay/{token}/renew from the expired page: a fresh link goes to the address on file.
+async def request_fresh_link(request: Request, access: LinkAccess) -> Response:
+    """POST …/renew from the expired page: a fresh link goes to the address on file.
 
     The answer is the same whether or not an email went out (rate limit, paid, unknown)."""
     app = services_of(request)
-    token = request.path_params["token"]
-    try:
-        link_id = pay_signer(app.settings).verify(token).subject_id
-    except TokenExpired as expired:
-        link_id = expired.subject_id
-    except TokenInvalid:
-        raise InvalidLink() from None
-    await checked_form(request, link_id)
+    await checked_form(request, access.link_id)
     async with app.sessions.begin() as session:
-        await issuing.request_fresh_link(session, app.settings, link_id)
+        await issuing.request_fresh_link(session, app.settings, access.link_id)
     app.outbox_wakeup.set()
-    return render_page(request, "renewed.html", token=token)
+    return render_page(request, "renewed.html", pay_path=access.path)
 
 
 # --- /verify/{token} ------------------------------------------------------------------------------------
@@ -284,7 +436,7 @@ async def verify_page(request: Request) -> Response:
     locale = request_locale(request, customer.locale, app.settings.default_locale)
     state = "done" if customer.email_verified_at else "confirm"
     return render_page(
-        request, "verify.html", locale=locale, state=state, customer=customer, csrf=csrf_token(app.settings, verification_id)
+        request, "verify.html", locale=locale, state=state, customer=customer, csrf=csrf_token(request, app.settings, verification_id)
     )
 
 
@@ -302,13 +454,18 @@ async def confirm_verification(request: Request) -> Response:
     return render_page(request, "verify.html", locale=locale, state="done", customer=customer)
 
 
+# /pay/l/… first: "/pay/l/<hex>" must never be taken for "/pay/<token>/<action>".
+_pay = _link_routes("", pay, ["POST"], "pay")
+_setup = _link_routes("/setup", start_new_card, ["POST"], "pay_new_card", json_error="invalid_request", json_if_asked=True)
+_refresh = _link_routes("/status", refresh_status, ["POST"], "pay_status_refresh")
+_status = _link_routes("/status", status_json, ["GET"], "pay_status", json_error="invalid_link")
+_renew = _link_routes("/renew", request_fresh_link, ["POST"], "pay_renew", expired_ok=True)
+
 routes = [
-    Route("/pay/{token}", pay_page, methods=["GET", "HEAD"], name="pay_page"),
-    Route("/pay/{token}", pay, methods=["POST"], name="pay"),
-    Route("/pay/{token}/setup", start_new_card, methods=["POST"], name="pay_new_card"),
-    Route("/pay/{token}/status", refresh_status, methods=["POST"], name="pay_status_refresh"),
-    Route("/pay/{token}/status", status_json, methods=["GET"], name="pay_status"),
-    Route("/pay/{token}/renew", request_fresh_link, methods=["POST"], name="pay_renew"),
+    Route("/pay/l/{link_hex}", _endpoint(pay_page, _cookie_access), methods=["GET", "HEAD"], name="pay_page"),
+    *(pair[0] for pair in (_pay, _setup, _refresh, _status, _renew)),
+    Route("/pay/{token}", _endpoint(hand_off, _token_access), methods=["GET", "HEAD"], name="pay_handoff"),
+    *(pair[1] for pair in (_pay, _setup, _refresh, _status, _renew)),
     Route("/verify/{token}", verify_page, methods=["GET", "HEAD"], name="verify_page"),
     Route("/verify/{token}", confirm_verification, methods=["POST"], name="verify_confirm"),
 ]

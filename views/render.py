@@ -1,4 +1,5 @@
-"""Rendering a page for a request: the merchant, the languages, the CSP nonce, the chosen language."""
+"""Rendering a page for a request: the merchant, the languages, the CSP nonce, the chosen language, and
+the browser cookie that the page's CSRF tokens are bound to."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from starlette.responses import HTMLResponse
 from plumbing.i18n import LOCALE_NAMES, normalize_locale
 from plumbing.rendering import pages
 from plumbing.settings import Settings
-from plumbing.web import LANGUAGE_COOKIE, request_locale
+from plumbing.web import LANGUAGE_COOKIE, remember_browser, request_locale
 
 
 def settings_of(request: Request) -> Settings:
@@ -26,6 +27,7 @@ def render_page(request: Request, name: str, *, locale: str | None = None, statu
         name, locale, request=request, csp_nonce=request.scope.get("csp_nonce", ""), merchant=settings.merchant_name, **context
     )
     response = HTMLResponse(html, status_code=status_code)
+    remember_browser(request, response, settings)  # if a form on the page minted this browser's cookie
     picked = request.query_params.get("lang")
     if picked and normalize_locale(picked, default="") == locale:
         # Remember the switcher's choice, so the pages after a form post stay in that language.

@@ -5,13 +5,24 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 from starlette.requests import Request
 from starlette.routing import Route
 
 from plumbing.settings import Settings
 from tests.browser.conftest import assert_accessible, snap
-from tests.harness import CARD_3DS, CARD_OK, VERIFY_LINK, AppServer, LocalStripe, SmtpServer, db_execute, free_port, text_part
+from tests.harness import (
+    CARD_3DS,
+    CARD_DECLINED,
+    CARD_OK,
+    VERIFY_LINK,
+    AppServer,
+    LocalStripe,
+    SmtpServer,
+    db_execute,
+    free_port,
+    text_part,
+)
 from tests.integration.helpers import issue_invoice, unique_email
 
 pytestmark = pytest.mark.browser
@@ -81,3 +92,38 @@ def test_friendly_500_leaks_nothing(settings: Settings, page: Page) -> None:
         assert_accessible(page)
     finally:
         server.stop()
+
+
+def test_open_the_link_from_your_email_page(cli, localstripe: LocalStripe, server, browser: Browser, page: Page) -> None:
+    """The page address alone, in another browser (no cookie), asks to open the emailed link."""
+    issued = issue_invoice(cli, localstripe, CARD_OK)
+    page.goto(issued.url)
+    link_page = page.url
+    other = browser.new_context(viewport={"width": 375, "height": 667})
+    try:
+        elsewhere = other.new_page()
+        response = elsewhere.goto(link_page)
+        assert response is not None and response.status == 404
+        expect(elsewhere.get_by_role("heading", level=1)).to_have_text("Please open the link from your email")
+        assert issued.number not in elsewhere.content()
+        assert_accessible(elsewhere)
+        snap(elsewhere, "state-open-from-email")
+        elsewhere.goto(issued.url)  # the emailed link works in this browser too
+        expect(elsewhere.get_by_role("heading", level=1)).to_have_text("Pay €120.50")
+    finally:
+        other.close()
+
+
+def test_too_many_attempts_page(cli, localstripe: LocalStripe, start_server, page: Page) -> None:
+    """Past a brake the customer sees a calm page: try again later, or contact the merchant."""
+    start_server(PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR="1")
+    issued = issue_invoice(cli, localstripe, CARD_DECLINED)
+    page.goto(issued.url)
+    page.get_by_role("button", name=re.compile("Pay €120.50")).click()
+    expect(page.get_by_role("alert")).to_contain_text("declined")
+    page.get_by_role("button", name=re.compile("Pay €120.50")).click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Too many attempts")
+    expect(page.get_by_text("Please try again later, or contact Acme Consulting.")).to_be_visible()
+    assert_accessible(page)
+    snap(page, "state-too-many-attempts")
+    assert len(localstripe.payment_intents_for(issued.stripe_customer)) == 1

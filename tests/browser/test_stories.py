@@ -38,6 +38,10 @@ class TestSavedCard:
         issued = issue_invoice(cli, localstripe, CARD_OK)
         page.goto(issued.url)
         expect(page.get_by_role("heading", level=1)).to_have_text("Pay €120.50")
+        # The token went into a cookie: the address bar (and so the history) holds none.
+        token = issued.url.rsplit("/", 1)[1]
+        assert token not in page.url and re.fullmatch(rf"{re.escape(server.base)}/pay/l/[0-9a-f]{{32}}", page.url)
+        assert token not in page.content()
         assert_accessible(page)
         page.get_by_role("button", name="Pay €120.50 with Visa •••• 4242").click()
         receipt_shown(page)
@@ -240,9 +244,10 @@ class TestLanguages:
     def test_switcher_keeps_the_customer_on_the_same_link(self, cli, localstripe: LocalStripe, server, page: Page) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK)
         page.goto(issued.url)
+        link_page = page.url  # where the emailed link handed over to (/pay/l/<link>)
         page.get_by_role("link", name="Français").click()
         expect(page.locator("html")).to_have_attribute("lang", "fr")
-        assert page.url.startswith(issued.url)
+        assert page.url.startswith(link_page)
         expect(page.get_by_role("heading", level=1)).to_have_text("Payer 120,50 €")
         page.get_by_role("button", name=re.compile("120,50 €")).click()  # the choice outlives the form post
         expect(page.locator("html")).to_have_attribute("lang", "fr")

@@ -74,3 +74,30 @@ def invoice_status(cli: Any, number: str) -> dict[str, Any]:
     shown = cli("invoice", "show", number, "--json")
     assert shown.code == 0, shown.err
     return shown.json()  # type: ignore[no-any-return]
+
+
+# --- the link handoff and the brakes (issue 11) --------------------------------------------------------
+
+LINK_PAGE = re.compile(r"/pay/l/([0-9a-f]{32})$")
+
+
+def link_hex_of(url: Any) -> str:
+    """The link id in a page address `/pay/l/<link id hex>` (where GET /pay/<token> hands over to)."""
+    match = LINK_PAGE.search(str(url).split("?", 1)[0])
+    assert match, f"{url} is not a link page address"
+    return match.group(1)
+
+
+def setup_intents_for(localstripe: LocalStripe, customer_id: str) -> list[Any]:
+    """The SetupIntents localstripe holds for a customer (its list API, filtered here)."""
+    intents = localstripe.client.v1.setup_intents.list({"limit": 100})
+    return [si for si in intents.auto_paging_iter() if si.customer == customer_id]
+
+
+def set_cookies(response: Any) -> dict[str, str]:
+    """The Set-Cookie headers of an answer, by cookie name, each with its attributes as sent."""
+    cookies = {}
+    for header in response.headers.get_list("set-cookie"):
+        name = header.split("=", 1)[0]
+        cookies[name] = header
+    return cookies

@@ -21,7 +21,8 @@ class TestNoDoubleCharge:
         form = {"csrf": csrf_of(html), "payment_method": issued.cards[0]}
 
         async def press_pay_twice() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=30, follow_redirects=True) as client:
+            # Two requests from the same browser: its cookies (the form token is bound to them) go along.
+            async with httpx.AsyncClient(timeout=30, follow_redirects=True, cookies=browser_client.cookies) as client:
                 return list(await asyncio.gather(client.post(issued.url, data=form), client.post(issued.url, data=form)))
 
         first, second = asyncio.run(press_pay_twice())
