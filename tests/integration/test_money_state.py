@@ -374,6 +374,9 @@ class TestAmountAndCurrencyChecks:
         assert "underpaid by €70.50" in shown["needs_attention"]
         assert outbox_kinds(settings).get("finance_alert") == 1
 
+        # The page asks for the rest, in its heading and on its button, not for the whole invoice.
+        page = browser_client.get(issued.url).text
+        assert "Pay €70.50" in page and "Pay €70.50 with Visa •••• 4242" in page and "Pay €120.50" not in page
         # The customer pays the rest on the page: €70.50 is charged, and now the invoice is paid.
         assert "Payment received" in pay_through_page(browser_client, issued).text
         shown = invoice_status(cli, issued.number)
