@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,3 +102,26 @@ def set_cookies(response: Any) -> dict[str, str]:
         name = header.split("=", 1)[0]
         cookies[name] = header
     return cookies
+
+
+# --- Stripe events, as another system would cause them ----------------------------------------------
+
+
+def intent_event(event_id: str, intent: dict[str, Any], kind: str = "payment_intent.succeeded") -> dict[str, Any]:
+    return {"id": event_id, "object": "event", "type": kind, "created": int(time.time()), "data": {"object": intent}}
+
+
+def paid_intent_for(localstripe: LocalStripe, issued: Any) -> dict[str, Any]:
+    """A PaymentIntent really made in localstripe for this invoice, as another system would make it."""
+    intent = localstripe.client.v1.payment_intents.create(
+        {
+            "amount": 12050,
+            "currency": "eur",
+            "customer": issued.stripe_customer,
+            "payment_method": issued.cards[0],
+            "payment_method_types": ["card"],
+            "metadata": {"invoice_id": issued.invoice_id},
+            "confirm": True,
+        }
+    )
+    return intent.to_dict()

@@ -11,7 +11,7 @@ import pytest
 
 from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, db_query, in_thread, signed_event
-from tests.integration.helpers import invoice_status, issue_invoice
+from tests.integration.helpers import invoice_status, issue_invoice, paid_intent_for
 
 
 def event(event_id: str, kind: str, data: Any) -> dict[str, Any]:
@@ -71,18 +71,7 @@ class TestRefusedAmongGoodOnes:
         from payments.sqlite_batches import SqliteBatchWriter
 
         issued = issue_invoice(cli, localstripe, CARD_OK)
-        intent = localstripe.client.v1.payment_intents.create(
-            {
-                "amount": 12050,
-                "currency": "eur",
-                "customer": issued.stripe_customer,
-                "payment_method": issued.cards[0],
-                "payment_method_types": ["card"],
-                "confirm": True,
-                "metadata": {"invoice_id": issued.invoice_id},
-            }
-        )
-        good = event("evt_batch_good", "payment_intent.succeeded", {"object": intent.to_dict()})
+        good = event("evt_batch_good", "payment_intent.succeeded", {"object": paid_intent_for(localstripe, issued)})
         broken = event("evt_batch_broken", "payment_intent.succeeded", {"object": {"id": "pi_q", "amount": None}})
         writer = SqliteBatchWriter(settings)
         try:

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import httpx
 import pytest
 
 from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, in_thread, signed_event, wait_until
-from tests.integration.helpers import invoice_status, issue_invoice
-
-
-def intent_event(event_id: str, intent: dict[str, Any], kind: str = "payment_intent.succeeded") -> dict[str, Any]:
-    return {"id": event_id, "object": "event", "type": kind, "created": int(time.time()), "data": {"object": intent}}
-
-
-def paid_intent_for(localstripe: LocalStripe, issued: Any) -> dict[str, Any]:
-    """A PaymentIntent really made in localstripe for this invoice, as another system would make it."""
-    intent = localstripe.client.v1.payment_intents.create(
-        {
-            "amount": 12050,
-            "currency": "eur",
-            "customer": issued.stripe_customer,
-            "payment_method": issued.cards[0],
-            "payment_method_types": ["card"],
-            "metadata": {"invoice_id": issued.invoice_id},
-            "confirm": True,
-        }
-    )
-    return intent.to_dict()
+from tests.integration.helpers import intent_event, invoice_status, issue_invoice, paid_intent_for
 
 
 class TestSignature:
