@@ -19,16 +19,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from payments.views import routes as webhook_routes
+from plumbing import metrics
 from plumbing.db import is_sqlite, migrate
+from plumbing.logs import configure_logging
 from plumbing.rendering import emails, pages
 from plumbing.settings import ConfigError, Settings
-from plumbing.web import SECURITY_HEADERS, AccessLog, BodySizeLimit, SecurityHeaders, origin_of, templated_path
-from services import Services, open_services, run_worker
+from plumbing.web import REQUEST_ID_SCOPE, SECURITY_HEADERS, AccessLog, BodySizeLimit, SecurityHeaders, origin_of, templated_path
+from services import Services, open_services, readiness, run_worker
 from views.errors import PageError, render_page_error
 from views.pages import routes as page_routes
 from views.render import render_page
@@ -38,8 +40,27 @@ MAX_REQUEST_BYTES = 512 * 1024  # the largest Stripe event is far smaller; our f
 log = logging.getLogger("paylink")
 
 
-async def health(request: Request) -> Response:
-    return PlainTextResponse("ok")
+async def health_live(request: Request) -> Response:
+    """The process answers (GET /health/live, and GET /health as before)."""
+    return JSONResponse({"status": "ok"})
+
+
+async def health_ready(request: Request) -> Response:
+    """The process can serve: database reachable and migrated, outbox not stuck (else 503 and why).
+    This is the check a load balancer uses."""
+    ready, body = await readiness(request.state.services)
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """GET /metrics (only routed when METRICS_TOKEN is set): needs `Authorization: Bearer <token>`."""
+    services: Services = request.state.services
+    token = services.settings.metrics_token
+    if token is None or not metrics.bearer_ok(request.headers.get("authorization"), str(token)):
+        return PlainTextResponse("unauthorized", status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    await services.outbox_gauges.refresh()
+    body, content_type = metrics.exposition(services.outbox_gauges)
+    return Response(body, media_type=content_type)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -53,6 +74,8 @@ async def server_error(request: Request, exc: Exception) -> Response:
     response = render_page(request, "error.html", status_code=500, languages={}, reason="500")
     for name, value in request.scope.get(SECURITY_HEADERS, []):
         response.headers[name.decode()] = value.decode()
+    if REQUEST_ID_SCOPE in request.scope:
+        response.headers["x-request-id"] = request.scope[REQUEST_ID_SCOPE]
     return response
 
 
@@ -65,12 +88,13 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """The app for `settings`, or for the environment (one clear line and exit 1 if a setting is bad)."""
     if settings is None:
-        logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         try:
             settings = Settings.from_env()
         except ConfigError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
+        # Log calls only queue the record; a thread writes it (key=value text, or JSON lines).
+        configure_logging(os.environ.get("LOG_LEVEL", "INFO"), settings.log_format)
     configured: Settings = settings
 
     @contextlib.asynccontextmanager
@@ -79,8 +103,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await migrate(configured.database_url)  # an embedded database migrates itself on start
         pages.warm()  # templates are compiled once, before the first customer arrives
         emails.warm()
-        async with open_services(configured, background=True) as services, _in_process_worker(services):
-            yield {"services": services}
+        try:
+            async with open_services(configured, background=True) as services, _in_process_worker(services):
+                yield {"services": services}
+        finally:
+            metrics.process_exited()
 
     stripe_origins = [origin_of(configured.stripe_js_url)]
     if configured.stripe_api_base:
@@ -91,7 +118,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes=[
             *page_routes,
             *webhook_routes,
-            Route("/health", health),
+            Route("/health", health_live),
+            Route("/health/live", health_live),
+            Route("/health/ready", health_ready),
+            # Without METRICS_TOKEN there is no /metrics at all (404): never public by accident.
+            *([Route("/metrics", metrics_endpoint)] if configured.metrics_token is not None else []),
             Mount("/static", app=StaticFiles(directory=ROOT / "static"), name="static"),
         ],
         middleware=[
@@ -119,7 +150,7 @@ async def _in_process_worker(services: Services) -> AsyncIterator[None]:
         yield
         return
     stop = asyncio.Event()
-    task = asyncio.create_task(run_worker(services, stop), name="worker")
+    task = asyncio.create_task(run_worker(services, stop, sample_usage=False), name="worker")
     try:
         yield
     finally:

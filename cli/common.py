@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the parsed command; every error the operator can act on is one line and exit code 1."""
     as_json = bool(args.json)
     try:
-        ctx = Context(Settings.from_env(), args, Console(highlight=False, soft_wrap=True))
+        ctx = Context(Settings.from_env(), args, _console())
         if args.sync_handler is not None:
             args.sync_handler(ctx)
         else:
@@ -235,6 +235,14 @@ def run(args: argparse.Namespace) -> int:
         reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
         return fail(as_json, "database", reason, hint=None if isinstance(exc, IntegrityError) else SCHEMA_HINT)
     return EXIT_OK
+
+
+PIPED_WIDTH = 240  # tables piped to a file or grep are not squeezed into 80 columns
+
+
+def _console() -> Console:
+    """Human output: the terminal's width on a terminal; wide when piped, so that rows stay whole."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 
 async def _run_with_services(ctx: Context, handler: AsyncHandler) -> None:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, UserError, command, command_group, emit, sync_quietly, table
-from links.customers import ADDRESS_FIELDS, add_customer, check_address, check_new_customer, find_customer, update_customer
+from links.customers import ADDRESS_FIELDS, add_customer, check_address, check_new_customer, find_customer, list_customers, update_customer
 from links.models import Customer
 from links.verification import change_email, request_verification
 from payments.cards import sync_profiles
@@ -34,8 +34,17 @@ def register(commands: Subcommands[Parser]) -> None:
 
     p = command(
         customer,
+        "list",
+        "List customers (by email) with their verification state and invoices; --search narrows to email or name.",
+        example="python -m links customer list --search lee",
+        run=list_,
+    )
+    p.add_argument("--search", help="only customers whose email or name contains this text (case-insensitive)")
+
+    p = command(
+        customer,
         "show",
-        "Show a customer, verification state and saved cards.",
+        "Show a customer: billing address, verification state, saved cards, delivery problems.",
         example="python -m links customer show ann@example.com",
         run=show,
     )
@@ -172,6 +181,7 @@ async def show(ctx: Context, services: Services) -> None:
         out.add_row("Verified", verified)
         if customer.email_undeliverable_at:
             out.add_row("Undeliverable", customer.email_undeliverable_reason or "yes")
+        out.add_row("Address", ", ".join(customer.address_lines) or "-")
         out.add_row("Stripe customer", customer.stripe_customer_id or "-")
         out.add_row("Locale", customer.locale or "-")
         for p in profiles:
@@ -180,6 +190,31 @@ async def show(ctx: Context, services: Services) -> None:
         ctx.console.print(out)
 
     emit(ctx, record, human)
+
+
+async def list_(ctx: Context, services: Services) -> None:
+    async with services.readers() as session:
+        summaries = await list_customers(session, search=ctx.args.search)
+    records = [{**customer_record(s.customer), "invoices": s.invoices, "open_invoices": s.open_invoices} for s in summaries]
+
+    def human() -> None:
+        out = table("Email", "Name", "Verified", "Locale", "Country", "Invoices", "Open", "Attention")
+        for s in summaries:
+            c = s.customer
+            out.add_row(
+                c.email,
+                c.name,
+                "yes" if c.email_verified_at else "no",
+                c.locale or "-",
+                c.country or "-",
+                str(s.invoices),
+                str(s.open_invoices),
+                "email undeliverable" if c.email_undeliverable_at else "",
+            )
+        ctx.console.print(out)
+        ctx.console.print(f"{len(summaries)} customer(s).")
+
+    emit(ctx, {"customers": records}, human)
 
 
 async def verify(ctx: Context, services: Services) -> None:

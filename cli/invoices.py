@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, date, datetime
 from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, command, command_group, emit, parse_date, sync_quietly, table
-from cli.links import link_record, print_link
+from cli.links import link_record, print_link, ttl_warning
 from links.customers import find_customer
-from links.invoices import create_invoice, find_invoice_with_customer, invoice_links, list_invoices
+from links.errors import LinkError
+from links.invoices import create_invoice, find_invoice_with_customer, invoice_links, void_notice
 from links.issuing import issue_link
+from links.lines import LineItem, lines_of, parse_item, rate_text, totals
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from payments.cards import sync_profiles
 from payments.checkout import void_invoice
-from payments.models import Payment
+from payments.desk import FLAG_LABELS, CurrencyTotal, DeskRow, currency_totals, desk_row, desk_rows
+from payments.models import Payment, PaymentStatus
 from payments.queries import invoice_payments
-from plumbing.i18n import format_money
+from plumbing.db import utcnow
+from plumbing.i18n import check_currency, format_money
 
 
 def register(commands: Subcommands[Parser]) -> None:
@@ -23,27 +29,52 @@ def register(commands: Subcommands[Parser]) -> None:
     p = command(
         invoice,
         "create",
-        "Create an invoice; with --send, issue its link and email it.",
+        "Create an invoice for a plain amount (one line, no tax) or for line items (--item, repeatable); the total is "
+        "what gets charged. Each line is rounded to the cent half-up (net, then its tax), and the totals are sums of "
+        "those. A due date in the past, and a total below Stripe's minimum charge for the currency (e.g. EUR 0.50, "
+        "GBP 0.30, JPY 50), are refused. With --send, issue its link and email it; if the link would expire before the "
+        "due date you are warned (the link-expiry reminder sends a fresh one; or give --ttl-days).",
         example=(
-            'python -m links invoice create --customer ann@example.com --amount 120.50 --currency eur --description "Consulting" --send'
+            'python -m links invoice create --customer ann@example.com --currency eur --description "November" '
+            '--item "Consulting|3|400.00|19" --item "Travel|1|85.50|7" --due 2026-12-15 --send'
         ),
         run=create,
     )
     p.add_argument("--customer", required=True, help="the customer's email")
-    p.add_argument("--amount", required=True, help="in major units, e.g. 120.50")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--amount", help="a plain amount in major units, e.g. 120.50: one line without tax")
+    amount.add_argument(
+        "--item",
+        action="append",
+        metavar='"DESCRIPTION|QUANTITY|UNIT_AMOUNT|TAX_PERCENT"',
+        help='a line item, e.g. "Consulting|3|400.00|19" (unit amount in major units; tax percent may be empty: '
+        '"Fee|1|10.00|"); repeat for more lines',
+    )
     p.add_argument("--currency", required=True, help="ISO 4217 code, e.g. eur")
-    p.add_argument("--description", required=True)
-    p.add_argument("--due", type=parse_date, help="due date, YYYY-MM-DD")
+    p.add_argument("--description", required=True, help="what the invoice is for (its title in emails and on the page)")
+    p.add_argument("--notes", help="notes shown to the customer under the lines (e.g. payment terms)")
+    p.add_argument("--due", type=parse_date, help="due date, YYYY-MM-DD: today or later (UTC); a date in the past is refused")
     p.add_argument("--number", help="invoice number (default: the next INV-nnnnnn)")
     p.add_argument("--send", action="store_true", help="issue a payment link and email it now")
+    p.add_argument("--ttl-days", type=int, help="with --send: how long the link works (default LINK_TTL_DAYS)")
 
-    p = command(invoice, "list", "List invoices.", example="python -m links invoice list --status open", run=list_)
+    p = command(
+        invoice,
+        "list",
+        "List invoices with what needs doing (overdue, held: address not verified, never sent, stuck in 3-D Secure, "
+        "email undeliverable, disputed, over- or underpaid, link expires before the due date) and totals per currency.",
+        example="python -m links invoice list --overdue --customer ann@example.com",
+        run=list_,
+    )
     p.add_argument("--status", choices=[status.value for status in InvoiceStatus])
+    p.add_argument("--customer", help="only this customer's invoices (email)")
+    p.add_argument("--overdue", action="store_true", help="only open invoices past their due date")
+    p.add_argument("--since", type=parse_date, help="only invoices created on or after this day (UTC), YYYY-MM-DD")
 
     p = command(
         invoice,
         "show",
-        "Show an invoice with its links and payments.",
+        "Show an invoice: lines, tax, totals, notes, dates, what needs doing, its links (state, opens) and payments.",
         example="python -m links invoice show INV-000001",
         run=show,
     )
@@ -52,11 +83,17 @@ def register(commands: Subcommands[Parser]) -> None:
     p = command(
         invoice,
         "void",
-        "Void an open invoice; its links stop working.",
-        example="python -m links invoice void INV-000001",
+        "Void an open invoice; its links stop working, and a customer who was sent it gets a short, translated "
+        '"this invoice was cancelled" email. The reason is for finance: kept on the invoice and in the audit log, '
+        "never shown to the customer.",
+        example='python -m links invoice void INV-000001 --reason "duplicate of INV-000002"',
         run=void,
     )
     p.add_argument("number")
+    p.add_argument("--reason", help="why it is void (audited; shown by invoice show)")
+
+
+# --- records -------------------------------------------------------------------------------------------
 
 
 def invoice_record(invoice: Invoice, customer: Customer | None = None) -> dict[str, Any]:
@@ -70,8 +107,10 @@ def invoice_record(invoice: Invoice, customer: Customer | None = None) -> dict[s
         "amount_refunded": invoice.amount_refunded,
         "amount_due_formatted": format_money(invoice.amount_due, invoice.currency),
         "description": invoice.description,
+        "notes": invoice.notes,
         "due_date": invoice.due_date,
         "needs_attention": invoice.needs_attention,
+        "void_reason": invoice.void_reason,
         "created_at": invoice.created_at,
         "paid_at": invoice.paid_at,
     }
@@ -81,31 +120,127 @@ def invoice_record(invoice: Invoice, customer: Customer | None = None) -> dict[s
     return record
 
 
-def _link_row(link: PaymentLink) -> dict[str, Any]:
+def _lines(invoice: Invoice) -> list[LineItem]:
+    return lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
+
+
+def lines_record(invoice: Invoice) -> dict[str, Any]:
+    """The lines, tax per rate and totals, in minor units and formatted (links/lines.py computes them)."""
+    lines = _lines(invoice)
+    summed = totals(lines)
+    money = _formatter(invoice.currency)
+    return {
+        "lines": [{**line.to_json(), "net_formatted": money(line.net), "total": line.total} for line in lines],
+        "subtotal": summed.subtotal,
+        "taxes": [{"rate": str(rate), "amount": amount, "amount_formatted": money(amount)} for rate, amount in summed.taxes],
+        "total": summed.total,
+        "total_formatted": money(summed.total),
+    }
+
+
+def _row_record(row: DeskRow) -> dict[str, Any]:
+    return {
+        **invoice_record(row.invoice, row.customer),
+        "flags": [str(flag) for flag in row.flags],
+        "days_overdue": row.days_overdue,
+    }
+
+
+def _totals_record(currency: str, total: CurrencyTotal) -> dict[str, Any]:
+    amounts = {"due": total.due, "paid": total.paid, "outstanding": total.outstanding, "overdue": total.overdue}
+    money = _formatter(currency)
+    return {"invoices": total.invoices, **amounts, "formatted": {name: money(value) for name, value in amounts.items()}}
+
+
+def link_state(link: PaymentLink, now: datetime) -> str:
+    if link.revoked_at is not None:
+        return "revoked"
+    if link.expires_at <= now:
+        return "expired"
+    return "live" if link.sent_at is not None else "live, not emailed"
+
+
+def _link_row(link: PaymentLink, now: datetime) -> dict[str, Any]:
     return {
         "id": str(link.id),
+        "state": link_state(link, now),
         "expires_at": link.expires_at,
         "revoked_at": link.revoked_at,
         "sent_at": link.sent_at,
         "open_count": link.open_count,
+        "first_opened_at": link.first_opened_at,
         "last_opened_at": link.last_opened_at,
     }
+
+
+PAYMENT_STATES = {
+    PaymentStatus.CREATED: "starting (no PaymentIntent yet)",
+    PaymentStatus.REQUIRES_CONFIRMATION: "created at Stripe, not confirmed",
+    PaymentStatus.REQUIRES_ACTION: "waiting for the customer's 3-D Secure",
+    PaymentStatus.PROCESSING: "processing at the bank",
+    PaymentStatus.PENDING: "waiting for Stripe's answer (reconcile asks)",
+    PaymentStatus.SUCCEEDED: "paid",
+    PaymentStatus.FAILED: "failed",
+    PaymentStatus.CANCELED: "canceled",
+}
+
+
+def payment_state(payment: Payment) -> str:
+    state = PAYMENT_STATES[PaymentStatus(payment.status)] if payment.status in PAYMENT_STATES else payment.status
+    if payment.amount_refunded:
+        state += f", {format_money(payment.amount_refunded, payment.currency)} refunded"
+    return state
 
 
 def _payment_row(payment: Payment) -> dict[str, Any]:
     return {
         "id": str(payment.id),
         "status": payment.status,
+        "state": payment_state(payment),
         "amount": payment.amount,
+        "currency": payment.currency,
         "payment_intent": payment.stripe_payment_intent_id,
         "card": f"{payment.brand} {payment.last4}",
         "failure": payment.failure_message,
         "created_at": payment.created_at,
+        "updated_at": payment.updated_at,
     }
+
+
+def _formatter(currency: str) -> Callable[[int], str]:
+    def money(minor: int) -> str:
+        return format_money(minor, currency)
+
+    return money
+
+
+def _day(value: date | datetime | None) -> str:
+    return value.strftime("%Y-%m-%d") if value else "-"
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else "-"
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def _parse_items(specs: list[str], currency: str) -> list[LineItem]:
+    currency = check_currency(currency)
+    lines = []
+    for spec in specs:
+        try:
+            lines.append(parse_item(spec, currency))
+        except LinkError as exc:
+            raise LinkError(f"--item {spec!r}: {exc}") from None
+    return lines
 
 
 async def create(ctx: Context, services: Services) -> None:
     a = ctx.args
+    if a.ttl_days is not None and not a.send:
+        raise LinkError("--ttl-days is the lifetime of the link --send issues; add --send (or use `link issue N --ttl-days D` later)")
+    lines = _parse_items(a.item, a.currency) if a.item else None
     async with services.readers() as session:
         customer = await find_customer(session, a.customer)
     if a.send and customer.stripe_customer_id:  # the page shows the saved cards Stripe holds now
@@ -116,16 +251,26 @@ async def create(ctx: Context, services: Services) -> None:
             session,
             customer=customer,
             amount=a.amount,
+            lines=lines,
+            notes=a.notes,
             currency=a.currency,
             description=a.description,
             actor=ctx.actor,
             due_date=a.due,
             number=a.number,
         )
-        issued = await issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, send=True) if a.send else None
-    record = invoice_record(invoice, customer)
+        issued = (
+            await issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, ttl_days=a.ttl_days, send=True)
+            if a.send
+            else None
+        )
+    record = {**invoice_record(invoice, customer), **lines_record(invoice)}
+    warning = ttl_warning(invoice, issued.expires_at) if issued else None
     if issued:
         record["link"] = link_record(issued)
+    if warning:
+        record["warnings"] = [warning]
+        ctx.warn(warning)
 
     def human() -> None:
         ctx.console.print(f"Created invoice {invoice.number} for {customer.email}: {format_money(invoice.amount_due, invoice.currency)}")
@@ -136,50 +281,100 @@ async def create(ctx: Context, services: Services) -> None:
 
 
 async def list_(ctx: Context, services: Services) -> None:
+    a = ctx.args
     async with services.readers() as session:
-        rows = await list_invoices(session, status=ctx.args.status)
+        rows = await desk_rows(session, status=a.status, customer_email=a.customer, overdue=a.overdue, since=a.since)
+    sums = currency_totals(rows)
 
     def human() -> None:
-        out = table("Number", "Customer", "Amount", "Status", "Due", "Attention")
-        for invoice, customer in rows:
+        out = table("Number", "Customer", "Amount", "Paid", "Status", "Issued", "Due", "Attention")
+        for row in rows:
+            invoice = row.invoice
+            labels = [FLAG_LABELS[f] + (f" {row.days_overdue}d" if f == "overdue" else "") for f in row.flags]
             out.add_row(
                 invoice.number,
-                customer.email,
+                row.customer.email,
                 format_money(invoice.amount_due, invoice.currency),
+                format_money(invoice.amount_paid, invoice.currency) if invoice.amount_paid else "-",
                 invoice.status,
-                invoice.due_date.isoformat() if invoice.due_date else "-",
-                invoice.needs_attention or "",
+                _day(invoice.created_at),
+                _day(invoice.due_date),
+                ", ".join(labels),
             )
         ctx.console.print(out)
+        if not rows:
+            ctx.console.print("No invoices.")
+            return
+        per_currency = table("Currency", "Invoices", "Due", "Paid", "Outstanding", "Overdue")
+        for currency, total in sums.items():
+            per_currency.add_row(
+                currency.upper(),
+                str(total.invoices),
+                *(format_money(v, currency) for v in (total.due, total.paid, total.outstanding, total.overdue)),
+            )
+        ctx.console.print()
+        ctx.console.print("Totals per currency (void invoices count as invoices, not as amounts due):")
+        ctx.console.print(per_currency)
 
-    emit(ctx, {"invoices": [invoice_record(i, c) for i, c in rows]}, human)
+    emit(
+        ctx,
+        {"invoices": [_row_record(r) for r in rows], "totals": {c: _totals_record(c, t) for c, t in sums.items()}},
+        human,
+    )
 
 
 async def show(ctx: Context, services: Services) -> None:
+    now = utcnow()
     async with services.readers() as session:
         invoice, customer = await find_invoice_with_customer(session, ctx.args.number)
         links = await invoice_links(session, invoice.id)
         payments = await invoice_payments(session, invoice.id)
-    record = invoice_record(invoice, customer)
-    record["links"] = [_link_row(k) for k in links]
+        row = await desk_row(session, invoice, customer, now=now)
+    record = {**_row_record(row), **lines_record(invoice)}
+    record["links"] = [_link_row(k, now) for k in links]
     record["payments"] = [_payment_row(p) for p in payments]
 
     def human() -> None:
+        money = _formatter(invoice.currency)
         out = table("Field", "Value")
         out.add_row("Number", invoice.number)
         out.add_row("Customer", f"{customer.name} <{customer.email}>")
-        out.add_row("Amount", format_money(invoice.amount_due, invoice.currency))
-        out.add_row("Paid", format_money(invoice.amount_paid, invoice.currency))
         out.add_row("Status", invoice.status)
+        out.add_row("Description", invoice.description)
+        out.add_row("Issued", _day(invoice.created_at))
+        due = _day(invoice.due_date)
+        out.add_row("Due", f"{due} (overdue {row.days_overdue} days)" if row.days_overdue else due)
+        lines = _lines(invoice)
+        summed = totals(lines)
+        for line in lines:
+            tax = f", tax {rate_text(line.tax_percent)}" if line.tax_percent is not None else ", no tax"
+            out.add_row("Item", f"{line.description}: {line.quantity} × {money(line.unit_amount)}{tax} = {money(line.net)}")
+        out.add_row("Subtotal", money(summed.subtotal))
+        for rate, amount in summed.taxes:
+            out.add_row(f"Tax {rate_text(rate)}", money(amount))
+        out.add_row("Total", money(invoice.amount_due))
+        out.add_row("Paid", money(invoice.amount_paid) + (f" on {_when(invoice.paid_at)}" if invoice.paid_at else ""))
+        if invoice.amount_refunded:
+            out.add_row("Refunded", money(invoice.amount_refunded))
+        if invoice.notes:
+            out.add_row("Notes", invoice.notes)
+        if invoice.void_reason:
+            out.add_row("Void reason", invoice.void_reason)
+        if row.flags:
+            out.add_row("Attention", ", ".join(FLAG_LABELS[f] for f in row.flags))
         if invoice.needs_attention:
             out.add_row("Needs attention", invoice.needs_attention)
         for k in links:
-            state = "revoked" if k.revoked_at else f"expires {k.expires_at:%Y-%m-%d}"
-            out.add_row("Link", f"{k.id} {state}, sent {k.sent_at:%Y-%m-%d %H:%M}" if k.sent_at else f"{k.id} {state}, not sent")
+            sent = f"emailed {_when(k.sent_at)}" if k.sent_at else "not emailed"
+            opened = f"opened {k.open_count} time(s), last {_when(k.last_opened_at)}" if k.open_count else "never opened"
+            out.add_row("Link", f"{link_state(k, now)}: expires {_when(k.expires_at)}, {sent}, {opened}")
         for p in payments:
+            card = f" {(p.brand or 'card').title()} •••• {p.last4}" if p.last4 else ""
+            failure = f" ({p.failure_message})" if p.failure_message else ""
             out.add_row(
-                "Payment", f"{p.status} {format_money(p.amount, p.currency)} {p.stripe_payment_intent_id or ''} {p.failure_message or ''}"
-            )
+                "Payment", f"{payment_state(p)}{failure}: {format_money(p.amount, p.currency)}{card}, {_when(p.created_at)}"
+                f" {p.stripe_payment_intent_id or ''}".rstrip()
+            )  # fmt: skip
         ctx.console.print(out)
 
     emit(ctx, record, human)
@@ -188,4 +383,7 @@ async def show(ctx: Context, services: Services) -> None:
 async def void(ctx: Context, services: Services) -> None:
     async with services.sessions.begin() as session:
         invoice = await void_invoice(session, ctx.args.number, actor=ctx.actor)
-    emit(ctx, invoice_record(invoice), lambda: ctx.console.print(f"Invoice {invoice.number} is void; its links no longer work."))
+        emailed = await void_notice(session, ctx.settings, invoice, reason=ctx.args.reason, actor=ctx.actor)
+    record = {**invoice_record(invoice), "customer_notified": emailed}
+    note = " The customer is told by email." if emailed else " No email (the customer was never sent it, or the address is paused)."
+    emit(ctx, record, lambda: ctx.console.print(f"Invoice {invoice.number} is void; its links no longer work.{note}"))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, command, command_group, emit, sync_quietly
 from emails.messages import Kind
 from links.invoices import find_invoice_with_customer
 from links.issuing import IssuedLink, issue_link, revoke_links
+from links.models import Invoice
 from payments.cards import sync_profiles
+from plumbing.db import utcnow
+
+MAX_TTL_DAYS = 365
 
 
 def register(commands: Subcommands[Parser]) -> None:
@@ -53,6 +58,24 @@ def link_record(issued: IssuedLink) -> dict[str, Any]:
     }
 
 
+def ttl_warning(invoice: Invoice, expires_at: datetime) -> str | None:
+    """A link that expires before the invoice's due date is issued (the link-expiry reminder sends a
+    fresh one before it lapses), with this warning naming the fix; `invoice list` flags it too."""
+    due = invoice.due_date
+    if due is None or expires_at.date() >= due:
+        return None
+    days = (due - utcnow().date()).days + 1
+    fix = (
+        f"or issue one that lasts: python -m links link issue {invoice.number} --ttl-days {days}"
+        if days <= MAX_TTL_DAYS
+        else f"and more as they lapse (a link lasts at most {MAX_TTL_DAYS} days)"
+    )
+    return (
+        f"the link expires on {expires_at:%Y-%m-%d}, before the due date {due.isoformat()}: "
+        f"the link-expiry reminder will email a fresh one, {fix}"
+    )
+
+
 def print_link(ctx: Context, issued: IssuedLink) -> None:
     if issued.emailed:
         ctx.console.print(f"Link emailed (queued in the outbox), valid until {issued.expires_at:%Y-%m-%d}:")
@@ -78,7 +101,12 @@ async def issue(ctx: Context, services: Services, *, resend: bool = False) -> No
             ttl_days=getattr(ctx.args, "ttl_days", None),
             kind=Kind.NEW_LINK if resend else Kind.INVOICE,
         )
-    emit(ctx, {"invoice": invoice.number, "link": link_record(issued)}, lambda: print_link(ctx, issued))
+    record: dict[str, Any] = {"invoice": invoice.number, "link": link_record(issued)}
+    warning = ttl_warning(invoice, issued.expires_at)
+    if warning:
+        record["warnings"] = [warning]
+        ctx.warn(warning)
+    emit(ctx, record, lambda: print_link(ctx, issued))
 
 
 async def resend(ctx: Context, services: Services) -> None:

@@ -16,12 +16,20 @@ def register(commands: Subcommands[Parser]) -> None:
     p = command(
         commands,
         "import",
-        "Import invoices from a CSV file; every row is checked first, nothing is written if any is bad.",
+        "Import invoices from a CSV file; every row is checked first, nothing is written if any is bad. Line items: "
+        "the columns item_description,item_quantity,item_unit_amount,item_tax_percent, one row per line, rows sharing a "
+        "number are one invoice (repeating its other columns). Due dates in the past and totals below Stripe's minimum "
+        "charge are bad rows.",
         example="python -m links import samples/invoices.csv --send",
         run=import_csv,
     )
-    p.add_argument("file", help="CSV with the header email,name,amount,currency,description,due_date,number,locale")
+    p.add_argument(
+        "file",
+        help="CSV with the header email,name,amount,currency,description,due_date,number,locale "
+        "[,notes,item_description,item_quantity,item_unit_amount,item_tax_percent]",
+    )
     p.add_argument("--send", action="store_true", help="issue links and queue the invoice emails")
+    p.add_argument("--ttl-days", type=int, help="with --send: how long the links work (default LINK_TTL_DAYS)")
     p.add_argument("--skip-bad", action="store_true", help="import the good rows even if some are bad")
     p.add_argument("--verified", action="store_true", help="finance attests the new customers' addresses (audited)")
 
@@ -46,7 +54,9 @@ async def import_csv(ctx: Context, services: Services) -> None:
         rows, bad = importer.parse_csv(text)
     except importer.ImportError_ as exc:
         raise UserError(f"{a.file}: {exc}") from None
-    report = importer.ImportReport(rows=len(rows) + len(bad))
+    if a.ttl_days is not None and not a.send:
+        raise UserError("--ttl-days is the lifetime of the links --send issues; add --send")
+    report = importer.ImportReport(rows=sum(len(r.file_lines) for r in rows) + len(bad))
     async with services.readers() as session:
         new, done, conflicts = await importer.check_against_database(session, rows)
     report.bad = sorted(bad + conflicts, key=lambda b: b.line)
@@ -65,27 +75,73 @@ async def import_csv(ctx: Context, services: Services) -> None:
                 verified=a.verified,
                 report=report,
                 progress=advance,
+                ttl_days=a.ttl_days,
             )
         report.written = True
     record = {
         "rows": report.rows, "written": report.written, "created_invoices": report.created_invoices,
         "created_customers": report.created_customers, "already_imported": report.already_imported,
-        "emailed": report.emailed, "held": report.held, "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad],
+        "emailed": report.emailed, "held": report.held, "held_reasons": report.held_reasons,
+        "bad_rows": [{"line": b.line, "reason": b.reason} for b in report.bad],
     }  # fmt: skip
+    notes = _held_notes(report, verified=a.verified) + _expiry_notes(report)
+    if notes:
+        record["notes"] = notes
     for b in report.bad:
         ctx.problem(f"{a.file}:{b.line}: {b.reason}", file=a.file, line=b.line, reason=b.reason)
-    emit(ctx, record, lambda: _print_import(ctx, report))
+    for note in _expiry_notes(report):
+        ctx.warn(note)
+    emit(ctx, record, lambda: _print_import(ctx, report, _held_notes(report, verified=a.verified)))
     if report.bad and not a.skip_bad:
         raise UserError(f"{len(report.bad)} bad row(s); nothing was imported (fix them, or use --skip-bad to import the rest)")
 
 
-def _print_import(ctx: Context, report: importer.ImportReport) -> None:
+def _print_import(ctx: Context, report: importer.ImportReport, notes: list[str]) -> None:
     if not report.written:
         return
     ctx.console.print(
         f"Imported {report.created_invoices} invoice(s) and {report.created_customers} new customer(s); "
         f"{report.already_imported} already imported; {report.emailed} emailed, {report.held} held; {len(report.bad)} bad row(s) skipped."
     )
+    for note in notes:
+        ctx.console.print(note)
+
+
+def _held_notes(report: importer.ImportReport, *, verified: bool) -> list[str]:
+    """Why invoice emails were held, and what to do about it: one line per reason."""
+    notes = []
+    for reason, count in sorted(report.held_reasons.items()):
+        if reason == "email address not verified":
+            notes.append(
+                f"{count} invoice email(s) held: the address is not verified. They go out by themselves when the customer "
+                "confirms the address (new customers were just sent a confirmation email; to send one again: "
+                "python -m links customer verify EMAIL). If finance already knows the addresses are right, import with "
+                "--verified instead."
+                if not verified
+                else f"{count} invoice email(s) held: the customer's address is not verified (an existing customer); "
+                "send the confirmation with: python -m links customer verify EMAIL"
+            )
+        elif reason.startswith("email undeliverable"):
+            notes.append(
+                f"{count} invoice email(s) held: {reason}. Correct the address (python -m links customer update EMAIL --email NEW), "
+                "then python -m links link resend NUMBER."
+            )
+        else:
+            notes.append(f"{count} invoice email(s) held: {reason}.")
+    return notes
+
+
+def _expiry_notes(report: importer.ImportReport) -> list[str]:
+    if not report.expire_before_due:
+        return []
+    fix = (
+        f"or import with --ttl-days {report.ttl_days_needed}"
+        if report.ttl_days_needed <= 365
+        else "and send more as they lapse (a link lasts at most 365 days)"
+    )
+    return [
+        f"{report.expire_before_due} link(s) expire before their invoice's due date: the link-expiry reminder will email fresh ones, {fix}"
+    ]
 
 
 async def export(ctx: Context, services: Services) -> None:

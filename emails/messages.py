@@ -12,9 +12,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
+from decimal import Decimal
+from functools import partial
 from typing import Any
 
-from plumbing.i18n import N_, format_money
+from babel.numbers import format_decimal, format_percent
+
+from plumbing.i18n import N_, format_money, normalize_locale
 from plumbing.rendering import emails
 from plumbing.settings import Settings
 from plumbing.signing import pay_signer, verify_signer
@@ -27,6 +31,7 @@ class Kind:
     RECEIPT = "receipt"
     VERIFICATION = "verification"
     FINANCE_ALERT = "finance_alert"
+    INVOICE_VOID = "invoice_void"  # "this invoice was cancelled"
 
     WITH_PAY_LINK = (INVOICE, NEW_LINK, REMINDER)
 
@@ -40,20 +45,57 @@ class EmailContent:
 
 
 @dataclass(frozen=True)
+class FactLine:
+    """One line item as an email shows it (amounts in minor units, quantity and rate as decimal text)."""
+
+    description: str
+    quantity: str
+    unit_amount: int
+    tax_percent: str | None  # None: no tax on this line
+    net: int  # quantity x unit amount, rounded half-up
+
+
+@dataclass(frozen=True)
 class InvoiceFacts:
-    """What a customer needs to recognise an invoice in their inbox."""
+    """What a customer needs to recognise an invoice in their inbox.
+
+    The fields after `due_date` came with line items (issue 12); a payload queued before them
+    renders as before (one amount, no lines)."""
 
     merchant: str
     customer_name: str
     number: str
     description: str
-    amount: int
+    amount: int  # the total: what gets charged
     currency: str
     due_date: date | None
+    issued_on: date | None = None
+    lines: tuple[FactLine, ...] = ()
+    subtotal: int | None = None
+    taxes: tuple[tuple[str, int], ...] = ()  # (rate in percent, tax at that rate), by rate
+    notes: str | None = None
+    overdue_since: date | None = None  # set when the email is queued after the due date
+
+    @property
+    def itemised(self) -> bool:
+        """Whether the email lists the lines: more than one, any tax, or one that is not simply the description."""
+        if len(self.lines) > 1 or self.taxes:
+            return True
+        return bool(self.lines) and (self.lines[0].description != self.description or self.lines[0].quantity != "1")
+
+
+def _quantity(locale: str, value: str) -> str:
+    return str(format_decimal(Decimal(value), locale=normalize_locale(locale)))
+
+
+def _percent(locale: str, value: str) -> str:
+    return str(format_percent(Decimal(value) / 100, locale=normalize_locale(locale), decimal_quantization=False))
 
 
 def _build(kind: str, locale: str, subject: str, **context: Any) -> EmailContent:
     context["subject"] = subject
+    context["quantity"] = partial(_quantity, locale)
+    context["percent"] = partial(_percent, locale)
     return EmailContent(
         kind=kind,
         subject=subject,
@@ -79,9 +121,13 @@ _INVOICE_SUBJECTS = {
 }
 
 
+_OVERDUE_SUBJECT = N_("Overdue: invoice %(number)s from %(merchant)s, %(amount)s")
+
+
 def _invoice_subject(facts: InvoiceFacts, locale: str, kind: str) -> str:
     amount = format_money(facts.amount, facts.currency, locale)
-    return emails.gettext(locale, _INVOICE_SUBJECTS[kind], number=facts.number, merchant=facts.merchant, amount=amount)
+    subject = _OVERDUE_SUBJECT if kind == Kind.REMINDER and facts.overdue_since else _INVOICE_SUBJECTS[kind]
+    return emails.gettext(locale, subject, number=facts.number, merchant=facts.merchant, amount=amount)
 
 
 def invoice_message(facts: InvoiceFacts, link_url: str, expires_at: datetime, locale: str, *, kind: str = Kind.INVOICE) -> EmailContent:
@@ -114,13 +160,23 @@ def verification_payload(
     return _verification_subject(merchant, locale), payload
 
 
+_FACT_DATES = ("due_date", "issued_on", "overdue_since")
+
+
 def _facts_json(facts: InvoiceFacts) -> dict[str, Any]:
-    return {**asdict(facts), "due_date": facts.due_date.isoformat() if facts.due_date else None}
+    data = asdict(facts)
+    for name in _FACT_DATES:
+        value = getattr(facts, name)
+        data[name] = value.isoformat() if value else None
+    return data
 
 
 def _facts_from_json(invoice: dict[str, Any]) -> InvoiceFacts:
     invoice = dict(invoice)
-    invoice["due_date"] = date.fromisoformat(invoice["due_date"]) if invoice.get("due_date") else None
+    for name in _FACT_DATES:
+        invoice[name] = date.fromisoformat(invoice[name]) if invoice.get(name) else None
+    invoice["lines"] = tuple(FactLine(**line) for line in invoice.get("lines") or ())
+    invoice["taxes"] = tuple((str(rate), int(amount)) for rate, amount in invoice.get("taxes") or ())
     return InvoiceFacts(**invoice)
 
 
@@ -178,11 +234,28 @@ def render_payload(settings: Settings, kind: str, payload: dict[str, Any]) -> Em
         link_id, expires_at = _link_from_json(payload["link"])
         url = pay_link_url(settings, link_id, expires_at)
         return invoice_message(_facts_from_json(payload["invoice"]), url, expires_at, locale, kind=kind)
+    if kind == Kind.INVOICE_VOID:
+        return invoice_void_message(_facts_from_json(payload["invoice"]), locale)
     if kind == Kind.VERIFICATION:
         verification_id, expires_at = _link_from_json(payload["link"])
         url = verify_link_url(settings, verification_id, expires_at)
         return verification_message(payload["merchant"], payload["customer_name"], url, expires_at, locale)
     raise ValueError(f"no deferred rendering for {kind!r} messages")
+
+
+def _void_subject(facts: InvoiceFacts, locale: str) -> str:
+    return emails.gettext(locale, "Invoice %(number)s from %(merchant)s has been cancelled", number=facts.number, merchant=facts.merchant)
+
+
+def invoice_void_message(facts: InvoiceFacts, locale: str) -> EmailContent:
+    """The "this invoice was cancelled" email: short, in the customer's language, no link to pay."""
+    return _build(Kind.INVOICE_VOID, locale, _void_subject(facts, locale), invoice=facts)
+
+
+def invoice_void_payload(facts: InvoiceFacts, *, locale: str) -> tuple[str, dict[str, Any]]:
+    """The cancellation's subject now, and the facts to render it from when it is sent (like every
+    customer email, so the sender renders them all the same way)."""
+    return _void_subject(facts, locale), {"locale": locale, "invoice": _facts_json(facts)}
 
 
 def _verification_subject(merchant: str, locale: str) -> str:

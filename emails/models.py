@@ -11,6 +11,7 @@ from sqlalchemy import JSON, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from plumbing.db import Base, utcnow
+from plumbing.logs import current_request_id
 
 
 class OutboxStatus(StrEnum):
@@ -50,3 +51,4 @@ class OutboxMessage(Base):
     # Set by `outbox retry`: the message waits OUTBOX_GIVE_UP_AFTER_HOURS again from here.
     requeued_at: Mapped[datetime | None]
     sent_at: Mapped[datetime | None]
+    request_id: Mapped[str | None] = mapped_column(String(64), default=current_request_id)  # the request that queued it

@@ -44,6 +44,9 @@ from plumbing import audit
 from plumbing.db import utcnow
 from plumbing.settings import Settings
 
+# A generator of our own: jitter must not depend on (or disturb) the global random state.
+_jitter = random.Random()
+
 log = logging.getLogger("paylink.outbox")
 
 
@@ -60,6 +63,7 @@ class ClaimedMessage:
     attempts: int
     payload: dict[str, Any] | None  # facts to render at send time, or None when text and html are set
     waiting_since: datetime | None = None  # queued (or re-queued) at: OUTBOX_GIVE_UP_AFTER_HOURS counts from here
+    invoice_id: uuid.UUID | None = None  # what the message is about (attachments: the invoice or receipt PDF)
 
 
 @dataclass(frozen=True)
@@ -169,13 +173,25 @@ async def claim_due_messages(
             OutboxMessage.payload,
             OutboxMessage.created_at,
             OutboxMessage.requeued_at,
+            OutboxMessage.invoice_id,
         )
     )
     async with sessions.begin() as session:
         rows = (await session.execute(claim)).all()
     claimed = [
         ClaimedMessage(
-            token, r.id, r.kind, r.recipient, r.subject, r.text, r.html, r.message_id, r.attempts, r.payload, r.requeued_at or r.created_at
+            token,
+            r.id,
+            r.kind,
+            r.recipient,
+            r.subject,
+            r.text,
+            r.html,
+            r.message_id,
+            r.attempts,
+            r.payload,
+            r.requeued_at or r.created_at,
+            r.invoice_id,
         )
         for r in rows
     ]
@@ -217,7 +233,7 @@ async def release(sessions: async_sessionmaker[AsyncSession], lease_token: str, 
 def backoff_seconds(attempts: int, settings: Settings) -> float:
     """Exponential backoff with full jitter, capped: attempt 1 -> up to base, 2 -> 2x base, ..."""
     ceiling = min(settings.outbox_backoff_max_seconds, settings.outbox_backoff_base_seconds * 2 ** max(attempts - 1, 0))
-    return random.uniform(ceiling / 2, ceiling)
+    return _jitter.uniform(ceiling / 2, ceiling)
 
 
 def give_up_after(settings: Settings) -> timedelta:

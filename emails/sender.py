@@ -19,6 +19,12 @@ How failures are classified (every one is recorded on the row and logged):
   4xx, so fixing the bug delivers every queued message instead of losing them.
 Messages queued as facts (receipts, and every message that carries a link) are rendered here, just
 before they are sent: that is when a link's signed URL is built, so no table ever holds it.
+
+Attachments (the invoice or receipt PDF) are made here too, by an `AttachmentHook` the worker passes
+in (payments/documents.py: this package knows no invoice); a hook that fails is treated like a
+template that fails: the message waits and is retried. The From header's display name is the
+merchant's legal name (MERCHANT_NAME) unless MAIL_FROM names one itself; Reply-To is MAIL_REPLY_TO,
+which defaults to MERCHANT_SUPPORT_EMAIL. Every email's layout shows the merchant's identity.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from email.header import Header
 from email.message import Message
+from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import formataddr, formatdate, parseaddr
@@ -51,6 +59,7 @@ from emails.outbox import (
     release,
 )
 from plumbing.db import utcnow
+from plumbing.rendering import use_brand
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.outbox")
@@ -76,19 +85,52 @@ class PermanentSendError(Exception):
         self.recipient_fault = recipient_fault
 
 
-def build_mime(settings: Settings, message: ClaimedMessage) -> Message:
-    """A multipart/alternative message (text, then HTML), UTF-8, with the stable Message-ID.
+@dataclass(frozen=True)
+class Attachment:
+    filename: str  # e.g. INV-000001.pdf
+    content_type: str  # e.g. application/pdf
+    data: bytes
+
+
+# The files to attach to a claimed message (none: an empty list); the worker's domain code decides.
+AttachmentHook = Callable[[ClaimedMessage], Awaitable[list[Attachment]]]
+
+
+def from_address(settings: Settings) -> str:
+    """MAIL_FROM; without a display name of its own, the merchant's legal name is shown."""
+    name, address = parseaddr(settings.mail_from)
+    return settings.mail_from if name else formataddr((settings.merchant_name, address))
+
+
+def build_mime(settings: Settings, message: ClaimedMessage, attachments: Sequence[Attachment] = ()) -> Message:
+    """A multipart/alternative message (text, then HTML), UTF-8, with the stable Message-ID; with
+    attachments, that part comes first in a multipart/mixed message.
 
     Built with the classic MIME classes: about three times faster than EmailMessage's header
     policy, which matters when payday queues thousands of invoices. Header values are checked for
     line breaks first (header injection), since the classic classes would not refuse them."""
-    for value in (message.subject, message.recipient, settings.mail_from, settings.reply_to or ""):
+    for value in (message.subject, message.recipient, settings.mail_from, settings.merchant_name, settings.reply_to or ""):
         if "\n" in value or "\r" in value:
             raise UnbuildableMessage("a header value contains a line break")
     if not message.text.strip() or not message.html.strip():
         raise UnbuildableMessage("the message has an empty part")
-    mime = MIMEMultipart("alternative")
-    mime["From"] = _address(settings.mail_from)
+    body = MIMEMultipart("alternative")
+    body.attach(MIMEText(message.text, "plain", "utf-8"))
+    body.attach(MIMEText(message.html, "html", "utf-8"))
+    if attachments:
+        mime = MIMEMultipart("mixed")
+        mime.attach(body)
+        for attachment in attachments:
+            if any(c in attachment.filename for c in '\r\n"\\/'):
+                raise UnbuildableMessage("an attachment's file name contains a line break, a quote or a slash")
+            main, _, sub = attachment.content_type.partition("/")
+            part = MIMEApplication(attachment.data, _subtype=sub or "octet-stream")
+            part.replace_header("Content-Type", f"{main}/{sub}" if sub else "application/octet-stream")
+            part.add_header("Content-Disposition", "attachment", filename=attachment.filename)
+            mime.attach(part)
+    else:
+        mime = body
+    mime["From"] = _address(from_address(settings))
     mime["To"] = _address(message.recipient)
     if settings.reply_to:
         mime["Reply-To"] = _address(settings.reply_to)
@@ -98,8 +140,6 @@ def build_mime(settings: Settings, message: ClaimedMessage) -> Message:
     mime["Message-ID"] = message.message_id
     mime["Auto-Submitted"] = "auto-generated"
     mime["X-Auto-Response-Suppress"] = "All"
-    mime.attach(MIMEText(message.text, "plain", "utf-8"))
-    mime.attach(MIMEText(message.html, "html", "utf-8"))
     return mime
 
 
@@ -192,6 +232,7 @@ async def send_batch(
     report: SendReport,
     stop: asyncio.Event | None = None,
     on_dead: DeadLetterHook | None = None,
+    attach: AttachmentHook | None = None,
 ) -> int:
     """Claim one batch of due messages and send them. Returns how many were claimed."""
     batch = await claim_due_messages(sessions, batch_size=settings.outbox_batch_size, lease_seconds=settings.outbox_lease_seconds)
@@ -200,6 +241,7 @@ async def send_batch(
     token = batch[0].lease_token
     deadline = time.monotonic() + settings.outbox_lease_seconds * 0.8
     sent: list[int] = []
+    use_brand(settings)  # the merchant's identity in every email's layout
 
     async def failed(message: ClaimedMessage, error: str, *, permanent: bool, recipient_fault: bool = False) -> str:
         status = await mark_failed(
@@ -218,7 +260,8 @@ async def send_batch(
             await release(sessions, token, [m.id for m in batch[index:]])
             break
         try:
-            mime = build_mime(settings, _rendered(settings, message))
+            files = await attach(message) if attach is not None else []
+            mime = build_mime(settings, _signed(settings, _rendered(settings, message)), files)
         except UnbuildableMessage as exc:  # never sendable as it is: must not block the queue
             status = await failed(message, f"cannot build the message: {exc}", permanent=True)
             log.error("email.unbuildable id=%s kind=%s status=%s error=%s", message.id, message.kind, status, exc)
@@ -276,19 +319,30 @@ def _rendered(settings: Settings, message: ClaimedMessage) -> ClaimedMessage:
     return replace(message, text=content.text, html=content.html)
 
 
+def _signed(settings: Settings, message: ClaimedMessage) -> ClaimedMessage:
+    """The text part ends with the merchant's signature (legal name, address, contact), as the HTML
+    layout's footer does; language-neutral, so it needs no translation."""
+    lines = [settings.merchant_name, *settings.merchant_address]
+    lines += [v for v in (settings.merchant_support_email, settings.merchant_support_phone) if v]
+    if len(lines) == 1 or message.kind == "finance_alert":
+        return message
+    return replace(message, text=f"{message.text.rstrip()}\n\n-- \n" + "\n".join(lines) + "\n")
+
+
 async def run_once(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
     sender: SmtpSender | None = None,
     stop: asyncio.Event | None = None,
     on_dead: DeadLetterHook | None = None,
+    attach: AttachmentHook | None = None,
 ) -> SendReport:
     """Send everything that is due now, batch after batch, then return what happened."""
     own_sender = sender is None
     sender = sender or SmtpSender(settings)
     report = SendReport()
     try:
-        while await send_batch(sessions, settings, sender, report, stop, on_dead) >= settings.outbox_batch_size:
+        while await send_batch(sessions, settings, sender, report, stop, on_dead, attach) >= settings.outbox_batch_size:
             if stop is not None and stop.is_set():
                 break
     finally:
@@ -304,6 +358,7 @@ async def run_forever(
     wakeup: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
     on_dead: DeadLetterHook | None = None,
+    attach: AttachmentHook | None = None,
 ) -> None:
     """Poll the outbox until `stop` is set (or the task is cancelled); `wakeup.set()` makes it look
     at once (used after a commit). Stopping is checked between messages: the one being sent is
@@ -320,7 +375,7 @@ async def run_forever(
         while not stop.is_set():
             report = None
             try:
-                report = await run_once(sessions, settings, sender, stop, on_dead)
+                report = await run_once(sessions, settings, sender, stop, on_dead, attach)
             except Exception:  # the loop must survive a database hiccup; the error is logged
                 log.exception("outbox.loop_error")
             if report is not None and report.unreachable:

@@ -11,11 +11,11 @@ from datetime import datetime
 
 from babel import Locale
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from links.errors import LinkError, NotFound
-from links.models import Customer
+from links.models import Customer, Invoice, InvoiceStatus
 from plumbing import audit
 from plumbing.db import new_id, utcnow
 from plumbing.i18n import SUPPORTED_LOCALES, normalize_locale
@@ -158,6 +158,29 @@ async def find_customer(session: AsyncSession, email: str) -> Customer:
     if customer is None:
         raise NotFound(f"no customer with email {email}")
     return customer
+
+
+@dataclass(frozen=True)
+class CustomerSummary:
+    customer: Customer
+    invoices: int
+    open_invoices: int
+
+
+async def list_customers(session: AsyncSession, *, search: str | None = None) -> list[CustomerSummary]:
+    """Customers by email, with how many invoices they have and how many are open; only those whose
+    email or name contains `search` (case-insensitive), when given."""
+    open_ = func.coalesce(func.sum(case((Invoice.status.in_(InvoiceStatus.PAYABLE), 1), else_=0)), 0)
+    query = (
+        select(Customer, func.count(Invoice.id), open_)
+        .outerjoin(Invoice, Invoice.customer_id == Customer.id)
+        .group_by(Customer.id)
+        .order_by(Customer.email)
+    )
+    if search and search.strip():
+        pattern = "%" + search.strip().lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = query.where(or_(Customer.email.like(pattern, escape="\\"), func.lower(Customer.name).like(pattern, escape="\\")))
+    return [CustomerSummary(c, int(n), int(o)) for c, n, o in (await session.execute(query)).all()]
 
 
 async def check_new_email(session: AsyncSession, email: str) -> str:

@@ -1,9 +1,18 @@
 """Bulk import of invoices from CSV: every row validated first, then written in short chunks.
 
 Columns (header row required): email,name,amount,currency,description,due_date,number,locale
-(due_date, number and locale may be empty or absent). A row without a number gets the next number
-of the invoice sequence (INV-000042), and a key derived from its contents (IMP-…) by which it is
-found again, so importing the same file twice creates nothing twice either way.
+(due_date, number and locale may be empty or absent), and optionally notes and the line-item
+columns item_description,item_quantity,item_unit_amount,item_tax_percent. A row with an item is one
+line of its invoice; rows sharing a number are one invoice, and must repeat its invoice-level
+columns (email, name, amount, currency, description, due_date, locale, notes) identically, else the
+row is bad. With items, amount may be empty (it is their total; if given it must match).
+item_quantity defaults to 1, item_tax_percent may be empty (no tax). A bad row of an itemised
+invoice makes every row of it bad: an invoice is never imported with a line missing. Due dates in
+the past and totals below Stripe's minimum charge are bad rows.
+
+A row without a number gets the next number of the invoice sequence (INV-000042), and a key derived
+from its contents (IMP-…) by which it is found again, so importing the same file twice creates
+nothing twice either way.
 
 Writing (`import_rows`): one transaction per chunk of CHUNK_ROWS rows, so that a large file never
 holds SQLite's write lock for long (a webhook waits at most about one chunk). To the user it stays
@@ -19,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,24 +46,28 @@ from links.customers import check_locale, check_name, new_customer, normalize_em
 from links.errors import LinkError
 from links.invoices import (
     allocate_invoice_numbers,
+    check_due_date,
     check_invoice_number,
+    check_notes,
     flush_new_invoices,
     format_invoice_number,
     give_back_invoice_numbers,
     new_invoice,
 )
 from links.issuing import IssuedLink, issue_link
+from links.lines import LineItem, check_lines, lines_json, make_item, plain_line
 from links.models import Customer, ImportBatch, ImportStatus, Invoice, LinkOpen, LinkRequest, PaymentLink, ReminderSent
 from links.verification import request_verification
 from plumbing import audit
 from plumbing.db import chunked, utcnow
-from plumbing.i18n import MoneyError, check_currency, to_minor_units
+from plumbing.i18n import MoneyError, check_currency, format_money, to_minor_units
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.import")
 
-REQUIRED = ("email", "name", "amount", "currency", "description")
-OPTIONAL = ("due_date", "number", "locale")
+REQUIRED = ("email", "name", "amount", "currency", "description")  # `amount` may give way to the item columns
+OPTIONAL = ("due_date", "number", "locale", "notes")
+ITEM_COLUMNS = ("item_description", "item_quantity", "item_unit_amount", "item_tax_percent")
 MAX_ROWS = 100_000
 CHUNK_ROWS = 500  # rows per write transaction: well under a second of SQLite's write lock
 # The next attempt of an unfinished import's emails: never due until the import releases them.
@@ -68,16 +82,25 @@ class ImportError_(Exception):
 
 @dataclass(frozen=True)
 class ImportRow:
-    line: int
+    """One invoice to import: one CSV row, or the rows sharing its number when they carry items."""
+
+    line: int  # its first line in the file
     email: str
     name: str
-    amount: int
+    amount: int  # the total of its lines (what gets charged)
     currency: str
     description: str
     due_date: date | None
     number: str | None  # None: the next number of the invoice sequence, given when it is written
     locale: str | None
     import_key: str | None  # for a row without a number: how a second import of it is recognised
+    lines: tuple[LineItem, ...] = ()  # empty: one untaxed line for `amount`
+    notes: str | None = None
+    source_lines: tuple[int, ...] = ()  # every line of the file it came from
+
+    @property
+    def file_lines(self) -> tuple[int, ...]:
+        return self.source_lines or (self.line,)
 
 
 @dataclass(frozen=True)
@@ -95,68 +118,143 @@ class ImportReport:
     already_imported: int = 0
     emailed: int = 0
     held: int = 0
+    held_reasons: dict[str, int] = field(default_factory=dict)  # why emails were held, how many each
+    expire_before_due: int = 0  # links issued that expire before their invoice's due date
+    ttl_days_needed: int = 0  # the --ttl-days that would have covered every due date
     written: bool = False
 
 
-def derived_key(email: str, amount: int, currency: str, description: str, due: date | None) -> str:
-    """What identifies a row without a number across imports (it used to be its number)."""
-    digest = hashlib.sha256(f"{email}|{amount}|{currency}|{description}|{due or ''}".encode()).hexdigest()
-    return f"IMP-{digest[:12].upper()}"
+def derived_key(email: str, amount: int, currency: str, description: str, due: date | None, lines: Sequence[LineItem] = ()) -> str:
+    """What identifies a row without a number across imports (it used to be its number). A row with
+    an item adds it to the digest; a plain row's key is what it always was."""
+    text = f"{email}|{amount}|{currency}|{description}|{due or ''}"
+    if lines:
+        text += "|" + json.dumps(lines_json(lines), sort_keys=True)
+    return f"IMP-{hashlib.sha256(text.encode()).hexdigest()[:12].upper()}"
 
 
-def parse_csv(text: str) -> tuple[list[ImportRow], list[BadRow]]:
-    """Validate every row. Line numbers are those of the file (the header is line 1)."""
+def parse_csv(text: str, *, today: date | None = None) -> tuple[list[ImportRow], list[BadRow]]:
+    """Validate every row and group the rows of each invoice. Line numbers are those of the file
+    (the header is line 1). Returns the invoices to import and the bad rows."""
     try:
-        return _parse(text)
+        return _parse(text, today or utcnow().date())
     except csv.Error as exc:
         raise ImportError_(f"not a readable CSV file: {exc}") from None
 
 
-def _parse(text: str) -> tuple[list[ImportRow], list[BadRow]]:
+@dataclass(frozen=True)
+class _Row:
+    """One CSV row, checked on its own."""
+
+    line: int
+    email: str
+    name: str
+    amount: int | None  # None: not given (a row with an item)
+    currency: str
+    description: str
+    due_date: date | None
+    number: str | None
+    locale: str | None
+    notes: str | None
+    item: LineItem | None
+
+    def invoice_level(self) -> dict[str, object]:
+        """The columns every row of one invoice must agree on."""
+        return {
+            "email": self.email, "name": self.name, "amount": self.amount, "currency": self.currency, "description": self.description,
+            "due_date": self.due_date, "locale": self.locale, "notes": self.notes,
+        }  # fmt: skip
+
+
+def _parse(text: str, today: date) -> tuple[list[ImportRow], list[BadRow]]:
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED if c not in header]
+    has_items = any(c in header for c in ITEM_COLUMNS)
+    missing = [c for c in REQUIRED if c not in header and not (c == "amount" and has_items)]
     if missing:
         raise ImportError_(f"the header row lacks the column(s): {', '.join(missing)} (expected {','.join(REQUIRED + OPTIONAL)})")
+    if has_items and not {"item_description", "item_unit_amount"} <= set(header):
+        raise ImportError_(f"line items need at least the columns item_description and item_unit_amount (all: {','.join(ITEM_COLUMNS)})")
     reader.fieldnames = header
-    rows: list[ImportRow] = []
     bad: list[BadRow] = []
-    seen_numbers: dict[str, int] = {}
-    seen_keys: dict[str, int] = {}
+    order: list[list[_Row]] = []  # invoices in file order, each its rows
+    by_number: dict[str, list[_Row]] = {}
+    spoiled: dict[str, int] = {}  # itemised invoices with a bad row: number -> the first bad line
     for index, raw in enumerate(reader):
         line = reader.line_num  # a quoted cell may span lines: report where the row ends, as a spreadsheet shows it
         if index >= MAX_ROWS:
             raise ImportError_(f"the file has more than {MAX_ROWS} rows; split it")
+        values = {k: (v or "").strip() for k, v in raw.items() if k is not None}
+        itemised = any(values.get(c) for c in ITEM_COLUMNS)
         if raw.get(None):
             bad.append(BadRow(line, "more fields than columns in the header"))
+            if itemised and values.get("number"):
+                spoiled.setdefault(values["number"], line)
             continue
-        values = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         if not any(values.values()):
             continue  # a blank line
-        row, reason = _validate(line, values)
+        row, reason = _validate(line, values, today)
         if row is None:
             bad.append(BadRow(line, reason or "invalid row"))
+            if itemised and values.get("number"):
+                spoiled.setdefault(values["number"], line)
             continue
-        if row.number is not None and row.number in seen_numbers:
-            bad.append(BadRow(line, f"invoice number {row.number} is also on line {seen_numbers[row.number]}"))
+        if row.number is None:
+            order.append([row])
             continue
-        if row.import_key is not None and row.import_key in seen_keys:
-            first = seen_keys[row.import_key]
+        rows = by_number.get(row.number)
+        if rows is None:
+            by_number[row.number] = rows = [row]
+            order.append(rows)
+            continue
+        first = rows[0]
+        if first.item is None or row.item is None:
+            bad.append(BadRow(line, f"invoice number {row.number} is also on line {first.line}"))
+            if first.item is not None or row.item is not None:
+                spoiled.setdefault(row.number, line)
+            continue
+        ours, theirs = row.invoice_level(), first.invoice_level()
+        differ = [column for column in ours if ours[column] != theirs[column]]
+        if differ:
             bad.append(
                 BadRow(
-                    line, f"the same invoice (email, amount, currency, description, due date) is also on line {first}; give each a number"
+                    line,
+                    f"invoice {row.number}: {', '.join(differ)} differ(s) from line {first.line}; "
+                    "every row of one invoice must repeat its invoice columns",
+                )
+            )
+            spoiled.setdefault(row.number, line)
+            continue
+        rows.append(row)
+    invoices: list[ImportRow] = []
+    seen_keys: dict[str, int] = {}
+    for rows in order:
+        first = rows[0]
+        source = tuple(r.line for r in rows)
+        if first.number is not None and first.number in spoiled:
+            reason = f"invoice {first.number} has a bad row on line {spoiled[first.number]}; none of its rows is imported"
+            bad += [BadRow(n, reason) for n in source]
+            continue
+        invoice, reason = _invoice(rows)
+        if invoice is None:
+            bad += [BadRow(n, reason or "invalid invoice") for n in source]
+            continue
+        if invoice.import_key is not None and invoice.import_key in seen_keys:
+            bad.append(
+                BadRow(
+                    first.line,
+                    f"the same invoice (email, amount, currency, description, due date) is also on line {seen_keys[invoice.import_key]}; "
+                    "give each a number",
                 )
             )
             continue
-        if row.number is not None:
-            seen_numbers[row.number] = line
-        if row.import_key is not None:
-            seen_keys[row.import_key] = line
-        rows.append(row)
-    return rows, bad
+        if invoice.import_key is not None:
+            seen_keys[invoice.import_key] = first.line
+        invoices.append(invoice)
+    return invoices, sorted(bad, key=lambda b: b.line)
 
 
-def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | None]:
+def _validate(line: int, v: dict[str, str], today: date) -> tuple[_Row | None, str | None]:
     try:
         email = normalize_email(v.get("email", ""))
     except LinkError as exc:
@@ -169,11 +267,22 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
         return None, str(exc)
     if not v.get("description"):
         return None, "description is empty"
+    itemised = any(v.get(c) for c in ITEM_COLUMNS)
     try:
         currency = check_currency(v.get("currency", ""))
-        amount = to_minor_units(v.get("amount", ""), currency)
+        amount = to_minor_units(v.get("amount", ""), currency) if v.get("amount") or not itemised else None
     except MoneyError as exc:
         return None, str(exc)
+    item: LineItem | None = None
+    if itemised:
+        if not v.get("item_description"):
+            return None, "item_description is empty (a row with item columns is one line item)"
+        try:
+            item = make_item(
+                v["item_description"], v.get("item_quantity") or "1", v.get("item_unit_amount", ""), v.get("item_tax_percent", ""), currency
+            )
+        except LinkError as exc:
+            return None, f"item: {exc}"
     due: date | None = None
     if v.get("due_date"):
         try:
@@ -181,12 +290,40 @@ def _validate(line: int, v: dict[str, str]) -> tuple[ImportRow | None, str | Non
         except ValueError:
             return None, f"due_date {v['due_date']!r} is not a date (use YYYY-MM-DD)"
     try:
+        check_due_date(due, today=today)
         locale = check_locale(v.get("locale") or None)
         number = check_invoice_number(v["number"]) if v.get("number") else None
+        notes = check_notes(v.get("notes") or None)
     except LinkError as exc:
         return None, str(exc)
-    key = None if number else derived_key(email, amount, currency, v["description"], due)
-    return ImportRow(line, email, name, amount, currency, v["description"], due, number, locale, key), None
+    return _Row(line, email, name, amount, currency, v["description"], due, number, locale, notes, item), None
+
+
+def _invoice(rows: list[_Row]) -> tuple[ImportRow | None, str | None]:
+    """The invoice of one row, or of the rows sharing a number: its lines checked (Stripe's minimum
+    charge, at most MAX_LINES) and a given amount matched against their total."""
+    first = rows[0]
+    lines = tuple(r.item for r in rows if r.item is not None)
+    prefix = f"invoice {first.number}: " if first.number and len(rows) > 1 else ""
+    try:
+        if lines:
+            total = check_lines(lines, first.currency).total
+            if first.amount is not None and first.amount != total:
+                return None, (
+                    f"{prefix}amount {format_money(first.amount, first.currency)} is not the total of its items, "
+                    f"{format_money(total, first.currency)} (leave amount empty, or correct it)"
+                )
+        else:
+            assert first.amount is not None
+            total = check_lines([plain_line(first.description, first.amount)], first.currency).total
+    except LinkError as exc:
+        return None, f"{prefix}{exc}"
+    key = None if first.number else derived_key(first.email, total, first.currency, first.description, first.due_date, lines)
+    invoice = ImportRow(
+        first.line, first.email, first.name, total, first.currency, first.description, first.due_date, first.number, first.locale,
+        key, lines, first.notes, tuple(r.line for r in rows),
+    )  # fmt: skip
+    return invoice, None
 
 
 async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -> tuple[list[ImportRow], list[ImportRow], list[BadRow]]:
@@ -217,7 +354,7 @@ async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -
         elif found == (row.email, row.amount, row.currency):
             done.append(row)
         else:
-            bad.append(BadRow(row.line, f"invoice number {row.number} is already used by a different invoice"))
+            bad += [BadRow(line, f"invoice number {row.number} is already used by a different invoice") for line in row.file_lines]
     return new, done, bad
 
 
@@ -238,6 +375,7 @@ async def import_rows(
     report: ImportReport,
     progress: Callable[[int], None] = lambda n: None,
     chunk_rows: int = CHUNK_ROWS,
+    ttl_days: int | None = None,
 ) -> uuid.UUID:
     """Create customers (matched case-insensitively by email) and invoices, chunk by chunk; issue
     links and queue their emails if asked, held until the last chunk is written. All or nothing:
@@ -253,8 +391,9 @@ async def import_rows(
             chunk = rows[start : start + chunk_rows]
             try:
                 issued += await _write_chunk(
-                    sessions, settings, batch_id, chunk, numbers, customers, actor=actor, send=send, verified=verified, report=report
-                )
+                    sessions, settings, batch_id, chunk, numbers, customers, actor=actor, send=send, verified=verified, report=report,
+                    ttl_days=ttl_days,
+                )  # fmt: skip
             except SQLAlchemyError as exc:  # e.g. a customer or number created by someone else meanwhile
                 reason = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
                 raise ImportFailed(f"lines {chunk[0].line}-{chunk[-1].line} could not be written ({reason})") from None
@@ -270,6 +409,7 @@ async def import_rows(
         except Exception:
             log.exception("import.undo_failed batch=%s (the next import undoes it)", batch_id)
         report.created_invoices = report.created_customers = report.emailed = report.held = 0
+        report.held_reasons, report.expire_before_due, report.ttl_days_needed = {}, 0, 0
         if isinstance(exc, LinkError):  # one line for the operator
             raise ImportFailed(f"{exc}; nothing was imported") from None
         raise
@@ -318,10 +458,12 @@ async def _write_chunk(
     send: bool,
     verified: bool,
     report: ImportReport,
+    ttl_days: int | None = None,
 ) -> list[IssuedLink]:
     """One short transaction. Everything is built (and every email rendered) before the first
     statement, so the write lock is held only while the rows are inserted."""
     now = utcnow()
+    checked_on = now.date() - timedelta(days=1)  # due dates were checked when the file was read, maybe before midnight
     async with sessions.begin() as session:
         created: list[Customer] = []
         for row in rows:
@@ -348,16 +490,27 @@ async def _write_chunk(
                 number=row.number or numbers[row.line],
                 currency=row.currency,
                 amount_due=row.amount,
+                lines=row.lines or None,
+                notes=row.notes,
                 description=row.description,
                 due_date=row.due_date,
                 import_key=row.import_key,
                 import_batch_id=batch_id,
+                today=checked_on,
             )
             session.add(invoice)
             invoices.append((invoice, customer))
         issued = (
-            [await issue_link(session, settings, invoice=i, customer=c, actor=actor, audited=False) for i, c in invoices] if send else []
+            [await issue_link(session, settings, invoice=i, customer=c, actor=actor, ttl_days=ttl_days, audited=False) for i, c in invoices]
+            if send
+            else []
         )
+        for (invoice, _), link in zip(invoices, issued, strict=False):  # no links without --send
+            if link.held_reason:
+                report.held_reasons[link.held_reason] = report.held_reasons.get(link.held_reason, 0) + 1
+            if invoice.due_date is not None and link.expires_at.date() < invoice.due_date:
+                report.expire_before_due += 1
+                report.ttl_days_needed = max(report.ttl_days_needed, (invoice.due_date - now.date()).days + 1)
         for message in session.new:
             if isinstance(message, OutboxMessage):
                 message.next_attempt_at = HOLD_UNTIL  # released with the last chunk

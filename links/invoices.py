@@ -11,17 +11,20 @@ import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, time
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from emails.messages import InvoiceFacts
+from emails.messages import EmailContent, FactLine, InvoiceFacts, Kind, invoice_void_payload
+from links.customers import customer_locale
 from links.errors import LinkError, NotFound
+from links.hooks import queue_customer_email
+from links.lines import LineItem, check_lines, lines_json, lines_of, plain_line, totals
 from links.models import Customer, Invoice, InvoiceStatus, NumberSequence, PaymentLink
 from plumbing import audit
-from plumbing.db import chunked, insert_ignore, new_id
+from plumbing.db import chunked, insert_ignore, new_id, utcnow
 from plumbing.i18n import check_currency, to_minor_units
 from plumbing.settings import Settings
 
@@ -117,32 +120,70 @@ async def _bump_sequence(session: AsyncSession, by: int) -> int:
     return int(value)
 
 
+NOTES_LIMIT = 2000
+
+
+def check_notes(notes: str | None) -> str | None:
+    """Invoice-level notes shown to the customer: up to 2,000 characters; line breaks and tabs allowed."""
+    if notes is None or not notes.strip():
+        return None
+    notes = notes.strip().replace("\r\n", "\n")
+    if len(notes) > NOTES_LIMIT:
+        raise LinkError(f"notes are at most {NOTES_LIMIT} characters")
+    if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in notes):
+        raise LinkError("notes cannot contain control characters")
+    return notes
+
+
+def check_due_date(due_date: date | None, *, today: date | None = None) -> date | None:
+    """A due date is today or later (UTC): an invoice is never created overdue."""
+    today = today or utcnow().date()
+    if due_date is not None and due_date < today:
+        raise LinkError(f"the due date {due_date.isoformat()} is in the past (today is {today.isoformat()} UTC); give today or later")
+    return due_date
+
+
 def new_invoice(
     *,
     customer_id: uuid.UUID,
     number: str,
     currency: str,
-    amount_due: int,
     description: str,
+    amount_due: int | None = None,
+    lines: Sequence[LineItem] | None = None,
+    notes: str | None = None,
     due_date: date | None = None,
     import_key: str | None = None,
     import_batch_id: uuid.UUID | None = None,
+    today: date | None = None,
 ) -> Invoice:
-    """The one way an invoice row is built (CLI, importer, services): an open invoice for an amount
-    in minor units. The caller adds it to its session (and see `flush_new_invoices`)."""
-    if amount_due <= 0:
-        raise LinkError("an invoice amount must be greater than zero")
+    """The one way an invoice row is built (CLI, importer, services): an open invoice for its line
+    items (links/lines.py), or for a plain amount in minor units (one untaxed line). amount_due is
+    the lines' total: what gets charged. Refused (LinkError): no description, a due date in the
+    past, a total below Stripe's minimum charge for the currency (or above its maximum).
+    The caller adds it to its session (and see `flush_new_invoices`)."""
     if not description.strip():
         raise LinkError("an invoice needs a description")
+    currency = check_currency(currency)
+    if lines is None:
+        if amount_due is None or amount_due <= 0:
+            raise LinkError("an invoice amount must be greater than zero")
+        lines = [plain_line(description, amount_due)]
+    elif amount_due is not None and amount_due != totals(lines).total:
+        raise LinkError(f"the amount {amount_due} does not match the total of the lines, {totals(lines).total} (minor units)")
+    total = check_lines(lines, currency).total
     return Invoice(
         id=new_id(),
         number=check_invoice_number(number),
         customer_id=customer_id,
-        currency=check_currency(currency),
-        amount_due=amount_due,
+        currency=currency,
+        amount_due=total,
         description=description.strip(),
-        due_date=due_date,
+        line_items=lines_json(lines),
+        notes=check_notes(notes),
+        due_date=check_due_date(due_date, today=today),
         status=InvoiceStatus.OPEN,
+        created_at=utcnow(),  # now, not at flush: the email queued in the same transaction shows it
         import_key=import_key,
         import_batch_id=import_batch_id,
     )
@@ -172,15 +213,21 @@ async def create_invoice(
     session: AsyncSession,
     *,
     customer: Customer,
-    amount: str,
     currency: str,
     description: str,
     actor: str,
+    amount: str | None = None,
+    lines: Sequence[LineItem] | None = None,
+    notes: str | None = None,
     due_date: date | None = None,
     number: str | None = None,
 ) -> Invoice:
+    """An invoice for a plain `amount` in major units ("120.50", one untaxed line) or for `lines`
+    (exactly one of the two), numbered `number` or the next of the sequence."""
     currency_code = check_currency(currency)
-    minor = to_minor_units(amount, currency_code)
+    if (amount is None) == (lines is None):
+        raise LinkError("an invoice has a plain amount or line items: give exactly one of the two")
+    minor = to_minor_units(amount, currency_code) if amount is not None else None
     if not description.strip():
         raise LinkError("an invoice needs a description")
     if number is not None:
@@ -189,15 +236,20 @@ async def create_invoice(
             raise LinkError(f"invoice number {number} is already used")
     invoice = new_invoice(
         customer_id=customer.id,
-        number=number or await next_invoice_number(session),
+        number=number or await next_invoice_number(session),  # a refused invoice gives it back (rollback)
         currency=currency_code,
         amount_due=minor,
+        lines=lines,
+        notes=notes,
         description=description,
         due_date=due_date,
     )
     session.add(invoice)
     await flush_new_invoices(session, [invoice.number], auto_numbered=number is None)
-    audit.record(session, actor, "invoice.create", f"invoice:{invoice.number}", amount=minor, currency=currency_code)
+    audit.record(
+        session, actor, "invoice.create", f"invoice:{invoice.number}", amount=invoice.amount_due, currency=currency_code,
+        lines=len(invoice.line_items or ()),
+    )  # fmt: skip
     return invoice
 
 
@@ -217,12 +269,30 @@ async def find_invoice_with_customer(session: AsyncSession, number: str) -> tupl
     return row[0], row[1]
 
 
-async def list_invoices(session: AsyncSession, *, status: str | None = None) -> list[tuple[Invoice, Customer]]:
-    """Invoices with their customers, oldest first; only those in `status` when given."""
-    query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at)
+async def list_invoices(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    customer_id: uuid.UUID | None = None,
+    overdue_on: date | None = None,
+    since: date | None = None,
+) -> list[tuple[Invoice, Customer]]:
+    """Invoices with their customers, oldest first; only those in `status`, of one customer, overdue
+    on the day `overdue_on` (payable, due before it) or created on or after `since` (UTC), when given."""
+    query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at, Invoice.number)
     if status:
         query = query.where(Invoice.status == status)
+    if customer_id is not None:
+        query = query.where(Invoice.customer_id == customer_id)
+    if overdue_on is not None:
+        query = query.where(Invoice.status.in_(InvoiceStatus.PAYABLE), Invoice.due_date < overdue_on)
+    if since is not None:
+        query = query.where(Invoice.created_at >= datetime.combine(since, time(), tzinfo=UTC))
     return [(invoice, customer) for invoice, customer in (await session.execute(query)).all()]
+
+
+def is_overdue(invoice: Invoice, today: date) -> bool:
+    return invoice.status in InvoiceStatus.PAYABLE and invoice.due_date is not None and invoice.due_date < today
 
 
 async def invoice_links(session: AsyncSession, invoice_id: uuid.UUID) -> list[PaymentLink]:
@@ -231,7 +301,12 @@ async def invoice_links(session: AsyncSession, invoice_id: uuid.UUID) -> list[Pa
     return list((await session.execute(query)).scalars())
 
 
-def invoice_facts(settings: Settings, invoice: Invoice, customer: Customer) -> InvoiceFacts:
+def invoice_facts(settings: Settings, invoice: Invoice, customer: Customer, *, today: date | None = None) -> InvoiceFacts:
+    """What the invoice, new-link, reminder (and receipt) emails show: the lines, tax per rate and
+    total (links/lines.py), the issue and due dates, the notes, and since when it is overdue."""
+    lines = lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
+    summed = totals(lines)
+    today = today or utcnow().date()
     return InvoiceFacts(
         merchant=settings.merchant_name,
         customer_name=customer.name,
@@ -240,4 +315,42 @@ def invoice_facts(settings: Settings, invoice: Invoice, customer: Customer) -> I
         amount=invoice.amount_due,
         currency=invoice.currency,
         due_date=invoice.due_date,
+        issued_on=(invoice.created_at or utcnow()).date(),
+        lines=tuple(
+            FactLine(
+                line.description,
+                str(line.quantity),
+                line.unit_amount,
+                None if line.tax_percent is None else str(line.tax_percent),
+                line.net,
+            )
+            for line in lines
+        ),
+        subtotal=summed.subtotal,
+        taxes=tuple((str(rate), amount) for rate, amount in summed.taxes),
+        notes=invoice.notes,
+        overdue_since=invoice.due_date if is_overdue(invoice, today) else None,
     )
+
+
+async def void_notice(session: AsyncSession, settings: Settings, invoice: Invoice, *, reason: str | None, actor: str) -> bool:
+    """After `payments.checkout.void_invoice` (same transaction): keep the reason (finance's, never
+    shown to the customer), audit it, and tell the customer the invoice was cancelled, if they were
+    ever sent it (through `queue_customer_email`, so a paused address is respected). Returns whether
+    the email was queued."""
+    reason = (reason or "").strip() or None
+    if reason is not None:
+        if len(reason) > 1000 or any(unicodedata.category(c) == "Cc" for c in reason):
+            raise LinkError("a void reason is one line of at most 1,000 characters")
+        invoice.void_reason = reason
+    customer = await session.get_one(Customer, invoice.customer_id)
+    was_sent = (
+        await session.execute(select(PaymentLink.id).where(PaymentLink.invoice_id == invoice.id, PaymentLink.sent_at.is_not(None)).limit(1))
+    ).first() is not None
+    queued = False
+    if was_sent:
+        subject, payload = invoice_void_payload(invoice_facts(settings, invoice, customer), locale=customer_locale(settings, customer))
+        content = EmailContent(Kind.INVOICE_VOID, subject, "", "")
+        queued = queue_customer_email(session, settings, customer, content, actor=actor, payload=payload, invoice_id=invoice.id)
+    audit.record(session, actor, "invoice.void_notice", f"invoice:{invoice.number}", reason=reason, emailed=queued, was_sent=was_sent)
+    return queued

@@ -155,7 +155,28 @@ def make_item(description: str, quantity_text: str, unit_text: str, tax_text: st
             raise LinkError(f"item tax {tax_text!r} is not a percentage") from None
         if not tax.is_finite() or tax < 0 or tax > 100 or -int(tax.as_tuple().exponent) > 3:
             raise LinkError(f"item tax {tax_text!r} must be between 0 and 100 %")
-    return LineItem(description, quantity.normalize() if quantity == quantity.to_integral() else quantity, unit, tax)
+        tax = _plain(tax)
+    return LineItem(description, _plain(quantity), unit, tax)
+
+
+def _plain(value: Decimal) -> Decimal:
+    """2.50 -> 2.5, 3.0 -> 3, 100 -> 100 (never 1E+2): how a quantity or rate is stored and shown."""
+    return value.quantize(Decimal(1)) if value == value.to_integral_value() else value.normalize()
+
+
+def plain_line(description: str, amount: int) -> LineItem:
+    """An invoice made with a plain amount: one untaxed line of quantity 1."""
+    return LineItem(description.strip(), Decimal(1), amount, None)
+
+
+def lines_json(lines: Sequence[LineItem]) -> list[dict[str, Any]]:
+    """What `Invoice.line_items` stores."""
+    return [line.to_json() for line in lines]
+
+
+def rate_text(rate: Decimal) -> str:
+    """A tax rate for staff (CLI): '19 %', '7.5 %'."""
+    return f"{_plain(rate)} %"
 
 
 def check_lines(lines: Sequence[LineItem], currency: str) -> Totals:

@@ -74,6 +74,7 @@ class Invoice(Base):
         Index("ix_invoices_customer_id", "customer_id"),
         Index("ix_invoices_status", "status"),
         Index("ix_invoices_import_batch_id", "import_batch_id"),
+        Index("ix_invoices_due_date", "due_date"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -84,10 +85,14 @@ class Invoice(Base):
     amount_paid: Mapped[int] = mapped_column(default=0)
     amount_refunded: Mapped[int] = mapped_column(default=0)
     description: Mapped[str] = mapped_column(Text)
+    # One dict per line (links.lines.LineItem.to_json); None on invoices made before line items
+    # existed (links.lines.lines_of reads those as one untaxed line). amount_due is their total.
     line_items: Mapped[list[dict[str, object]] | None] = mapped_column(JSON)
+    notes: Mapped[str | None] = mapped_column(Text)  # shown to the customer (emails, page, PDF)
     due_date: Mapped[date | None]
     status: Mapped[str] = mapped_column(String(24), default=InvoiceStatus.OPEN)
     needs_attention: Mapped[str | None] = mapped_column(Text)  # why finance must look at it
+    void_reason: Mapped[str | None] = mapped_column(Text)  # `invoice void --reason`: for finance, never shown to the customer
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[datetime | None]
     # For a CSV row imported without a number: derived from the row's contents (IMP-…), so that

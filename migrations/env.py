@@ -11,7 +11,8 @@ from sqlalchemy.engine import Connection
 import emails.models  # noqa: F401
 import links.models  # noqa: F401
 import payments.models  # noqa: F401
-import plumbing.audit  # noqa: F401  (registers the table)
+import plumbing.audit
+import plumbing.usage  # noqa: F401
 from plumbing.db import Base, create_engine, is_sqlite
 from plumbing.settings import DEFAULT_DATABASE_URL
 

@@ -17,7 +17,7 @@ taken BEFORE the caller calls Stripe: past a limit nothing is created there.
 Past a limit: `TooManyAttempts` is raised; finance is alerted once per key and alert window (a
 unique row in brake_trips, inserted with insert-or-ignore) and the audit log records the trip.
 Rows do not pile up: a key's rows older than its window are deleted when it counts again, and
-`purge` (called now and then while counting, and safe to call from any scheduler) deletes every hit
+`purge` (the worker process calls it hourly, beside the other retention; safe from any scheduler) deletes every hit
 older than a day and every trip older than two days.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -36,6 +35,7 @@ from emails.outbox import alert_finance
 from payments.models import BrakeHit, BrakeTrip
 from plumbing import audit
 from plumbing.db import insert_ignore, utcnow
+from plumbing.metrics import RATE_LIMIT_REFUSALS
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.brakes")
@@ -46,7 +46,6 @@ DAY = timedelta(days=1)
 KEEP_HITS = DAY  # the longest window
 KEEP_TRIPS = 2 * DAY
 MIN_ALERT_WINDOW = HOUR  # a per-minute brake alerts at most once an hour per key
-PURGE_CHANCE = 1 / 200  # how often counting also sweeps old rows of every key
 _LOCK_CLASS = 0x6272  # "br": the advisory-lock namespace of the brakes (two-key form)
 _EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -185,8 +184,6 @@ async def take(sessions: async_sessionmaker[AsyncSession], settings: Settings, *
                 (await session.execute(insert(BrakeHit).values(key=brake.key, at=now).returning(BrakeHit.id))).scalar_one()
                 for brake in brakes
             ]
-            if random.random() < PURGE_CHANCE:
-                await purge(session, now)
             return ids
     raise await refuse(sessions, settings, tripped, actor=actor)
 
@@ -231,6 +228,7 @@ async def refuse(sessions: async_sessionmaker[AsyncSession], settings: Settings,
     log.warning(
         "brake.refused what=%s scope=%s limit=%d per=%s first=%s", brake.what, brake.scope, brake.limit, _window_words(brake.window), first
     )
+    RATE_LIMIT_REFUSALS.labels(brake.what, brake.scope).inc()
     return TooManyAttempts(brake)
 
 

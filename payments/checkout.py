@@ -34,6 +34,7 @@ from payments.state import apply_intent, release_attempt
 from plumbing import audit
 from plumbing.db import utcnow
 from plumbing.i18n import N_
+from plumbing.metrics import PAY_ATTEMPTS
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.payments")
@@ -134,10 +135,15 @@ async def pay_with_new_card(
     """Pay with a card the customer just entered in Stripe's card element (confirmed SetupIntent).
 
     Card data went from the browser to Stripe only; we see the SetupIntent and its payment method."""
-    async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
-        outcome = await _pay_with_new_card(sessions, gateway, settings, link_id=link_id, setup_intent_id=setup_intent_id, save=save)
-        outcomes.append(outcome)
-        return outcome
+    try:
+        async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
+            outcome = await _pay_with_new_card(sessions, gateway, settings, link_id=link_id, setup_intent_id=setup_intent_id, save=save)
+            outcomes.append(outcome)
+            PAY_ATTEMPTS.labels("new", outcome.status).inc()
+            return outcome
+    except Exception as exc:
+        PAY_ATTEMPTS.labels("new", _attempt_failure(exc)).inc()
+        raise
 
 
 async def _pay_with_new_card(
@@ -197,10 +203,22 @@ async def pay_with_saved_profile(
     Past PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR failed attempts for the invoice, or from the client
     address (`client`, a keyed hash), it raises brakes.TooManyAttempts before calling Stripe.
     """
-    async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
-        outcome = await _pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=payment_method_id)
-        outcomes.append(outcome)
-        return outcome
+    try:
+        async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
+            outcome = await _pay_with_saved_profile(sessions, gateway, settings, link_id=link_id, payment_method_id=payment_method_id)
+            outcomes.append(outcome)
+            PAY_ATTEMPTS.labels("saved", outcome.status).inc()
+            return outcome
+    except Exception as exc:
+        PAY_ATTEMPTS.labels("saved", _attempt_failure(exc)).inc()
+        raise
+
+
+def _attempt_failure(exc: Exception) -> str:
+    """The `outcome` label of a pay attempt that raised (metrics)."""
+    if isinstance(exc, brakes.TooManyAttempts):
+        return "rate_limited"
+    return "refused" if isinstance(exc, PaymentRefused) else "error"
 
 
 @contextlib.asynccontextmanager

@@ -72,6 +72,9 @@ class Payment(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     succeeded_at: Mapped[datetime | None]
+    # The receipt's number (RCT-000042, payments/documents.py): gap-free, given in the transaction that
+    # marks the payment succeeded, when the money counts towards the invoice.
+    receipt_number: Mapped[str | None] = mapped_column(String(32), unique=True)
 
     # Loaded only on purpose (contains_eager): an accidental lazy load raises.
     invoice: Mapped[Invoice] = relationship(lazy="raise")

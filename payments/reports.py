@@ -1,4 +1,5 @@
-"""Read-only views for finance: the accounting export, usage by hour and day, aging, the audit trail.
+"""Read-only views for finance: the accounting export, usage by hour and day (with the servers' CPU,
+memory and latency then), aging, the audit trail.
 
 They read invoices, payments and the outbox together, so they live with payments (links never
 imports payments)."""
@@ -6,7 +7,7 @@ imports payments)."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from payments.models import Payment, PaymentStatus
 from plumbing.audit import AuditEntry
 from plumbing.db import chunked
 from plumbing.i18n import format_money
+from plumbing.usage import LATENCY_BUCKETS_MS, UsageSample, percentile_ms
 
 EXPORT_COLUMNS = (
     "number", "customer_email", "customer_name", "status", "currency", "amount_due", "amount_due_formatted", "amount_paid",
@@ -107,20 +109,45 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
 
 
 @dataclass(frozen=True)
+class HourSystem:
+    """What the servers did in one hour of the day (UTC), over the report's days."""
+
+    cpu_percent: float | None  # web processes' mean CPU use (% of one core) in the hour's samples
+    cpu_percent_max: float | None  # the busiest sample's
+    rss_bytes_max: int | None  # the largest resident memory of any process
+    load1: float | None  # the hosts' mean 1-minute load average
+    p95_ms: float | None  # p95 request latency (web), from the samples' histograms
+    requests: int
+
+
+@dataclass(frozen=True)
 class Usage:
     days: int
     by_hour: dict[str, list[int]]  # series name -> 24 counts (UTC hour of day)
     by_day: dict[str, list[int]]  # series name -> 31 counts (day of month)
+    system: list[HourSystem] = field(default_factory=list)  # 24 hours; empty hours have None
+    samples: int = 0
 
     def peak_hour(self, series: str = "opens") -> int | None:
         counts = self.by_hour[series]
         return counts.index(max(counts)) if any(counts) else None
 
+    def busiest_days(self, series: str = "opens", top: int = 5) -> list[tuple[int, int]]:
+        """(day of month, count), busiest first, days without any left out."""
+        ranked = sorted(((count, -day) for day, count in enumerate(self.by_day[series], start=1) if count), reverse=True)
+        return [(-day, count) for count, day in ranked[:top]]
+
+
+USAGE_SERIES = ("opens", "attempts", "payments", "emails")
+
 
 async def usage(session: AsyncSession, days: int, now: datetime) -> Usage:
+    """Opens, pay attempts, payments and emails by hour of day and day of month, joined with the
+    system usage samples (CPU, memory, load, p95 latency) of the same hours."""
     since = now - timedelta(days=days)
     series = {
         "opens": select(LinkOpen.opened_at).where(LinkOpen.opened_at >= since),
+        "attempts": select(Payment.created_at).where(Payment.created_at >= since),
         "payments": select(Payment.succeeded_at).where(Payment.succeeded_at >= since),
         "emails": select(OutboxMessage.sent_at).where(OutboxMessage.status == OutboxStatus.SENT, OutboxMessage.sent_at >= since),
     }
@@ -132,7 +159,48 @@ async def usage(session: AsyncSession, days: int, now: datetime) -> Usage:
         month_days = Counter(t.day for t in times)
         by_hour[name] = [hours.get(h, 0) for h in range(24)]
         by_day[name] = [month_days.get(d, 0) for d in range(1, 32)]
-    return Usage(days, by_hour, by_day)
+    system, samples = await _system_by_hour(session, since)
+    return Usage(days, by_hour, by_day, system, samples)
+
+
+async def _system_by_hour(session: AsyncSession, since: datetime) -> tuple[list[HourSystem], int]:
+    rows = (
+        await session.execute(
+            select(
+                UsageSample.at,
+                UsageSample.role,
+                UsageSample.cpu_percent,
+                UsageSample.rss_bytes,
+                UsageSample.load1,
+                UsageSample.latency_ms_buckets,
+            ).where(UsageSample.at >= since)
+        )
+    ).all()
+    cpu: list[list[float]] = [[] for _ in range(24)]
+    rss: list[int] = [0] * 24
+    load: list[list[float]] = [[] for _ in range(24)]
+    buckets: list[list[int]] = [[0] * (len(LATENCY_BUCKETS_MS) + 1) for _ in range(24)]
+    for at, role, cpu_percent, rss_bytes, load1, latency in rows:
+        hour = at.hour
+        if role == "web":
+            cpu[hour].append(cpu_percent)
+        rss[hour] = max(rss[hour], rss_bytes)
+        if load1 is not None:
+            load[hour].append(load1)
+        if latency:
+            buckets[hour] = [a + b for a, b in zip(buckets[hour], latency, strict=False)]
+    hours = [
+        HourSystem(
+            cpu_percent=round(sum(cpu[h]) / len(cpu[h]), 1) if cpu[h] else None,
+            cpu_percent_max=round(max(cpu[h]), 1) if cpu[h] else None,
+            rss_bytes_max=rss[h] or None,
+            load1=round(sum(load[h]) / len(load[h]), 2) if load[h] else None,
+            p95_ms=percentile_ms(buckets[h]),
+            requests=sum(buckets[h]),
+        )
+        for h in range(24)
+    ]
+    return hours, len(rows)
 
 
 AGING_BUCKETS = (("not yet due", None, 0), ("1-30 days", 1, 30), ("31-60 days", 31, 60), ("61-90 days", 61, 90), ("over 90 days", 91, None))

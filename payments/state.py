@@ -21,6 +21,7 @@ from links.customers import customer_locale
 from links.hooks import append_flag, paused_reason, queue_customer_email
 from links.invoices import invoice_facts
 from links.models import Customer, Invoice, InvoiceStatus
+from payments.documents import next_receipt_number
 from payments.gateway import IntentSnapshot
 from payments.models import Payment, PaymentStatus
 from plumbing import audit
@@ -180,6 +181,8 @@ def _payment_succeeded(
         return
     invoice.amount_paid += snapshot.amount
     if invoice.status in InvoiceStatus.UNSETTLED:
+        # The money counts: the payment gets its receipt's gap-free number in this transaction.
+        payment.receipt_number = payment.receipt_number or next_receipt_number(session)
         short = invoice.amount_due - invoice.amount_paid
         if short > 0:
             # Underpaid: the invoice stays open for the rest (the next payment asks for what is still due).

@@ -1,4 +1,4 @@
-"""The audit log: who did what to which subject, and when."""
+"""The audit log: who did what to which subject, and when (and in which request: `request_id`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from plumbing.db import Base, utcnow
+from plumbing.logs import current_request_id
 
 
 class AuditEntry(Base):
@@ -22,8 +23,10 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(200))  # e.g. "invoice:INV-0001"
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The request that caused it (the X-Request-ID header and the access log's request_id), if any.
+    request_id: Mapped[str | None] = mapped_column(String(64))
 
 
 def record(session: AsyncSession | Session, actor: str, action: str, subject: str, **details: Any) -> None:
     """Add an audit entry to the caller's transaction."""
-    session.add(AuditEntry(actor=actor, action=action, subject=subject, details=details or None))
+    session.add(AuditEntry(actor=actor, action=action, subject=subject, details=details or None, request_id=current_request_id()))

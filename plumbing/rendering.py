@@ -6,14 +6,20 @@ compiled once per language and rendering never swaps global state between reques
 
 from __future__ import annotations
 
+import base64
+from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from babel import Locale
+from babel.numbers import format_decimal, format_percent
 
 from plumbing.i18n import SUPPORTED_LOCALES, format_day, format_money, normalize_locale, translations
+from plumbing.settings import Settings, logo_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +28,8 @@ class Renderer:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._env = lru_cache(maxsize=None)(self._build)
+        self._globals: dict[str, Any] = {"identity": None}
+        self._built: list[jinja2.Environment] = []
 
     def _build(self, locale: str) -> jinja2.Environment:
         env = jinja2.Environment(
@@ -42,10 +50,30 @@ class Renderer:
         def day(value: date | datetime | None) -> str:
             return format_day(value, locale)
 
+        def country(code: str | None) -> str:
+            return country_name(code, locale)
+
+        def number(value: Decimal | str | int) -> str:
+            return str(format_decimal(Decimal(str(value)), locale=locale))
+
+        def percent(value: Decimal | str | int) -> str:
+            return str(format_percent(Decimal(str(value)) / 100, locale=locale, decimal_quantization=False))
+
         env.filters["money"] = money
         env.filters["day"] = day
+        env.filters["country"] = country
+        env.filters["number"] = number
+        env.filters["percent"] = percent
         env.globals["locale"] = locale
+        env.globals.update(self._globals)
+        self._built.append(env)
         return env
+
+    def set_globals(self, **values: Any) -> None:
+        """Values every template of every language sees (e.g. `identity`, the merchant's identity)."""
+        self._globals.update(values)
+        for env in self._built:
+            env.globals.update(values)
 
     def warm(self) -> None:
         """Compile every template for every language now, at start-up, not on a customer's request."""
@@ -67,3 +95,83 @@ class Renderer:
 
 pages = Renderer(ROOT / "templates")
 emails = Renderer(ROOT / "emails" / "templates")
+
+
+def country_name(code: str | None, locale: str) -> str:
+    """'DE' in 'fr' -> 'Allemagne' (Babel's territory names); an unknown code is shown as it is."""
+    if not code:
+        return ""
+    return str(_territories(normalize_locale(locale)).get(code.strip().upper(), code))
+
+
+@lru_cache(maxsize=8)
+def _territories(locale: str) -> dict[str, str]:
+    return dict(Locale.parse(locale).territories)
+
+
+# --- the merchant's identity, as pages, emails and PDFs show it -----------------------------------------
+
+LOGO_PATH = "/brand/logo"
+
+
+@dataclass(frozen=True)
+class Brand:
+    """Who the customer deals with: legal name, address, tax id, how to reach them, logo, colour."""
+
+    name: str
+    address: tuple[str, ...]
+    tax_id: str | None
+    support_email: str | None
+    support_phone: str | None
+    reply_to: str | None
+    color: str
+    logo_url: str | None  # absolute (emails): BASE_URL + /brand/logo; pages use LOGO_PATH
+
+    @property
+    def has_logo(self) -> bool:
+        return self.logo_url is not None
+
+    @property
+    def phone_uri(self) -> str:
+        return "tel:" + "".join(c for c in (self.support_phone or "") if c.isdigit() or c == "+")
+
+
+def brand_of(settings: Settings) -> Brand:
+    return _brand(settings)
+
+
+@lru_cache(maxsize=16)
+def _brand(settings: Settings) -> Brand:
+    return Brand(
+        name=settings.merchant_name,
+        address=settings.merchant_address,
+        tax_id=settings.merchant_tax_id,
+        support_email=settings.merchant_support_email,
+        support_phone=settings.merchant_support_phone,
+        reply_to=settings.reply_to,
+        color=settings.merchant_brand_color,
+        logo_url=f"{settings.base_url}{LOGO_PATH}" if settings.merchant_logo_path else None,
+    )
+
+
+@dataclass(frozen=True)
+class Logo:
+    data: bytes
+    content_type: str  # image/png or image/svg+xml
+
+    @property
+    def data_uri(self) -> str:
+        return f"data:{self.content_type};base64,{base64.b64encode(self.data).decode()}"
+
+
+@lru_cache(maxsize=8)
+def read_logo(path: Path) -> Logo:
+    """The logo file (checked at start by Settings), read once."""
+    data = path.read_bytes()
+    return Logo(data, "image/png" if logo_kind(data) == "png" else "image/svg+xml")
+
+
+def use_brand(settings: Settings) -> None:
+    """Emails show the merchant's identity in their layout: make it a global of the email templates.
+    The outbox sender calls this before it renders (one merchant per deployment)."""
+    emails.set_globals(identity=brand_of(settings))

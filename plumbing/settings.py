@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from starlette.config import Config, Environ
 from starlette.datastructures import CommaSeparatedStrings, Secret
@@ -13,6 +16,7 @@ from starlette.datastructures import CommaSeparatedStrings, Secret
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/paylink.db"
 SMTP_TLS_MODES = ("none", "starttls", "tls")
+DEFAULT_BRAND_COLOR = "#0b5cad"
 
 
 class ConfigError(Exception):
@@ -58,9 +62,24 @@ class Settings:
     pay_failed_attempts_per_invoice_hour: int
     setup_intents_per_link_day: int
     posts_per_client_minute: int
-    reminder_days_before_due: int
+    reminder_schedule: tuple[int, ...]  # days relative to the due date (REMINDER_SCHEDULE), ascending
     reminder_days_before_expiry: int
     reminder_interval_seconds: float
+    # Issue 14: operations (metrics, health, system usage, logs; each documented in the README).
+    metrics_token: Secret | None
+    worker_metrics_port: int | None
+    usage_sample_seconds: float
+    usage_keep_days: int
+    log_format: str
+    ready_outbox_stuck_minutes: float
+    # Issue 12: the merchant's identity (pages, emails, PDFs; each documented in the README).
+    merchant_address: tuple[str, ...] = ()  # MERCHANT_ADDRESS, lines separated by |
+    merchant_tax_id: str | None = None
+    merchant_support_email: str | None = None
+    merchant_support_phone: str | None = None
+    merchant_logo_path: Path | None = None  # a PNG or SVG file, checked at start
+    merchant_brand_color: str = DEFAULT_BRAND_COLOR  # #rrggbb with AA contrast for white text
+    invoice_pdf_attach: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -121,8 +140,8 @@ class Settings:
             smtp_password=Secret(password) if password else None,
             smtp_tls=smtp_tls,
             smtp_timeout_seconds=config("SMTP_TIMEOUT_SECONDS", cast=float, default=30.0),
-            mail_from=config("MAIL_FROM", default="Paylink <billing@localhost>"),
-            reply_to=config("MAIL_REPLY_TO", default=None),
+            mail_from=config("MAIL_FROM", default="billing@localhost"),  # no display name: the legal name is used
+            reply_to=config("MAIL_REPLY_TO", default=None) or config("MERCHANT_SUPPORT_EMAIL", default=None),
             merchant_name=config("MERCHANT_NAME", default="Paylink Demo Ltd"),
             finance_email=config("FINANCE_EMAIL", default=None),
             default_locale=config("DEFAULT_LOCALE", default="en"),
@@ -139,10 +158,54 @@ class Settings:
             pay_failed_attempts_per_invoice_hour=_positive(config, "PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR", 5),
             setup_intents_per_link_day=_positive(config, "SETUP_INTENTS_PER_LINK_DAY", 10),
             posts_per_client_minute=_positive(config, "POSTS_PER_CLIENT_MINUTE", 30),
-            reminder_days_before_due=_positive(config, "REMINDER_DAYS_BEFORE_DUE", 3),
+            reminder_schedule=_reminder_schedule(config),
             reminder_days_before_expiry=_positive(config, "REMINDER_DAYS_BEFORE_EXPIRY", 3),
             reminder_interval_seconds=config("REMINDER_INTERVAL_SECONDS", cast=float, default=3600.0),
+            # Issue 14: operations.
+            metrics_token=_metrics_token(config),
+            worker_metrics_port=config("WORKER_METRICS_PORT", cast=int, default=None),
+            usage_sample_seconds=_positive_float(config, "USAGE_SAMPLE_SECONDS", 60.0),
+            usage_keep_days=_positive(config, "USAGE_KEEP_DAYS", 400),
+            log_format=_log_format(config),
+            ready_outbox_stuck_minutes=config("READY_OUTBOX_STUCK_MINUTES", cast=float, default=30.0),
+            # Issue 12: the merchant's identity.
+            **_merchant(config),
         )
+
+
+DEFAULT_REMINDER_SCHEDULE = "-3,0,7,14"
+
+
+def parse_reminder_schedule(text: str, name: str = "REMINDER_SCHEDULE") -> tuple[int, ...]:
+    """'-3,0,7,14' -> (-3, 0, 7, 14): whole days relative to the due date (negative: before it),
+    each between -365 and 365, no repeats; empty means no reminders about the due date."""
+    days: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            day = int(part)
+        except ValueError:
+            raise ValueError(
+                f"{name} must list whole days relative to the due date, not {text!r}; e.g. {DEFAULT_REMINDER_SCHEDULE}"
+            ) from None
+        if not -365 <= day <= 365:
+            raise ValueError(f"{name}: {day} is more than a year from the due date")
+        if day in days:
+            raise ValueError(f"{name} lists {day} twice")
+        days.append(day)
+    return tuple(sorted(days))
+
+
+def _reminder_schedule(config: Config) -> tuple[int, ...]:
+    """REMINDER_SCHEDULE; the older REMINDER_DAYS_BEFORE_DUE=N still works and means REMINDER_SCHEDULE=-N."""
+    schedule = config("REMINDER_SCHEDULE", default=None)
+    before_due = config("REMINDER_DAYS_BEFORE_DUE", default=None)
+    if schedule is not None and before_due is not None:
+        raise ValueError("set REMINDER_SCHEDULE or the older REMINDER_DAYS_BEFORE_DUE, not both")
+    if before_due is not None:
+        return parse_reminder_schedule(f"-{_positive(config, 'REMINDER_DAYS_BEFORE_DUE', 3)}")
+    return parse_reminder_schedule(DEFAULT_REMINDER_SCHEDULE if schedule is None else schedule)
 
 
 def _positive(config: Config, name: str, default: int) -> int:
@@ -157,3 +220,102 @@ def _positive_float(config: Config, name: str, default: float) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be a positive number, not {value}")
     return float(value)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _metrics_token(config: Config) -> Secret | None:
+    token = config("METRICS_TOKEN", default=None)
+    if not token:
+        return None
+    if len(token) < 16:
+        raise ValueError("METRICS_TOKEN must be at least 16 characters (or unset, which turns /metrics off)")
+    return Secret(token)
+
+
+def _log_format(config: Config) -> str:
+    value = str(config("LOG_FORMAT", default="text")).lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
+    return value
+
+
+# --- Issue 12: the merchant's identity -----------------------------------------------------------------
+
+log = logging.getLogger("paylink.settings")
+BRAND_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
+LOGO_MAX_BYTES = 512 * 1024
+
+
+def _merchant(config: Config) -> dict[str, Any]:
+    """MERCHANT_* and INVOICE_PDF_ATTACH: the legal name's address, tax id, support contact, logo and colour."""
+    address = tuple(line.strip() for line in str(config("MERCHANT_ADDRESS", default="")).split("|") if line.strip())
+    support_email = config("MERCHANT_SUPPORT_EMAIL", default=None) or None
+    if support_email and ("@" not in support_email or any(c in support_email for c in " <>\r\n")):
+        raise ValueError(f"MERCHANT_SUPPORT_EMAIL must be an email address, not {support_email!r}")
+    logo = config("MERCHANT_LOGO_PATH", default=None)
+    return {
+        "merchant_address": address,
+        "merchant_tax_id": config("MERCHANT_TAX_ID", default=None) or None,
+        "merchant_support_email": support_email,
+        "merchant_support_phone": config("MERCHANT_SUPPORT_PHONE", default=None) or None,
+        "merchant_logo_path": check_logo(Path(logo)) if logo else None,
+        "merchant_brand_color": brand_color(config("MERCHANT_BRAND_COLOR", default=None)),
+        "invoice_pdf_attach": config("INVOICE_PDF_ATTACH", cast=bool, default=False),
+    }
+
+
+def logo_kind(data: bytes) -> str | None:
+    """'png', 'svg' or None, from the file's content (not its name)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    head = data[:2048].lstrip().lower()
+    if (head.startswith(b"<svg") or head.startswith(b"<?xml")) and b"<svg" in data[:4096].lower():
+        return "svg"
+    return None
+
+
+def check_logo(path: Path) -> Path:
+    """MERCHANT_LOGO_PATH: a readable PNG or SVG file of at most 512 KiB."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"MERCHANT_LOGO_PATH {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > LOGO_MAX_BYTES:
+        raise ValueError(f"MERCHANT_LOGO_PATH {str(path)!r} is larger than 512 KiB")
+    if logo_kind(data) is None:
+        raise ValueError(f"MERCHANT_LOGO_PATH {str(path)!r} is neither a PNG nor an SVG file")
+    return path.resolve()
+
+
+def contrast_with_white(color: str) -> float:
+    """WCAG 2.x contrast ratio of white text on `color` (#rrggbb)."""
+
+    def channel(value: int) -> float:
+        c = value / 255
+        return c / 12.92 if c <= 0.04045 else float(((c + 0.055) / 1.055) ** 2.4)
+
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    luminance = 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+    return 1.05 / (luminance + 0.05)
+
+
+def brand_color(value: str | None) -> str:
+    """MERCHANT_BRAND_COLOR (#rrggbb; buttons carry white text on it): a malformed value stops the
+    start; one too light for white text (below WCAG AA's 4.5:1) is replaced by the default, with a warning."""
+    if not value:
+        return DEFAULT_BRAND_COLOR
+    if not BRAND_COLOR.fullmatch(value.strip()):
+        raise ValueError(f"MERCHANT_BRAND_COLOR must be a colour like #0b5cad, not {value!r}")
+    color = value.strip().lower()
+    ratio = contrast_with_white(color)
+    if ratio < 4.5:
+        log.warning(
+            "settings.brand_color_too_light color=%s contrast=%.2f: white text needs 4.5:1 (WCAG AA); using %s",
+            color,
+            ratio,
+            DEFAULT_BRAND_COLOR,
+        )
+        return DEFAULT_BRAND_COLOR
+    return color

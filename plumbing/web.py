@@ -20,8 +20,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plumbing.i18n import SUPPORTED_LOCALES, negotiate_locale, normalize_locale
+from plumbing.logs import FIELDS, new_request_id, request_id
+from plumbing.metrics import REQUEST_SECONDS, REQUESTS
 from plumbing.settings import Settings
 from plumbing.signing import csrf_serializer
+from plumbing.usage import latency
 
 CSRF_MAX_AGE_SECONDS = 24 * 3600
 MAX_FORM_BYTES = 16 * 1024
@@ -266,10 +269,25 @@ def templated_path(path: str) -> str:
 
 
 access_log = logging.getLogger("paylink.access")
+REQUEST_ID_HEADER = b"x-request-id"
+REQUEST_ID_SCOPE = "paylink.request_id"
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (`/pay/l/{link}`), for metrics: never the path itself."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path or "/"
+    return "unmatched"
 
 
 class AccessLog:
-    """Pure ASGI middleware: one line per request, with link tokens replaced by `{token}`.
+    """Pure ASGI middleware: one line per request, with link tokens replaced by `{token}`, and the
+    request's metrics (latency by route template, status counts, the hourly latency for the usage
+    report). It gives each request an id (the client's `X-Request-ID` if sane, else a new one),
+    sends it back in `X-Request-ID` and keeps it in `plumbing.logs.request_id` for the request's
+    log lines, audit entries and outbox rows.
 
     uvicorn's own access log would write the bearer token of every link; run it with --no-access-log."""
 
@@ -282,19 +300,41 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 500
+        incoming = dict(scope.get("headers", [])).get(REQUEST_ID_HEADER)
+        rid = new_request_id(incoming.decode("latin-1") if incoming else None)
+        reset = request_id.set(rid)
+        scope[REQUEST_ID_SCOPE] = rid  # for the 500 page, which Starlette answers outside this middleware
 
         async def record_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, record_status)
         finally:
+            elapsed = time.perf_counter() - started
+            method = scope.get("method", "")
             path = templated_path(scope.get("path", ""))
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            access_log.info("request method=%s path=%s status=%d ms=%.1f", scope.get("method"), path, status, elapsed_ms)
+            route = route_template(scope)
+            if route != "/metrics":
+                REQUEST_SECONDS.labels(method, route).observe(elapsed)
+                REQUESTS.labels(method, route, str(status)).inc()
+                latency.observe(elapsed)
+            fields = {
+                "event": "request",
+                "request_id": rid,
+                "method": method,
+                "path": path,
+                "route": route,
+                "status": status,
+                "ms": round(elapsed * 1000, 1),
+            }
+            line = "request method=%s path=%s status=%d ms=%.1f request_id=%s"
+            access_log.info(line, method, path, status, elapsed * 1000, rid, extra={FIELDS: fields})
+            request_id.reset(reset)
 
 
 # --- security headers --------------------------------------------------------------------------------
@@ -332,7 +372,7 @@ class SecurityHeaders:
         ]
         if self.hsts:
             strict.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
-        if not path.startswith("/static/"):
+        if not path.startswith(("/static/", "/brand/")) and path != "/favicon.ico":
             strict.append((b"cache-control", b"no-store"))
         # Starlette answers an unhandled error outside every middleware: its handler adds these itself.
         scope[SECURITY_HEADERS] = strict

@@ -89,8 +89,15 @@ def main() -> int:
         STRIPE_WEBHOOK_SECRET="whsec_" + secrets.token_urlsafe(24),
         SMTP_HOST="127.0.0.1",
         SMTP_PORT=str(smtp_port),
-        MAIL_FROM="Paylink Demo <billing@paylink.localhost>",
+        MAIL_FROM="billing@paylink.localhost",  # no display name: emails come from the legal name
         MERCHANT_NAME="Paylink Demo Ltd",
+        MERCHANT_ADDRESS="12 Harbour Street|Leith|Edinburgh EH6 6QN|United Kingdom",
+        MERCHANT_TAX_ID="GB 123 4567 89",
+        MERCHANT_SUPPORT_EMAIL="accounts@paylink.localhost",
+        MERCHANT_SUPPORT_PHONE="+44 131 496 0000",
+        MERCHANT_LOGO_PATH=str(ROOT / "samples" / "logo.svg"),
+        MERCHANT_BRAND_COLOR="#0b5cad",
+        INVOICE_PDF_ATTACH="true",
         FINANCE_EMAIL="finance@paylink.localhost",
         OUTBOX_IN_PROCESS="true",
         OUTBOX_POLL_SECONDS="1",
@@ -192,7 +199,8 @@ def main() -> int:
         print("Press Ctrl-C to stop everything.")
         print("=" * 72, flush=True)
         shared = ("DATABASE_URL", "BASE_URL", "LINK_SECRET_KEYS", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY", "STRIPE_API_BASE",
-                  "STRIPE_WEBHOOK_SECRET", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM", "MERCHANT_NAME")  # fmt: skip
+                  "STRIPE_WEBHOOK_SECRET", "SMTP_HOST", "SMTP_PORT", "MAIL_FROM", "MERCHANT_NAME", "MERCHANT_ADDRESS", "MERCHANT_TAX_ID",
+                  "MERCHANT_SUPPORT_EMAIL", "MERCHANT_SUPPORT_PHONE", "MERCHANT_LOGO_PATH", "INVOICE_PDF_ATTACH")  # fmt: skip
         (VAR / "env").write_text("".join(f"{k}={shlex.quote(env[k])}\n" for k in shared))
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in children):

@@ -52,6 +52,16 @@ class ExpiredLink(PageError):
     status_code = 410
 
 
+class NoReceipt(PageError):
+    """…/receipt.pdf of an invoice that is not paid (yet): there is no receipt to give."""
+
+    template = "error.html"
+    status_code = 404
+
+    def __init__(self, **context: Any) -> None:
+        super().__init__(reason="no_receipt", **context)
+
+
 class BadForm(PageError):
     """A missing or stale CSRF token, a cross-site post, an oversized or malformed body."""
 
@@ -108,6 +118,14 @@ async def render_page_error(request: Request, exc: Exception) -> Response:
             locale = request_locale(request, None, settings.default_locale)
             body["message"] = pages.gettext(locale, exc.json_message, merchant=settings.merchant_name)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-    response = render_page(request, exc.template, status_code=exc.status_code, **exc.context)
+    context = dict(exc.context)
+    if isinstance(exc, ExpiredLink) and "link_id" in context:
+        # The expired page names the invoice and its amount (a read, off the hot path).
+        page, _ = await request.state.services.pages.pay_page(context["link_id"])
+        if page is not None:
+            context.update(invoice=page.invoice, customer=page.customer)
+            locale = request_locale(request, page.customer.locale, settings_of(request).default_locale)
+            context.setdefault("locale", locale)
+    response = render_page(request, exc.template, status_code=exc.status_code, **context)
     response.headers.update(exc.headers)
     return response

@@ -20,6 +20,12 @@ a customer would notice (the handoff sets a cookie in the client, nothing on the
 that follows the redirect with its cookies sees the same page, one without sees "open the link from
 your email"). Only POST moves money.
 
+Documents (GET …/invoice.pdf, …/receipt.pdf, under the cookie's path and the token's): safe GETs with
+the page's link checks (a forged or expired link gets its page, never a PDF), rendered by WeasyPrint
+on a thread pool of its own (payments/documents.py), in the page's language, `no-store` like every
+page, as an attachment named after the invoice number. A receipt of an invoice that is not paid is a
+404 page. GET /brand/logo and /favicon.ico serve the merchant's logo from our own origin.
+
 Every POST is checked in this order: the link (token or cookie), where it came from (Origin or
 Referer: 403), the client address's POST brake (429), the form's size and its CSRF token, bound to
 the link and to this browser (400). Brakes on SetupIntents and failed payments answer 429 as well.
@@ -42,17 +48,28 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from links import issuing, verification
+from links.lines import lines_of, totals
 from links.models import InvoiceStatus
 from links.opens import OpenRecorder
-from payments import brakes, checkout
+from payments import brakes, checkout, documents
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
 from payments.models import PaymentStatus
 from payments.page_reader import PageReader, PayPage, Receipt, latest_payment_id, load_pay_page
-from plumbing.rendering import pages
+from plumbing.rendering import pages, read_logo
 from plumbing.settings import Settings
 from plumbing.signing import TokenClaims, TokenExpired, TokenInvalid, pay_signer, verify_signer
 from plumbing.web import client_key, csrf_token, csrf_valid, is_https, posted_from_our_pages, request_locale, small_form
-from views.errors import JSON_ERROR, BadForm, CrossOrigin, ExpiredLink, InvalidLink, OpenFromEmail, TooManyAttempts, VerificationGone
+from views.errors import (
+    JSON_ERROR,
+    BadForm,
+    CrossOrigin,
+    ExpiredLink,
+    InvalidLink,
+    NoReceipt,
+    OpenFromEmail,
+    TooManyAttempts,
+    VerificationGone,
+)
 from views.render import render_page
 
 log = logging.getLogger("paylink.pages")
@@ -101,7 +118,7 @@ def link_cookie_name(link_id: uuid.UUID) -> str:
 
 
 def _expired(request: Request, settings: Settings, expired: TokenExpired, pay_path: str) -> ExpiredLink:
-    return ExpiredLink(pay_path=pay_path, csrf=csrf_token(request, settings, expired.subject_id))
+    return ExpiredLink(pay_path=pay_path, csrf=csrf_token(request, settings, expired.subject_id), link_id=expired.subject_id)
 
 
 def _token_access(request: Request, *, expired_ok: bool = False) -> LinkAccess:
@@ -247,6 +264,13 @@ async def pay_page(request: Request, access: LinkAccess) -> Response:
     return render_pay_state(request, access, page, receipt=receipt)
 
 
+def _lines_context(page: PayPage) -> dict[str, Any]:
+    """The invoice's lines and totals (links/lines.py), as the page shows them."""
+    invoice = page.invoice
+    lines = lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
+    return {"lines": lines, "sums": totals(lines)}
+
+
 def render_pay_state(
     request: Request,
     access: LinkAccess,
@@ -258,8 +282,14 @@ def render_pay_state(
 ) -> Response:
     settings = services_of(request).settings
     locale = request_locale(request, page.customer.locale, settings.default_locale)
-    context: dict[str, Any] = {"pay_path": access.path, "invoice": page.invoice, "customer": page.customer, "link": page.link}
     invoice = page.invoice
+    context: dict[str, Any] = {
+        "pay_path": access.path,
+        "invoice": invoice,
+        "customer": page.customer,
+        "link": page.link,
+        **_lines_context(page),
+    }
     if invoice.status == InvoiceStatus.VOID:  # before "revoked": voiding also revokes the links
         return render_page(request, "void.html", locale=locale, status_code=410, **context)
     if page.link.revoked_at is not None:
@@ -305,6 +335,7 @@ async def _authenticate(request: Request, access: LinkAccess, client_secret: str
         pay_path=access.path,
         invoice=page.invoice,
         customer=page.customer,
+        **_lines_context(page),
         client_secret=client_secret,
         publishable_key=app.settings.stripe_publishable_key,
         stripe_js_url=app.settings.stripe_js_url,
@@ -413,6 +444,69 @@ async def request_fresh_link(request: Request, access: LinkAccess) -> Response:
     return render_page(request, "renewed.html", pay_path=access.path)
 
 
+# --- GET …/invoice.pdf, …/receipt.pdf, /brand/logo, /favicon.ico ------------------------------------
+
+
+async def invoice_pdf(request: Request, access: LinkAccess) -> Response:
+    return await _document(request, access, "invoice")
+
+
+async def receipt_pdf(request: Request, access: LinkAccess) -> Response:
+    return await _document(request, access, "receipt")
+
+
+async def _document(request: Request, access: LinkAccess, kind: documents.DocumentKind) -> Response:
+    """The invoice or receipt as a PDF: the same link checks as the page; a void invoice or a
+    withdrawn link shows its page instead, as the page itself would."""
+    app = services_of(request)
+    async with app.readers() as session:
+        document = await documents.link_document(session, access.link_id)
+    if document is None or document.link is None:
+        raise InvalidLink()
+    invoice = document.invoice
+    if invoice.status == InvoiceStatus.VOID or document.link.revoked_at is not None:
+        page, receipt = await _read_page(request, access.link_id)
+        return render_pay_state(request, access, page, receipt=receipt)
+    if kind == "receipt" and (invoice.status not in InvoiceStatus.HAS_RECEIPT or document.receipt is None):
+        raise NoReceipt(pay_path=access.path, invoice=invoice)
+    locale = request_locale(request, document.customer.locale, app.settings.default_locale)
+    pdf = await documents.render_document(app.settings, kind, document, locale)
+    name = documents.filename(kind, document)
+    return Response(pdf, media_type=documents.PDF, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+LOGO_MAX_AGE = 7 * 24 * 3600
+# The default favicon: the brand colour's square with a white "P" (SVG; every current browser takes it).
+DEFAULT_ICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="6" fill="{color}"/>'
+    '<path d="M11 8h7a6 6 0 0 1 0 12h-3v5h-4zm4 4v4h3a2 2 0 0 0 0-4z" fill="#fff"/></svg>'
+)
+
+
+async def brand_logo(request: Request) -> Response:
+    """GET /brand/logo: MERCHANT_LOGO_PATH from our own origin (no third party sees the customer)."""
+    settings = services_of(request).settings
+    if settings.merchant_logo_path is None:
+        raise InvalidLink()
+    logo = read_logo(settings.merchant_logo_path)
+    return Response(logo.data, media_type=logo.content_type, headers=_long_cache())
+
+
+async def favicon(request: Request) -> Response:
+    """GET /favicon.ico: the logo, or a default icon in the brand colour."""
+    settings = services_of(request).settings
+    if settings.merchant_logo_path is not None:
+        logo = read_logo(settings.merchant_logo_path)
+        return Response(logo.data, media_type=logo.content_type, headers=_long_cache())
+    icon = DEFAULT_ICON.format(color=settings.merchant_brand_color)
+    return Response(icon, media_type="image/svg+xml", headers=_long_cache())
+
+
+def _long_cache() -> dict[str, str]:
+    # Not a customer's data: cacheable (the security middleware keeps an explicit Cache-Control).
+    return {"Cache-Control": f"public, max-age={LOGO_MAX_AGE}"}
+
+
 # --- /verify/{token} ------------------------------------------------------------------------------------
 
 
@@ -460,12 +554,17 @@ _setup = _link_routes("/setup", start_new_card, ["POST"], "pay_new_card", json_e
 _refresh = _link_routes("/status", refresh_status, ["POST"], "pay_status_refresh")
 _status = _link_routes("/status", status_json, ["GET"], "pay_status", json_error="invalid_link")
 _renew = _link_routes("/renew", request_fresh_link, ["POST"], "pay_renew", expired_ok=True)
+_invoice_pdf = _link_routes("/invoice.pdf", invoice_pdf, ["GET", "HEAD"], "pay_invoice_pdf")
+_receipt_pdf = _link_routes("/receipt.pdf", receipt_pdf, ["GET", "HEAD"], "pay_receipt_pdf")
+_LINK_ROUTES = (_pay, _setup, _refresh, _status, _renew, _invoice_pdf, _receipt_pdf)
 
 routes = [
     Route("/pay/l/{link_hex}", _endpoint(pay_page, _cookie_access), methods=["GET", "HEAD"], name="pay_page"),
-    *(pair[0] for pair in (_pay, _setup, _refresh, _status, _renew)),
+    *(pair[0] for pair in _LINK_ROUTES),
     Route("/pay/{token}", _endpoint(hand_off, _token_access), methods=["GET", "HEAD"], name="pay_handoff"),
-    *(pair[1] for pair in (_pay, _setup, _refresh, _status, _renew)),
+    *(pair[1] for pair in _LINK_ROUTES),
     Route("/verify/{token}", verify_page, methods=["GET", "HEAD"], name="verify_page"),
     Route("/verify/{token}", confirm_verification, methods=["POST"], name="verify_confirm"),
+    Route("/brand/logo", brand_logo, methods=["GET", "HEAD"], name="brand_logo"),
+    Route("/favicon.ico", favicon, methods=["GET", "HEAD"], name="favicon"),
 ]

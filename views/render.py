@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from plumbing.i18n import LOCALE_NAMES, normalize_locale
-from plumbing.rendering import pages
+from plumbing.rendering import LOGO_PATH, brand_of, pages
 from plumbing.settings import Settings
 from plumbing.web import LANGUAGE_COOKIE, remember_browser, request_locale
 
@@ -24,7 +24,14 @@ def render_page(request: Request, name: str, *, locale: str | None = None, statu
     locale = locale or request_locale(request, None, settings.default_locale)
     context.setdefault("languages", LOCALE_NAMES)
     html = pages.render(
-        name, locale, request=request, csp_nonce=request.scope.get("csp_nonce", ""), merchant=settings.merchant_name, **context
+        name,
+        locale,
+        request=request,
+        csp_nonce=request.scope.get("csp_nonce", ""),
+        merchant=settings.merchant_name,
+        identity=brand_of(settings),
+        logo_path=LOGO_PATH if settings.merchant_logo_path else None,
+        **context,
     )
     response = HTMLResponse(html, status_code=status_code)
     remember_browser(request, response, settings)  # if a form on the page minted this browser's cookie

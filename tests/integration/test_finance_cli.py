@@ -10,16 +10,33 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import text
 
 from links.customers import find_customer
 from links.invoices import create_invoice
-from plumbing.settings import Settings
+from plumbing.i18n import format_day
+from plumbing.settings import ConfigError, Settings
 from services import open_services
-from tests.harness import ROOT, db_query, in_thread
+from tests.harness import (
+    CARD_3DS,
+    CARD_OK,
+    ROOT,
+    LocalStripe,
+    SmtpServer,
+    db_execute,
+    db_query,
+    html_part,
+    in_thread,
+    signed_event,
+    text_part,
+    wait_until,
+)
+from tests.integration.helpers import csrf_of, issue_invoice, unique_email
 
 pytestmark = pytest.mark.postgres
 
@@ -163,9 +180,9 @@ class TestExportAndReports:
         assert "Peak hour for link opens: 09:00-09:59 UTC (3 opens)" in human.out
         assert "█" in human.out
 
-    def test_aging(self, cli) -> None:
+    def test_aging(self, cli, settings: Settings) -> None:
         cli("customer", "add", "--email", "old@example.com", "--name", "Old", "--stripe-customer", "cus_old1", "--verified")
-        cli(
+        created = cli(
             "invoice",
             "create",
             "--customer",
@@ -177,8 +194,11 @@ class TestExportAndReports:
             "--description",
             "a",
             "--due",
-            "2020-01-01",
+            date.today().isoformat(),  # an invoice is never created overdue: time passes instead
+            "--json",
         )
+        number = created.json()["number"]
+        db_execute(settings.database_url, "UPDATE invoices SET due_date = :d WHERE number = :n", d=date(2020, 1, 1), n=number)
         cli(
             "invoice",
             "create",
@@ -379,3 +399,250 @@ async def until_blocked(services, backend: str) -> None:
                 return
         await asyncio.sleep(0.05)
     raise AssertionError("the second create never waited for the first")
+
+
+# --- issue 12: the finance desk, customers, reminders on a schedule, void with a reason -------------------
+
+
+def days_from_today(days: int) -> date:
+    return date.today() + timedelta(days=days)
+
+
+def set_due(settings: Settings, number: str, due: date) -> None:
+    """Time passes: the invoice's due date moves (an invoice is never created overdue)."""
+    db_execute(settings.database_url, "UPDATE invoices SET due_date = :d WHERE number = :n", d=due, n=number)
+
+
+def create_plain(cli, email: str, amount: str = "10", currency: str = "eur", *args: str) -> str:
+    created = cli(
+        "invoice", "create", "--customer", email, "--amount", amount, "--currency", currency, "--description", "d", *args, "--json"
+    )
+    assert created.code == 0, created.err
+    return str(created.json()["number"])
+
+
+class TestFinanceDesk:
+    """Finance opens `invoice list` and sees what needs doing, derived from what happened, with totals per currency."""
+
+    def test_flags(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client, settings: Settings) -> None:
+        # Email undeliverable: the mail server refuses the address for good (a real 550 over SMTP).
+        smtp.mailbox.rcpt_replies.append("550 5.1.1 no such user")
+        bounced = issue_invoice(cli, localstripe, CARD_OK)
+        wait_until(lambda: "email_undeliverable" in flags_of(cli, bounced.number), what="the bounce to flag the invoice")
+
+        overdue = issue_invoice(cli, localstripe, CARD_OK)
+        set_due(settings, overdue.number, days_from_today(-5))
+
+        held_email = unique_email("held")
+        assert cli("customer", "add", "--email", held_email, "--name", "Hel D", "--stripe-customer", "cus_held1").code == 0
+        held = create_plain(cli, held_email, "10", "eur", "--send")
+
+        quiet_email = unique_email("quiet")
+        assert cli("customer", "add", "--email", quiet_email, "--name", "Qui Et", "--stripe-customer", "cus_quiet1", "--verified").code == 0
+        not_sent = create_plain(cli, quiet_email)
+
+        # Stuck in 3-D Secure: the customer started paying and never came back from their bank.
+        stuck = issue_invoice(cli, localstripe, CARD_3DS)
+        html = browser_client.get(stuck.url).text
+        assert (
+            "Confirm with your bank" in browser_client.post(stuck.url, data={"csrf": csrf_of(html), "payment_method": stuck.cards[0]}).text
+        )
+        assert "3ds_stuck" not in flags_of(cli, stuck.number)  # a customer at their bank right now is not stuck
+        db_execute(settings.database_url, "UPDATE payments SET updated_at = :t", t=datetime.now(UTC) - timedelta(minutes=20))
+
+        # Disputed: a real signed dispute event for a paid invoice.
+        disputed = issue_invoice(cli, localstripe, CARD_OK)
+        html = browser_client.get(disputed.url).text
+        browser_client.post(disputed.url, data={"csrf": csrf_of(html), "payment_method": disputed.cards[0]})
+        [intent] = localstripe.payment_intents_for(disputed.stripe_customer)
+        dispute = {
+            "id": "dp_desk",
+            "object": "dispute",
+            "amount": 12050,
+            "currency": "eur",
+            "reason": "fraudulent",
+            "payment_intent": intent.id,
+        }
+        payload, header = signed_event(
+            {
+                "id": "evt_desk_dispute",
+                "object": "event",
+                "type": "charge.dispute.created",
+                "created": int(time.time()),
+                "data": {"object": dispute},
+            }
+        )
+        assert (
+            httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30).status_code
+            == 200
+        )
+
+        # Over- and underpaid: the amounts say so.
+        over, under = create_plain(cli, quiet_email), create_plain(cli, quiet_email)
+        db_execute(settings.database_url, "UPDATE invoices SET amount_paid = 1500 WHERE number = :n", n=over)
+        db_execute(settings.database_url, "UPDATE invoices SET amount_paid = 400 WHERE number = :n", n=under)
+
+        flags = {i["number"]: i["flags"] for i in cli("invoice", "list", "--json").json()["invoices"]}
+        assert "email_undeliverable" in flags[bounced.number]
+        assert flags[overdue.number] == ["overdue"]
+        assert flags[held] == ["held"]
+        assert flags[not_sent] == ["not_sent"]
+        assert flags[stuck.number] == ["3ds_stuck"]
+        assert flags[disputed.number] == ["disputed"]
+        assert "overpaid" in flags[over] and "underpaid" in flags[under]
+        human = cli("invoice", "list")
+        for label in ("overdue 5d", "held: address not verified", "stuck in 3-D Secure", "email undeliverable", "disputed", "overpaid"):
+            assert label in " ".join(human.out.split()), label
+        shown = cli("invoice", "show", stuck.number)
+        assert "waiting for the customer's 3-D Secure" in " ".join(shown.out.split())
+        assert stuck.url.rsplit("/", 1)[1] not in shown.out + cli("invoice", "show", stuck.number, "--json").out  # never the token
+
+    def test_filters_and_totals_per_currency(self, cli, settings: Settings) -> None:
+        for email, cus in (("ann@example.com", "cus_ann1"), ("bob@example.com", "cus_bob1")):
+            assert cli("customer", "add", "--email", email, "--name", "X", "--stripe-customer", cus, "--verified").code == 0
+        late = create_plain(cli, "ann@example.com", "100.00", "eur", "--due", date.today().isoformat())
+        set_due(settings, late, days_from_today(-3))
+        create_plain(cli, "ann@example.com", "50.00", "eur", "--due", days_from_today(10).isoformat())
+        old = create_plain(cli, "bob@example.com", "20.00", "usd")
+        void = create_plain(cli, "bob@example.com", "7.00", "eur")
+        assert cli("invoice", "void", void, "--reason", "typo").code == 0
+        db_execute(
+            settings.database_url, "UPDATE invoices SET created_at = :t WHERE number = :n", t=datetime(2026, 1, 5, tzinfo=UTC), n=old
+        )
+
+        everything = cli("invoice", "list", "--json").json()
+        assert everything["totals"]["eur"] == {
+            "invoices": 3, "due": 15000, "paid": 0, "outstanding": 15000, "overdue": 10000,
+            "formatted": {"due": "€150.00", "paid": "€0.00", "outstanding": "€150.00", "overdue": "€100.00"},
+        }  # fmt: skip
+        assert everything["totals"]["usd"]["outstanding"] == 2000
+        numbers = lambda *args: [i["number"] for i in cli("invoice", "list", *args, "--json").json()["invoices"]]  # noqa: E731
+        assert numbers("--customer", "ANN@example.com") == [late, numbers("--customer", "ann@example.com")[1]]
+        assert numbers("--overdue") == [late]
+        assert old not in numbers("--since", "2026-02-01") and old in numbers("--since", "2026-01-01")
+        assert numbers("--customer", "bob@example.com", "--status", "void") == [void]
+        assert cli("invoice", "list", "--customer", "nobody@example.com").err.strip() == "error: no customer with email nobody@example.com"
+        human = " ".join(cli("invoice", "list").out.replace("│", " ").split())
+        assert "Totals per currency" in human and "EUR 3 €150.00 €0.00 €150.00 €100.00" in human and "USD 1 $20.00" in human
+
+
+class TestCustomers:
+    """Finance finds a customer by part of a name or address, and sees the billing address on file."""
+
+    def test_list_search_and_show_address(self, cli) -> None:
+        assert cli("customer", "add", "--email", "ann@example.com", "--name", "Ann Lee", "--stripe-customer", "cus_a1", "--verified",
+                   "--address-line1", "Hauptstr. 1", "--postal-code", "10115", "--city", "Berlin", "--country", "DE").code == 0  # fmt: skip
+        assert cli("customer", "add", "--email", "bob@example.org", "--name", "Bob Ray", "--stripe-customer", "cus_b1").code == 0
+        create_plain(cli, "ann@example.com")
+        listed = cli("customer", "list", "--json").json()["customers"]
+        assert [(c["email"], c["verified"], c["invoices"], c["open_invoices"]) for c in listed] == [
+            ("ann@example.com", True, 1, 1),
+            ("bob@example.org", False, 0, 0),
+        ]
+        assert [c["email"] for c in cli("customer", "list", "--search", "LEE", "--json").json()["customers"]] == ["ann@example.com"]
+        assert [c["email"] for c in cli("customer", "list", "--search", "example.org", "--json").json()["customers"]] == ["bob@example.org"]
+        assert cli("customer", "list", "--search", "100%", "--json").json()["customers"] == []  # % is a character, not a wildcard
+        shown = cli("customer", "show", "ann@example.com")
+        assert "Hauptstr. 1, 10115 Berlin, DE" in shown.out
+        assert "2 customer(s)." in cli("customer", "list").out
+
+
+class TestReminderSchedule:
+    """Customers are reminded at the points finance chose, each once, never before they had the invoice, told when it is overdue."""
+
+    def test_never_the_first_contact(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, settings: Settings) -> None:
+        email = unique_email("first")
+        cus_id, _ = localstripe.customer_with_cards(email, "Fir St", CARD_OK)
+        assert cli("customer", "add", "--email", email, "--name", "Fir St", "--stripe-customer", cus_id, "--verified").code == 0
+        number = create_plain(cli, email, "10", "eur", "--due", days_from_today(1).isoformat())  # never sent
+        sent = cli("remind", "--json").json()["sent"]
+        assert [(s["invoice"], s["point"], s["kind"]) for s in sent] == [(number, "due-3d", "invoice")]
+        [mail] = smtp.mailbox.wait_for(1)
+        assert mail["Subject"].startswith(f"Invoice {number}") and "/pay/" in text_part(mail)
+        assert cli("remind", "--json").json()["sent"] == []
+        set_due(settings, number, date.today())
+        assert [(s["point"], s["kind"]) for s in cli("remind", "--json").json()["sent"]] == [("due+0d", "reminder")]  # now it was sent
+
+    def test_each_point_once_and_overdue_wording(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, settings: Settings) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        smtp.mailbox.wait_for(1)
+        set_due(settings, issued.number, days_from_today(10))
+        assert cli("remind", "--json").json()["sent"] == []  # REMINDER_SCHEDULE -3,0,7,14: nothing yet
+        due = days_from_today(-8)
+        set_due(settings, issued.number, due)  # the worker was stopped: -3, 0 and 7 all passed; only 7 is sent
+        result = cli("remind", "--json").json()
+        assert result["schedule"] == [-3, 0, 7, 14]
+        assert [(s["invoice"], s["point"], s["kind"]) for s in result["sent"]] == [(issued.number, "due+7d", "reminder")]
+        assert cli("remind", "--json").json()["sent"] == []
+        reminder = smtp.mailbox.wait_for(2)[1]
+        assert reminder["Subject"].startswith(f"Overdue: invoice {issued.number}")
+        assert f"overdue since {format_day(due, 'en')}" in text_part(reminder)
+        set_due(settings, issued.number, days_from_today(-15))
+        assert [s["point"] for s in cli("remind", "--json").json()["sent"]] == ["due+14d"]
+        assert [s["point"] for s in cli("remind", "--json").json()["sent"]] == []
+        assert db_query(settings.database_url, "SELECT count(*) FROM reminders_sent") == [(2,)]
+
+    def test_schedule_from_the_environment_and_the_command_line(
+        self, cli, localstripe: LocalStripe, server, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        set_due(settings, issued.number, days_from_today(10))
+        assert [s["point"] for s in cli("remind", "--schedule=-20,5", "--json").json()["sent"]] == ["due-20d"]
+        monkeypatch.setenv("REMINDER_SCHEDULE", "-12")
+        assert [s["point"] for s in cli("remind", "--json").json()["sent"]] == ["due-12d"]
+        assert cli("remind", "--days-before-due", "11", "--json").json()["sent"][0]["point"] == "due-11d"
+        monkeypatch.setenv("REMINDER_SCHEDULE", "soon")
+        bad = cli("remind")
+        assert bad.code == 1
+        assert (
+            bad.err.strip()
+            == "configuration error: REMINDER_SCHEDULE must list whole days relative to the due date, not 'soon'; e.g. -3,0,7,14"
+        )
+        assert cli("remind", "--schedule=1,1").code == 2
+
+
+def test_reminder_schedule_setting(env: dict[str, str]) -> None:
+    assert Settings.from_env(env).reminder_schedule == (-3, 0, 7, 14)
+    assert Settings.from_env({**env, "REMINDER_SCHEDULE": "14, -3,7"}).reminder_schedule == (-3, 7, 14)
+    assert Settings.from_env({**env, "REMINDER_SCHEDULE": ""}).reminder_schedule == ()
+    assert Settings.from_env({**env, "REMINDER_DAYS_BEFORE_DUE": "5"}).reminder_schedule == (-5,)  # the older setting still works
+    for bad, message in (
+        ({"REMINDER_SCHEDULE": "-3,400"}, "400 is more than a year"),
+        ({"REMINDER_SCHEDULE": "0,0"}, "lists 0 twice"),
+        ({"REMINDER_SCHEDULE": "-3", "REMINDER_DAYS_BEFORE_DUE": "3"}, "not both"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            Settings.from_env({**env, **bad})
+
+
+class TestVoidWithReason:
+    """Finance voids an invoice with a reason: it is kept and audited, and the customer is told it was cancelled, in their language."""
+
+    def test_reason_audited_and_customer_told(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK, locale="de")
+        smtp.mailbox.wait_for(1)
+        voided = cli("invoice", "void", issued.number, "--reason", "Doppelt erfasst (intern)", "--json")
+        assert voided.code == 0, voided.err
+        assert voided.json()["customer_notified"] is True and voided.json()["void_reason"] == "Doppelt erfasst (intern)"
+        notice = smtp.mailbox.wait_for(2)[1]
+        assert notice["To"] == issued.email
+        assert notice["Subject"] == f"Rechnung {issued.number} von Acme Consulting wurde storniert"
+        text = text_part(notice)
+        assert "storniert" in text and "120,50\xa0€" in text and "/pay/" not in text
+        assert "intern" not in text + html_part(notice)  # the reason is finance's, not the customer's
+        assert cli("invoice", "show", issued.number, "--json").json()["void_reason"] == "Doppelt erfasst (intern)"
+        entries = cli("audit", "--invoice", issued.number, "--json").json()["entries"]
+        notice_entry = next(e for e in entries if e["action"] == "invoice.void_notice")
+        assert notice_entry["details"]["reason"] == "Doppelt erfasst (intern)" and notice_entry["details"]["emailed"] is True
+        assert "Void reason" in cli("invoice", "show", issued.number).out
+
+    def test_an_invoice_never_sent_is_voided_quietly(self, cli, settings: Settings) -> None:
+        assert cli("customer", "add", "--email", "q@example.com", "--name", "Q", "--stripe-customer", "cus_q1", "--verified").code == 0
+        number = create_plain(cli, "q@example.com")
+        voided = cli("invoice", "void", number, "--reason", "never meant to be sent", "--json")
+        assert voided.code == 0 and voided.json()["customer_notified"] is False
+        assert db_query(settings.database_url, "SELECT count(*) FROM outbox WHERE kind = 'invoice_void'") == [(0,)]
+
+
+def flags_of(cli, number: str) -> list[str]:
+    return [i for i in cli("invoice", "show", number, "--json").json()["flags"]]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import date, timedelta
+from decimal import Decimal
 
 import httpx
 import pytest
 
+from links.lines import parse_item, totals
+from plumbing.i18n import format_day, format_money
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
+
+DUE = date.today() + timedelta(days=21)  # a due date is never in the past; three weeks fits the default link lifetime
 
 
 class TestCoreJourney:
@@ -40,7 +46,7 @@ class TestCoreJourney:
             "--description",
             "Consulting, November",
             "--due",
-            "2026-12-15",
+            DUE.isoformat(),
             "--send",
             "--json",
         )
@@ -66,7 +72,7 @@ class TestCoreJourney:
             invoice["number"],
             "Consulting, November",
             "€120.50",
-            "December 15, 2026",
+            format_day(DUE, "en"),
             "Ann Lee",
             "ann@example.com",
             "Visa •••• 4242",
@@ -128,3 +134,44 @@ class TestSecurityHeaders:
         app_server = start_server(BASE_URL="https://pay.example.com")
         response = httpx.get(f"{app_server.base}/health")
         assert response.headers["strict-transport-security"].startswith("max-age=")
+
+
+class TestLineItemsJourney:
+    """Finance bills three lines at two tax rates; the customer pays from the email and is charged exactly the computed total."""
+
+    def test_three_lines_two_rates_charge_the_computed_total(
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client
+    ) -> None:
+        cus_id, [pm_id] = localstripe.customer_with_cards("lina@example.com", "Lina Items", CARD_OK)
+        assert (
+            cli("customer", "add", "--email", "lina@example.com", "--name", "Lina Items", "--stripe-customer", cus_id, "--verified").code
+            == 0
+        )
+        items = ("Consulting|3|400.00|19", "Travel|1|85.50|7", "Printed report|2|12.25|19")
+        # What finance expects, worked out with the documented rule (links/lines.py: per line, half-up).
+        expected = totals([parse_item(spec, "eur") for spec in items])
+        assert [rate for rate, _ in expected.taxes] == [Decimal("7"), Decimal("19")]
+        assert expected.total == 120000 + 22800 + 8550 + 599 + 2450 + 466  # 24.50 x 19 % = 4.655 -> 4.66
+
+        created = cli(
+            "invoice", "create", "--customer", "lina@example.com", "--currency", "eur", "--description", "November work",
+            *(arg for spec in items for arg in ("--item", spec)), "--due", DUE.isoformat(), "--send", "--json",
+        )  # fmt: skip
+        assert created.code == 0, created.err
+        invoice = created.json()
+        assert invoice["amount_due"] == expected.total == invoice["total"]
+        total_shown = format_money(expected.total, "eur")
+
+        [mail] = smtp.mailbox.wait_for(1)
+        text = text_part(mail)
+        assert "Consulting" in text and "Printed report" in text and f"Total: {total_shown}" in text
+        link = pay_link_in(mail)
+        page = browser_client.get(link)
+        assert page.status_code == 200 and total_shown in page.text
+
+        paid = browser_client.post(link, data={"csrf": csrf_of(page.text), "payment_method": pm_id})
+        assert paid.status_code == 200 and "Payment received" in paid.text
+        [intent] = localstripe.payment_intents_for(cus_id)
+        assert (intent.amount, intent.currency, intent.status) == (expected.total, "eur", "succeeded")
+        wait_until(lambda: invoice_status(cli, invoice["number"])["status"] == "paid", what="invoice to be paid")
+        assert invoice_status(cli, invoice["number"])["amount_paid"] == expected.total

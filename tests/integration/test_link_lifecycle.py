@@ -228,7 +228,19 @@ class TestReminders:
 
 @pytest.mark.parametrize("locale", ["en"])
 def test_expired_page_is_in_plain_words(locale: str) -> None:
-    from plumbing.rendering import pages
+    from plumbing.rendering import Brand, pages
 
-    html = pages.render("expired.html", locale, request=None, csp_nonce="n", merchant="Acme", languages={}, token="t", csrf="c")
+    acme = Brand("Acme", (), None, "help@acme.test", None, None, "#0b5cad", None)
+    html = pages.render(
+        "expired.html",
+        locale,
+        request=None,
+        csp_nonce="n",
+        merchant="Acme",
+        identity=acme,
+        logo_path=None,
+        languages={},
+        token="t",
+        csrf="c",
+    )
     assert "Email me a new link" in html

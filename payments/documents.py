@@ -1,0 +1,195 @@
+"""Documents: the invoice and the receipt as PDF, and the receipt's number.
+
+Receipt numbers (RCT-000042) are gap-free: the `number_sequences` row "receipt" is bumped with one
+UPDATE … RETURNING in the transaction that marks the payment succeeded (payments/state.py), so a
+rolled-back payment gives its number back, and on PostgreSQL a concurrent payment waits for the row
+lock instead of taking the same number (the column is unique as well). A number is given when the
+money counts towards the invoice (its currency); a payment in another currency, or one that arrived
+after the invoice was settled, gets none (finance settles those by hand).
+
+The PDFs are rendered from the page templates under templates/documents/ with the page's
+translations and Babel's money and date formats, in the customer's (or the visitor's) language, by
+WeasyPrint on its own thread pool (plumbing/pdf.py): never on the event loop, never on GET /pay.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Literal
+
+from markupsafe import Markup
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from emails.messages import Kind
+from emails.outbox import ClaimedMessage
+from emails.sender import Attachment, AttachmentHook
+from links.customers import customer_locale
+from links.issuing import link_with_invoice
+from links.lines import LineItem, Totals, lines_of, totals
+from links.models import Customer, Invoice, NumberSequence, PaymentLink
+from payments.models import Payment, PaymentStatus
+from plumbing.db import insert_ignore
+from plumbing.pdf import render_pdf
+from plumbing.rendering import brand_of, pages, read_logo
+from plumbing.settings import Settings
+
+RECEIPT_SEQUENCE = "receipt"
+_RCT_NUMBER = re.compile(r"RCT-(\d+)")
+DocumentKind = Literal["invoice", "receipt"]
+PDF = "application/pdf"
+
+
+def format_receipt_number(value: int) -> str:
+    return f"RCT-{value:06d}"
+
+
+def next_receipt_number(session: Session) -> str:
+    """The next receipt number, in the caller's transaction (see the module's docstring)."""
+    bump = (
+        update(NumberSequence)
+        .where(NumberSequence.name == RECEIPT_SEQUENCE)
+        .values(last_value=NumberSequence.last_value + 1)
+        .returning(NumberSequence.last_value)
+        .execution_options(synchronize_session=False)
+    )
+    value = session.execute(bump).scalar_one_or_none()
+    if value is None:  # the row is missing (migration 0010 creates it): start after the highest number given
+        given = session.execute(select(Payment.receipt_number).where(Payment.receipt_number.is_not(None))).scalars()
+        highest = max((int(m.group(1)) for n in given if n and (m := _RCT_NUMBER.fullmatch(n))), default=0)
+        session.execute(insert_ignore(session, NumberSequence).values(name=RECEIPT_SEQUENCE, last_value=highest))
+        value = session.execute(bump).scalar_one()
+    return format_receipt_number(int(value))
+
+
+# --- what a document shows --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceiptFacts:
+    number: str | None
+    paid_at: datetime | None
+    amount: int  # what this payment paid, minor units
+    currency: str
+    brand: str | None
+    last4: str | None
+
+
+@dataclass(frozen=True)
+class Document:
+    invoice: Invoice
+    customer: Customer
+    link: PaymentLink | None
+    lines: list[LineItem]
+    sums: Totals
+    issued_on: date
+    receipt: ReceiptFacts | None  # the latest payment that counted, if any
+
+
+def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = None) -> ReceiptFacts | None:
+    query = (
+        select(Payment)
+        .where(Payment.invoice_id == invoice.id, Payment.status == PaymentStatus.SUCCEEDED, Payment.currency == invoice.currency)
+        .order_by(Payment.succeeded_at.desc())
+    )
+    found = list(session.execute(query).scalars())
+    if not found:
+        return None
+    chosen = next((p for p in found if paid_at is not None and p.succeeded_at == paid_at), found[0])
+    return ReceiptFacts(chosen.receipt_number, chosen.succeeded_at, chosen.amount, chosen.currency, chosen.brand, chosen.last4)
+
+
+def _document(session: Session, link: PaymentLink | None, invoice: Invoice, customer: Customer, paid_at: datetime | None) -> Document:
+    lines = lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
+    return Document(invoice, customer, link, lines, totals(lines), invoice.created_at.date(), _receipt_of(session, invoice, paid_at))
+
+
+def _link_document_sync(session: Session, link_id: uuid.UUID) -> Document | None:
+    row = session.execute(link_with_invoice(link_id)).one_or_none()
+    if row is None:
+        return None
+    link, invoice, customer = row
+    return _document(session, link, invoice, customer, None)
+
+
+def _invoice_document_sync(session: Session, invoice_id: uuid.UUID, paid_at: datetime | None) -> Document | None:
+    row = session.execute(
+        select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).where(Invoice.id == invoice_id)
+    ).first()
+    if row is None:
+        return None
+    return _document(session, None, row[0], row[1], paid_at)
+
+
+async def link_document(session: AsyncSession, link_id: uuid.UUID) -> Document | None:
+    """The link's invoice with its lines, totals and receipt (one read-only session)."""
+    return await session.run_sync(_link_document_sync, link_id)
+
+
+async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID, *, paid_at: datetime | None = None) -> Document | None:
+    return await session.run_sync(_invoice_document_sync, invoice_id, paid_at)
+
+
+# --- rendering ---------------------------------------------------------------------------------------------
+
+
+def filename(kind: DocumentKind, document: Document) -> str:
+    """INV-000001.pdf, INV-000001-receipt.pdf: the invoice number, made safe for a header."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", document.invoice.number) or "invoice"
+    return f"{safe}.pdf" if kind == "invoice" else f"{safe}-receipt.pdf"
+
+
+def document_html(settings: Settings, kind: DocumentKind, document: Document, locale: str) -> str:
+    logo = read_logo(settings.merchant_logo_path).data_uri if settings.merchant_logo_path else None
+    return pages.render(
+        f"documents/{kind}.html",
+        locale,
+        identity=brand_of(settings),
+        logo=logo,
+        doc=document,
+        invoice=document.invoice,
+        customer=document.customer,
+        lines=document.lines,
+        sums=document.sums,
+        receipt=document.receipt,
+        # css_string escapes every character but letters, digits and a few harmless ones (never < or >).
+        footer_css=Markup(css_string(" · ".join((settings.merchant_name, *settings.merchant_address)))),  # noqa: S704
+    )
+
+
+def css_string(text: str) -> str:
+    """A CSS string literal for `content:` inside a <style> element (no HTML escaping applies there)."""
+    escaped = "".join(c if c.isalnum() or c in " .,·-_@()/&'+" else f"\\{ord(c):x} " for c in text)
+    return f'"{escaped}"'
+
+
+async def render_document(settings: Settings, kind: DocumentKind, document: Document, locale: str) -> bytes:
+    """The PDF, rendered on the PDF thread pool (CPU-heavy: never on the event loop)."""
+    return await render_pdf(document_html(settings, kind, document, locale))
+
+
+def email_attachments(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> AttachmentHook:
+    """The outbox's attachment hook: with INVOICE_PDF_ATTACH, the invoice email carries the invoice
+    PDF and the receipt email the receipt PDF, in the email's language, rendered when it is sent."""
+
+    async def attach(message: ClaimedMessage) -> list[Attachment]:
+        if not settings.invoice_pdf_attach or message.invoice_id is None or message.kind not in (Kind.INVOICE, Kind.RECEIPT):
+            return []
+        payload = message.payload or {}
+        paid_at = datetime.fromisoformat(payload["paid_at"]) if payload.get("paid_at") else None
+        async with sessions() as session:
+            document = await invoice_document(session, message.invoice_id, paid_at=paid_at)
+        if document is None:
+            return []
+        kind: DocumentKind = "invoice" if message.kind == Kind.INVOICE else "receipt"
+        if kind == "receipt" and document.receipt is None:
+            return []
+        locale = payload.get("locale") or customer_locale(settings, document.customer)
+        pdf = await render_document(settings, kind, document, locale)
+        return [Attachment(filename(kind, document), PDF, pdf)]
+
+    return attach
