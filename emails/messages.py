@@ -198,7 +198,14 @@ def receipt_message(
 
 
 def receipt_payload(
-    facts: InvoiceFacts, *, amount_paid: int, brand: str | None, last4: str | None, paid_at: datetime, locale: str
+    facts: InvoiceFacts,
+    *,
+    amount_paid: int,
+    brand: str | None,
+    last4: str | None,
+    paid_at: datetime,
+    locale: str,
+    link: tuple[uuid.UUID, datetime] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The receipt's subject now, and the facts to render its body from when it is sent.
 
@@ -213,6 +220,8 @@ def receipt_payload(
         "last4": last4,
         "paid_at": paid_at.isoformat(),
     }
+    if link is not None:  # the online receipt: the invoice's link shows it once the invoice is paid
+        payload["link"] = _link_json(*link)
     return subject, payload
 
 
@@ -227,7 +236,7 @@ def render_payload(settings: Settings, kind: str, payload: dict[str, Any]) -> Em
             brand=payload["brand"],
             last4=payload["last4"],
             paid_at=datetime.fromisoformat(payload["paid_at"]),
-            link_url=None,
+            link_url=pay_link_url(settings, *_link_from_json(payload["link"])) if payload.get("link") else None,
             locale=locale,
         )
     if kind in Kind.WITH_PAY_LINK:

@@ -20,7 +20,7 @@ from emails.messages import EmailContent, Kind, receipt_payload
 from links.customers import customer_locale
 from links.hooks import append_flag, paused_reason, queue_customer_email
 from links.invoices import invoice_facts
-from links.models import Customer, Invoice, InvoiceStatus
+from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from payments.documents import next_receipt_number
 from payments.gateway import IntentSnapshot
 from payments.models import Payment, PaymentStatus
@@ -215,6 +215,13 @@ def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payme
     """Queue the receipt, rendered when it is sent. Held while the customer's address is paused: the
     invoice is paid all the same, and its flag tells finance that no receipt went out."""
     customer = session.get_one(Customer, invoice.customer_id)
+    # The receipt email links to the online receipt: the invoice's newest link shows it once paid.
+    newest = session.execute(
+        select(PaymentLink.id, PaymentLink.expires_at)
+        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None))
+        .order_by(PaymentLink.expires_at.desc())
+        .limit(1)
+    ).first()
     subject, payload = receipt_payload(
         invoice_facts(settings, invoice, customer),
         amount_paid=payment.amount,
@@ -222,6 +229,7 @@ def _queue_receipt(session: Session, settings: Settings, invoice: Invoice, payme
         last4=payment.last4,
         paid_at=payment.succeeded_at or utcnow(),
         locale=customer_locale(settings, customer),
+        link=(newest[0], newest[1]) if newest else None,
     )
     content = EmailContent(Kind.RECEIPT, subject, "", "")
     if not queue_customer_email(session, settings, customer, content, actor=actor, payload=payload, invoice_id=invoice.id):

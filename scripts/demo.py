@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +177,20 @@ def main() -> int:
             "create",
             "--customer",
             "ann@example.com",
-            "--amount",
-            "120.50",
+            "--item",
+            "Consulting (hours)|3|120.00|19",
+            "--item",
+            "Workshop materials|1|45.00|7",
+            "--item",
+            "Travel (flat fee)|1|60.00|",
             "--currency",
             "eur",
             "--description",
             "Consulting, November",
+            "--notes",
+            "Thank you for your business. Payable within 30 days.",
+            "--due",
+            (date.today() + timedelta(days=21)).isoformat(),
             "--send",
             "--json",
         )

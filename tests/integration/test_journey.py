@@ -12,7 +12,7 @@ import pytest
 
 from links.lines import parse_item, totals
 from plumbing.i18n import format_day, format_money
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
+from tests.harness import CARD_OK, PAY_LINK, LocalStripe, SmtpServer, pay_link_in, text_part, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
 
 DUE = date.today() + timedelta(days=21)  # a due date is never in the past; three weeks fits the default link lifetime
@@ -98,6 +98,11 @@ class TestCoreJourney:
         assert receipt["Subject"].startswith("Receipt for invoice")
         assert "Visa **** 4242" in text_part(receipt)
         assert "€120.50" in text_part(receipt)
+        # It links to the online receipt, which opens on any device.
+        [online] = PAY_LINK.findall(text_part(receipt))
+        with httpx.Client(timeout=30, follow_redirects=True) as other_device:
+            shown = other_device.get(online)
+        assert shown.status_code == 200 and "Payment received" in shown.text
 
         # Opening the link again shows the receipt, not a pay button.
         again = browser_client.get(link)
