@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.utils import make_msgid, parseaddr
+from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import and_, func, null, or_, select, update
@@ -83,6 +85,12 @@ class DeadMessage:
 DeadLetterHook = Callable[[AsyncSession, DeadMessage], Awaitable[None]]
 
 
+def new_message_id(kind: str, domain: str) -> str:
+    """A Message-ID that stays the same across retries (it is stored with the row). Made from the OS's
+    random source rather than email.utils.make_msgid, which draws on the global `random` generator."""
+    return f"<{int(time.time() * 1000)}.{secrets.token_hex(8)}.{kind}@{domain}>"
+
+
 def mail_domain(mail_from: str) -> str:
     address = parseaddr(mail_from)[1]
     return address.rpartition("@")[2] or "localhost"
@@ -103,7 +111,7 @@ def enqueue(
         subject=content.subject,
         text=content.text,
         html=content.html,
-        message_id=make_msgid(idstring=content.kind, domain=mail_domain(settings.mail_from)),
+        message_id=new_message_id(content.kind, mail_domain(settings.mail_from)),
         invoice_id=invoice_id,
         status=OutboxStatus.PENDING,
         next_attempt_at=utcnow(),

@@ -23,9 +23,10 @@ from plumbing.settings import Settings
 from tests.harness import CARD_DECLINED, CARD_OK, LocalStripe, db_query, signed_event
 from tests.integration.helpers import csrf_of, issue_invoice
 
-# The app under test runs in threads of this process, and the standard library uses the global random
-# generator there (email.utils.make_msgid for a finance alert's Message-ID); Hypothesis would take that
-# for our strategies using `random`. They do not.
+# The app under test runs in threads of this process; should a library there draw on the global random
+# generator while an example is generated, Hypothesis would take it for our strategies using `random`.
+# They do not. (Paylink's own code keeps off the global generator: Message-IDs come from `secrets`,
+# backoff jitter from a generator of its own.)
 pytestmark = pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
