@@ -15,6 +15,7 @@ from plumbing.db import Base, new_id, utcnow
 
 class InvoiceStatus(StrEnum):
     OPEN = "open"
+    PARTIALLY_PAID = "partially_paid"  # part payments allowed and some paid: the balance is still payable
     PROCESSING = "processing"  # a payment is on its way (bank transfer, slow card network)
     PAID = "paid"
     VOID = "void"
@@ -27,9 +28,9 @@ class InvoiceStatus(StrEnum):
     UNSETTLED: ClassVar[tuple[InvoiceStatus, ...]]
 
 
-InvoiceStatus.PAYABLE = (InvoiceStatus.OPEN,)
+InvoiceStatus.PAYABLE = (InvoiceStatus.OPEN, InvoiceStatus.PARTIALLY_PAID)
 InvoiceStatus.HAS_RECEIPT = (InvoiceStatus.PAID, InvoiceStatus.REFUNDED, InvoiceStatus.PARTIALLY_REFUNDED)
-InvoiceStatus.UNSETTLED = (InvoiceStatus.OPEN, InvoiceStatus.PROCESSING)  # its money state may still change
+InvoiceStatus.UNSETTLED = (InvoiceStatus.OPEN, InvoiceStatus.PARTIALLY_PAID, InvoiceStatus.PROCESSING)  # its money state may still change
 
 
 class Customer(Base):
@@ -93,6 +94,13 @@ class Invoice(Base):
     status: Mapped[str] = mapped_column(String(24), default=InvoiceStatus.OPEN)
     needs_attention: Mapped[str | None] = mapped_column(Text)  # why finance must look at it
     void_reason: Mapped[str | None] = mapped_column(Text)  # `invoice void --reason`: for finance, never shown to the customer
+    # Part payments (issue 13): off unless allowed per invoice (or by PARTIAL_PAYMENTS_DEFAULT when it
+    # was created). A part payment is at least min_partial_amount (minor units) or min_partial_percent
+    # of amount_due; deposit_percent asks that much of amount_due first. Whole percents.
+    allow_partial: Mapped[bool] = mapped_column(default=False, server_default="0")
+    min_partial_amount: Mapped[int | None]
+    min_partial_percent: Mapped[int | None]
+    deposit_percent: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[datetime | None]
     # For a CSV row imported without a number: derived from the row's contents (IMP-…), so that
@@ -118,6 +126,12 @@ class PaymentLink(Base):
     last_opened_at: Mapped[datetime | None]
     open_count: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A link for someone other than the customer (issue 13, "send to a colleague"): the address it
+    # went to. Such a link never shows or charges the customer's saved cards and shows no other
+    # invoice; its payer gets a Stripe customer of their own (stripe_customer_id).
+    recipient_email: Mapped[str | None] = mapped_column(String(320))
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
+    created_by: Mapped[str | None] = mapped_column(String(200))  # the actor that issued it (audit)
 
 
 class LinkOpen(Base):

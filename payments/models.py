@@ -75,9 +75,30 @@ class Payment(Base):
     # The receipt's number (RCT-000042, payments/documents.py): gap-free, given in the transaction that
     # marks the payment succeeded, when the money counts towards the invoice.
     receipt_number: Mapped[str | None] = mapped_column(String(32), unique=True)
+    # "invoice" (pays invoice_id) or "all" (pays several invoices of the customer at once: see
+    # PaymentAllocation; invoice_id is then the invoice whose page started it).
+    scope: Mapped[str] = mapped_column(String(16), default="invoice", server_default="invoice")
+    link_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("payment_links.id"))  # the link that paid
 
     # Loaded only on purpose (contains_eager): an accidental lazy load raises.
     invoice: Mapped[Invoice] = relationship(lazy="raise")
+
+
+class PaymentAllocation(Base):
+    """Which invoice got what of a payment that paid several (scope "all"). While the payment is
+    live, live_invoice_id holds the invoice's live slot (unique, as Payment.live_invoice_id does for
+    one invoice), so no other attempt can claim an invoice a pay-all attempt is paying."""
+
+    __tablename__ = "payment_allocations"
+    __table_args__ = (Index("ix_payment_allocations_payment_id", "payment_id"), Index("ix_payment_allocations_invoice_id", "invoice_id"))
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    payment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("payments.id"))
+    invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id"))
+    amount: Mapped[int]  # minor units, in the payment's currency
+    amount_refunded: Mapped[int] = mapped_column(default=0)
+    live_invoice_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PaymentProfile(Base):
@@ -95,6 +116,8 @@ class PaymentProfile(Base):
     # False for a card entered for one payment without "save this card": it is not offered again,
     # and it is detached at Stripe once that payment is over.
     reusable: Mapped[bool] = mapped_column(default=True, server_default="1")
+    # Stripe's card fingerprint: the same card number entered twice has the same one (de-duplication).
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -80,6 +80,13 @@ class Settings:
     merchant_logo_path: Path | None = None  # a PNG or SVG file, checked at start
     merchant_brand_color: str = DEFAULT_BRAND_COLOR  # #rrggbb with AA contrast for white text
     invoice_pdf_attach: bool = False
+    # Issue 13: paying your way (each documented in the README).
+    partial_payments_default: bool = False  # PARTIAL_PAYMENTS_DEFAULT: new invoices allow part payments
+    colleague_links_per_invoice_day: int = 3  # "send to a colleague" from the page, per invoice
+    colleague_links_per_customer_day: int = 10  # … and per customer, over all their invoices
+    # Issue 15: past one machine.
+    database_read_url: str | None = None  # DATABASE_READ_URL: a read replica for page reads
+    database_statement_cache: bool = True  # DATABASE_STATEMENT_CACHE=off behind PgBouncer (transaction mode)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -168,6 +175,13 @@ class Settings:
             usage_keep_days=_positive(config, "USAGE_KEEP_DAYS", 400),
             log_format=_log_format(config),
             ready_outbox_stuck_minutes=config("READY_OUTBOX_STUCK_MINUTES", cast=float, default=30.0),
+            # Issue 13: paying your way.
+            partial_payments_default=_on_off(config, "PARTIAL_PAYMENTS_DEFAULT", False),
+            colleague_links_per_invoice_day=_positive(config, "COLLEAGUE_LINKS_PER_INVOICE_DAY", 3),
+            colleague_links_per_customer_day=_positive(config, "COLLEAGUE_LINKS_PER_CUSTOMER_DAY", 10),
+            # Issue 15: past one machine.
+            database_read_url=config("DATABASE_READ_URL", default=None) or None,
+            database_statement_cache=_on_off(config, "DATABASE_STATEMENT_CACHE", True),
             # Issue 12: the merchant's identity.
             **_merchant(config),
         )
@@ -206,6 +220,19 @@ def _reminder_schedule(config: Config) -> tuple[int, ...]:
     if before_due is not None:
         return parse_reminder_schedule(f"-{_positive(config, 'REMINDER_DAYS_BEFORE_DUE', 3)}")
     return parse_reminder_schedule(DEFAULT_REMINDER_SCHEDULE if schedule is None else schedule)
+
+
+ON_OFF = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _on_off(config: Config, name: str, default: bool) -> bool:
+    value = config(name, default=None)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return ON_OFF[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name} must be on or off, not {value!r}") from None
 
 
 def _positive(config: Config, name: str, default: int) -> int:
