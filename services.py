@@ -52,9 +52,12 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]  # read-write (BEGIN IMMEDIATE on SQLite)
     readers: async_sessionmaker[AsyncSession]  # read-only transactions
     gateway: StripeGateway
-    pages: PageReader
+    pages: PageReader  # the pay page's read, on the primary
     opens: OpenRecorder
     events: EventWriter
+    # The same read on the replica (DATABASE_READ_URL) if there is one, else `pages`: the pages' GETs use
+    # it, except right after this browser changed the link's money state (views/pages.py).
+    replica_pages: PageReader
     # Set after a commit that queued email, so that an in-process outbox loop looks at once.
     outbox_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     # The outbox's depth, oldest pending age and dead messages, read when /metrics is scraped.
@@ -68,12 +71,18 @@ class Services:
 async def open_services(settings: Settings, *, background: bool = False) -> AsyncIterator[Services]:
     """Open everything; on exit (or if a constructor fails) close what was opened, newest first."""
     async with contextlib.AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, statement_cache=settings.database_statement_cache)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
         readers = create_session_factory(reader_engine(engine))
         pages = PageReader(settings.database_url, readers)
         stack.callback(pages.close)
+        replica_pages = pages
+        if settings.database_read_url:
+            replica = create_engine(settings.database_read_url, statement_cache=settings.database_statement_cache)
+            stack.push_async_callback(replica.dispose)
+            replica_pages = PageReader(settings.database_read_url, create_session_factory(reader_engine(replica)))
+            stack.callback(replica_pages.close)
         events: EventWriter = SqliteBatchWriter(settings) if is_sqlite(settings.database_url) else DirectEventWriter(settings, sessions)
         stack.push_async_callback(events.close)
         services = Services(
@@ -85,6 +94,7 @@ async def open_services(settings: Settings, *, background: bool = False) -> Asyn
             pages=pages,
             opens=OpenRecorder(sessions),
             events=events,
+            replica_pages=replica_pages,
         )
         if background:
             events.start()

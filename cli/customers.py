@@ -9,6 +9,7 @@ from cli.common import Context, Parser, Services, Subcommands, UserError, comman
 from links.customers import ADDRESS_FIELDS, add_customer, check_address, check_new_customer, find_customer, list_customers, update_customer
 from links.models import Customer
 from links.verification import change_email, request_verification
+from payments import cards as card_service
 from payments.cards import sync_profiles
 from payments.gateway import GatewayError
 from payments.models import PaymentProfile
@@ -49,6 +50,25 @@ def register(commands: Subcommands[Parser]) -> None:
         run=show,
     )
     p.add_argument("email")
+
+    p = command(
+        customer,
+        "cards",
+        "List a customer's cards (refreshed from Stripe; a card attached twice is kept once): id, brand, last 4, expiry, default, saved.",
+        example="python -m links customer cards ann@example.com",
+        run=cards,
+    )
+    p.add_argument("email")
+
+    p = command(
+        customer,
+        "remove-card",
+        "Remove a saved card: detached at Stripe (never charged again) and no longer offered on the pay page.",
+        example="python -m links customer remove-card ann@example.com pm_1AbC",
+        run=remove_card,
+    )
+    p.add_argument("email")
+    p.add_argument("payment_method", metavar="PM_ID", help="the card's payment method id (pm_…), from `customer cards`")
 
     p = command(
         customer,
@@ -190,6 +210,52 @@ async def show(ctx: Context, services: Services) -> None:
         ctx.console.print(out)
 
     emit(ctx, record, human)
+
+
+async def cards(ctx: Context, services: Services) -> None:
+    async with services.readers() as session:
+        customer = await find_customer(session, ctx.args.email)
+    if customer.stripe_customer_id:
+        await sync_quietly(ctx, lambda: sync_profiles(services.sessions, services.gateway, customer.id))
+    async with services.readers() as session:
+        profiles = await saved_cards(session, customer.id)
+    records = [{**_profile_record(p), "id": p.stripe_payment_method_id, "saved": p.reusable} for p in profiles]
+
+    def human() -> None:
+        out = table("Id", "Brand", "Last 4", "Expires", "Default", "Saved")
+        for p in profiles:
+            expiry = f"{p.exp_month:02d}/{p.exp_year}" if p.exp_month and p.exp_year else "-"
+            out.add_row(
+                p.stripe_payment_method_id,
+                p.brand.title(),
+                p.last4,
+                expiry,
+                "yes" if p.is_default else "",
+                "yes" if p.reusable else "no (this payment only)",
+            )
+        ctx.console.print(out)
+        ctx.console.print(f"{len(profiles)} card(s) for {customer.email}.")
+
+    emit(ctx, {"customer": customer.email, "cards": records}, human)
+
+
+async def remove_card(ctx: Context, services: Services) -> None:
+    async with services.readers() as session:
+        customer = await find_customer(session, ctx.args.email)
+    try:
+        removed = await card_service.remove_card(services.sessions, services.gateway, customer.id, ctx.args.payment_method, actor=ctx.actor)
+    except card_service.UnknownCard:
+        raise UserError(
+            f"{ctx.args.payment_method} is not a saved card of {customer.email} (see `customer cards {customer.email}`)"
+        ) from None
+    record = {"customer": customer.email, "removed": removed.payment_method_id, "brand": removed.brand, "last4": removed.last4}
+    emit(
+        ctx,
+        record,
+        lambda: ctx.console.print(
+            f"Removed {removed.brand.title()} •••• {removed.last4} ({removed.payment_method_id}) of {customer.email}: detached at Stripe."
+        ),
+    )
 
 
 async def list_(ctx: Context, services: Services) -> None:

@@ -10,17 +10,17 @@ from cli.common import Context, Parser, Services, Subcommands, command, command_
 from cli.links import link_record, print_link, ttl_warning
 from links.customers import find_customer
 from links.errors import LinkError
-from links.invoices import create_invoice, find_invoice_with_customer, invoice_links, void_notice
+from links.invoices import create_invoice, default_part_rules, find_invoice_with_customer, invoice_links, void_notice
 from links.issuing import issue_link
 from links.lines import LineItem, lines_of, parse_item, rate_text, totals
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
+from links.partial import PartRules, balance_of
 from payments.cards import sync_profiles
 from payments.checkout import void_invoice
-from payments.desk import FLAG_LABELS, CurrencyTotal, DeskRow, currency_totals, desk_row, desk_rows
+from payments.desk import FLAG_LABELS, CurrencyTotal, DeskRow, InvoicePayment, currency_totals, desk_row, desk_rows, payments_of_invoice
 from payments.models import Payment, PaymentStatus
-from payments.queries import invoice_payments
 from plumbing.db import utcnow
-from plumbing.i18n import check_currency, format_money
+from plumbing.i18n import MoneyError, check_currency, format_money, to_minor_units
 
 
 def register(commands: Subcommands[Parser]) -> None:
@@ -32,11 +32,15 @@ def register(commands: Subcommands[Parser]) -> None:
         "Create an invoice for a plain amount (one line, no tax) or for line items (--item, repeatable); the total is "
         "what gets charged. Each line is rounded to the cent half-up (net, then its tax), and the totals are sums of "
         "those. A due date in the past, and a total below Stripe's minimum charge for the currency (e.g. EUR 0.50, "
-        "GBP 0.30, JPY 50), are refused. With --send, issue its link and email it; if the link would expire before the "
+        "GBP 0.30, JPY 50), are refused. With --allow-partial the customer may pay in parts: at least --min-amount or "
+        "--min-percent of the total, and first a deposit of --deposit-percent; the status is then partially_paid until "
+        "the balance is paid. With --send, issue its link and email it; if the link would expire before the "
         "due date you are warned (the link-expiry reminder sends a fresh one; or give --ttl-days).",
         example=(
             'python -m links invoice create --customer ann@example.com --currency eur --description "November" '
-            '--item "Consulting|3|400.00|19" --item "Travel|1|85.50|7" --due 2026-12-15 --send'
+            '--item "Consulting|3|400.00|19" --item "Travel|1|85.50|7" --due 2026-12-15 --send\n'
+            '  python -m links invoice create --customer ann@example.com --amount 1200 --currency eur --description "Kitchen" '
+            "--allow-partial --min-amount 100.00 --deposit-percent 30 --send"
         ),
         run=create,
     )
@@ -57,6 +61,20 @@ def register(commands: Subcommands[Parser]) -> None:
     p.add_argument("--number", help="invoice number (default: the next INV-nnnnnn)")
     p.add_argument("--send", action="store_true", help="issue a payment link and email it now")
     p.add_argument("--ttl-days", type=int, help="with --send: how long the link works (default LINK_TTL_DAYS)")
+    partial = p.add_mutually_exclusive_group()
+    partial.add_argument(
+        "--allow-partial",
+        action="store_true",
+        default=None,
+        help="the customer may pay in parts (default: PARTIAL_PAYMENTS_DEFAULT); the full balance is always allowed",
+    )
+    partial.add_argument("--no-partial", dest="allow_partial", action="store_false", help="only the full balance (overrides the default)")
+    minimum = p.add_mutually_exclusive_group()
+    minimum.add_argument("--min-amount", metavar="AMOUNT", help="with --allow-partial: a part payment is at least this, e.g. 50.00")
+    minimum.add_argument("--min-percent", metavar="P", type=int, help="with --allow-partial: a part payment is at least P %% of the total")
+    p.add_argument(
+        "--deposit-percent", metavar="P", type=int, help="with --allow-partial: the first payment is at least P %% of the total (a deposit)"
+    )
 
     p = command(
         invoice,
@@ -106,6 +124,13 @@ def invoice_record(invoice: Invoice, customer: Customer | None = None) -> dict[s
         "amount_paid": invoice.amount_paid,
         "amount_refunded": invoice.amount_refunded,
         "amount_due_formatted": format_money(invoice.amount_due, invoice.currency),
+        "balance": balance_of(invoice.amount_due, invoice.amount_paid) if invoice.status in InvoiceStatus.UNSETTLED else 0,
+        "part_payments": {
+            "allowed": invoice.allow_partial,
+            "min_amount": invoice.min_partial_amount,
+            "min_percent": invoice.min_partial_percent,
+            "deposit_percent": invoice.deposit_percent,
+        },
         "description": invoice.description,
         "notes": invoice.notes,
         "due_date": invoice.due_date,
@@ -170,6 +195,8 @@ def _link_row(link: PaymentLink, now: datetime) -> dict[str, Any]:
         "open_count": link.open_count,
         "first_opened_at": link.first_opened_at,
         "last_opened_at": link.last_opened_at,
+        "to": link.recipient_email,  # a colleague's link (`link issue N --to`, or sent from the pay page)
+        "created_by": link.created_by,
     }
 
 
@@ -190,6 +217,32 @@ def payment_state(payment: Payment) -> str:
     if payment.amount_refunded:
         state += f", {format_money(payment.amount_refunded, payment.currency)} refunded"
     return state
+
+
+def rules_text(invoice: Invoice) -> str:
+    """The invoice's part-payment rules, for staff: "allowed, at least €50.00, deposit 30 % first"."""
+    if not invoice.allow_partial:
+        return "not allowed (only the full balance)"
+    parts = ["allowed"]
+    if invoice.min_partial_amount:
+        parts.append(f"at least {format_money(invoice.min_partial_amount, invoice.currency)}")
+    if invoice.min_partial_percent:
+        parts.append(f"at least {invoice.min_partial_percent} % of the total")
+    if invoice.deposit_percent:
+        parts.append(f"a deposit of {invoice.deposit_percent} % first")
+    return ", ".join(parts)
+
+
+def _paid_row(item: InvoicePayment) -> dict[str, Any]:
+    row = _payment_row(item.payment)
+    row["scope"] = item.payment.scope
+    row["receipt_number"] = item.payment.receipt_number
+    row["share"] = item.share
+    if item.allocation:
+        row["allocation"] = [
+            {"invoice": a.invoice_number, "amount": a.amount, "amount_refunded": a.amount_refunded} for a in item.allocation
+        ]
+    return row
 
 
 def _payment_row(payment: Payment) -> dict[str, Any]:
@@ -236,11 +289,31 @@ def _parse_items(specs: list[str], currency: str) -> list[LineItem]:
     return lines
 
 
+def _part_rules(ctx: Context) -> PartRules:
+    """--allow-partial / --no-partial, --min-amount | --min-percent, --deposit-percent; else PARTIAL_PAYMENTS_DEFAULT."""
+    a = ctx.args
+    detailed = a.min_amount is not None or a.min_percent is not None or a.deposit_percent is not None
+    if a.allow_partial is False and detailed:
+        raise LinkError("--min-amount, --min-percent and --deposit-percent need part payments: drop --no-partial")
+    if a.allow_partial is None and not detailed:
+        return default_part_rules(ctx.settings)
+    if a.allow_partial is None:
+        raise LinkError("--min-amount, --min-percent and --deposit-percent only apply with --allow-partial: add it")
+    minimum = None
+    if a.min_amount is not None:
+        try:
+            minimum = to_minor_units(a.min_amount, check_currency(a.currency))
+        except MoneyError as exc:
+            raise LinkError(f"--min-amount: {exc}") from None
+    return PartRules(bool(a.allow_partial), minimum, a.min_percent, a.deposit_percent)
+
+
 async def create(ctx: Context, services: Services) -> None:
     a = ctx.args
     if a.ttl_days is not None and not a.send:
         raise LinkError("--ttl-days is the lifetime of the link --send issues; add --send (or use `link issue N --ttl-days D` later)")
     lines = _parse_items(a.item, a.currency) if a.item else None
+    part_rules = _part_rules(ctx)
     async with services.readers() as session:
         customer = await find_customer(session, a.customer)
     if a.send and customer.stripe_customer_id:  # the page shows the saved cards Stripe holds now
@@ -258,6 +331,7 @@ async def create(ctx: Context, services: Services) -> None:
             actor=ctx.actor,
             due_date=a.due,
             number=a.number,
+            part_rules=part_rules,
         )
         issued = (
             await issue_link(session, ctx.settings, invoice=invoice, customer=customer, actor=ctx.actor, ttl_days=a.ttl_days, send=True)
@@ -274,6 +348,8 @@ async def create(ctx: Context, services: Services) -> None:
 
     def human() -> None:
         ctx.console.print(f"Created invoice {invoice.number} for {customer.email}: {format_money(invoice.amount_due, invoice.currency)}")
+        if invoice.allow_partial:
+            ctx.console.print(f"Part payments: {rules_text(invoice)}")
         if issued:
             print_link(ctx, issued)
 
@@ -328,11 +404,11 @@ async def show(ctx: Context, services: Services) -> None:
     async with services.readers() as session:
         invoice, customer = await find_invoice_with_customer(session, ctx.args.number)
         links = await invoice_links(session, invoice.id)
-        payments = await invoice_payments(session, invoice.id)
+        payments = await payments_of_invoice(session, invoice.id)
         row = await desk_row(session, invoice, customer, now=now)
     record = {**_row_record(row), **lines_record(invoice)}
     record["links"] = [_link_row(k, now) for k in links]
-    record["payments"] = [_payment_row(p) for p in payments]
+    record["payments"] = [_paid_row(p) for p in payments]
 
     def human() -> None:
         money = _formatter(invoice.currency)
@@ -354,6 +430,9 @@ async def show(ctx: Context, services: Services) -> None:
             out.add_row(f"Tax {rate_text(rate)}", money(amount))
         out.add_row("Total", money(invoice.amount_due))
         out.add_row("Paid", money(invoice.amount_paid) + (f" on {_when(invoice.paid_at)}" if invoice.paid_at else ""))
+        if invoice.status in InvoiceStatus.UNSETTLED:
+            out.add_row("Balance", money(balance_of(invoice.amount_due, invoice.amount_paid)))
+        out.add_row("Part payments", rules_text(invoice))
         if invoice.amount_refunded:
             out.add_row("Refunded", money(invoice.amount_refunded))
         if invoice.notes:
@@ -367,14 +446,25 @@ async def show(ctx: Context, services: Services) -> None:
         for k in links:
             sent = f"emailed {_when(k.sent_at)}" if k.sent_at else "not emailed"
             opened = f"opened {k.open_count} time(s), last {_when(k.last_opened_at)}" if k.open_count else "never opened"
-            out.add_row("Link", f"{link_state(k, now)}: expires {_when(k.expires_at)}, {sent}, {opened}")
-        for p in payments:
+            to = f"to {k.recipient_email} (by {k.created_by}), " if k.recipient_email else ""
+            label = "Colleague link" if k.recipient_email else "Link"
+            out.add_row(label, f"{to}{link_state(k, now)}: expires {_when(k.expires_at)}, {sent}, {opened}")
+        for item in payments:
+            p = item.payment
             card = f" {(p.brand or 'card').title()} •••• {p.last4}" if p.last4 else ""
             failure = f" ({p.failure_message})" if p.failure_message else ""
+            receipt = f" {p.receipt_number}" if p.receipt_number else ""
             out.add_row(
                 "Payment", f"{payment_state(p)}{failure}: {format_money(p.amount, p.currency)}{card}, {_when(p.created_at)}"
-                f" {p.stripe_payment_intent_id or ''}".rstrip()
+                f"{receipt} {p.stripe_payment_intent_id or ''}".rstrip()
             )  # fmt: skip
+            if item.allocation:
+                split = ", ".join(
+                    f"{a.invoice_number} {format_money(a.amount, p.currency)}"
+                    + (f" ({format_money(a.amount_refunded, p.currency)} refunded)" if a.amount_refunded else "")
+                    for a in item.allocation
+                )
+                out.add_row("  pays all", split)
         ctx.console.print(out)
 
     emit(ctx, record, human)

@@ -7,9 +7,10 @@ from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, command, command_group, emit, sync_quietly
 from emails.messages import Kind
+from links.colleagues import check_recipient, issue_colleague_link
 from links.invoices import find_invoice_with_customer
-from links.issuing import IssuedLink, issue_link, revoke_links
-from links.models import Invoice
+from links.issuing import IssuedLink, Revoked, issue_link, revoke_links
+from links.models import Invoice, InvoiceStatus
 from payments.cards import sync_profiles
 from plumbing.db import utcnow
 
@@ -28,6 +29,12 @@ def register(commands: Subcommands[Parser]) -> None:
     )
     p.add_argument("number")
     p.add_argument("--ttl-days", type=int, help="how long the link works (default LINK_TTL_DAYS)")
+    p.add_argument(
+        "--to",
+        metavar="EMAIL",
+        help="send it to someone other than the customer (e.g. their accounts payable) with a link of their own, "
+        "which never offers the customer's saved cards",
+    )
 
     p = command(
         link,
@@ -41,11 +48,12 @@ def register(commands: Subcommands[Parser]) -> None:
     p = command(
         link,
         "revoke",
-        "Revoke every live link of an invoice.",
-        example="python -m links link revoke INV-000001",
+        "Revoke every live link of an invoice (or, with --to, only the links sent to that colleague).",
+        example="python -m links link revoke INV-000001 --to ap@customer.example",
         run=revoke,
     )
     p.add_argument("number")
+    p.add_argument("--to", metavar="EMAIL", help="revoke only the links sent to this address with `link issue N --to`")
 
 
 def link_record(issued: IssuedLink) -> dict[str, Any]:
@@ -86,6 +94,9 @@ def print_link(ctx: Context, issued: IssuedLink) -> None:
 
 async def issue(ctx: Context, services: Services, *, resend: bool = False) -> None:
     number = ctx.args.number
+    if getattr(ctx.args, "to", None):
+        await issue_to_colleague(ctx, services)
+        return
     async with services.readers() as session:
         _, customer = await find_invoice_with_customer(session, number)
     if customer.stripe_customer_id:  # the page shows the saved cards Stripe holds now
@@ -113,12 +124,55 @@ async def resend(ctx: Context, services: Services) -> None:
     await issue(ctx, services, resend=True)
 
 
-async def revoke(ctx: Context, services: Services) -> None:
-    number = ctx.args.number
+async def issue_to_colleague(ctx: Context, services: Services) -> None:
+    """`link issue N --to EMAIL`: the invoice to a colleague of the customer, with a link of their own."""
+    recipient = check_recipient(ctx.args.to)
     async with services.sessions.begin() as session:
-        count = await revoke_links(session, number, actor=ctx.actor)
+        invoice, customer = await find_invoice_with_customer(session, ctx.args.number)
+        issued = await issue_colleague_link(
+            session,
+            ctx.settings,
+            invoice=invoice,
+            customer=customer,
+            recipient_email=recipient,
+            actor=ctx.actor,
+            asked_by_customer=False,
+            ttl_days=ctx.args.ttl_days,
+        )
+    record: dict[str, Any] = {"invoice": invoice.number, "to": recipient, "link": link_record(issued)}
+
+    def human() -> None:
+        if issued.emailed:
+            ctx.console.print(f"Link for {recipient} emailed (queued in the outbox), valid until {issued.expires_at:%Y-%m-%d}:")
+        else:
+            ctx.console.print(f"Link for {recipient} issued, email held: {issued.held_reason}. Valid until {issued.expires_at:%Y-%m-%d}:")
+        ctx.console.print(issued.url, soft_wrap=True, highlight=False)
+
+    emit(ctx, record, human)
+
+
+async def revoke(ctx: Context, services: Services) -> None:
+    async with services.sessions.begin() as session:
+        revoked = await revoke_links(session, ctx.args.number, actor=ctx.actor, recipient_email=ctx.args.to)
+    note = revoke_note(revoked)
+    record: dict[str, Any] = {"invoice": revoked.invoice, "revoked": revoked.count, "invoice_status": revoked.status, "to": ctx.args.to}
+    if note:
+        record["note"] = note
+    whose = f" sent to {ctx.args.to}" if ctx.args.to else ""
     emit(
         ctx,
-        {"invoice": number, "revoked": count},
-        lambda: ctx.console.print(f"Revoked {count} live link(s) of invoice {number}."),
+        record,
+        lambda: ctx.console.print(f"Revoked {revoked.count} live link(s){whose} of invoice {revoked.invoice}.{' ' + note if note else ''}"),
     )
+
+
+def revoke_note(revoked: Revoked) -> str | None:
+    """What revoking meant, when it is not simply "nothing can be paid through it any more"."""
+    if revoked.status in InvoiceStatus.HAS_RECEIPT:
+        return (
+            f"The invoice is {revoked.status.replace('_', ' ')}: nothing can be paid through its links, "
+            "and they keep showing the receipt until they expire."
+        )
+    if revoked.status == InvoiceStatus.VOID:
+        return "The invoice is void: its links already showed that it was cancelled."
+    return None

@@ -32,6 +32,7 @@ class Kind:
     VERIFICATION = "verification"
     FINANCE_ALERT = "finance_alert"
     INVOICE_VOID = "invoice_void"  # "this invoice was cancelled"
+    COLLEAGUE_INVOICE = "colleague_invoice"  # the invoice, sent to a colleague of the customer with a link of their own
 
     WITH_PAY_LINK = (INVOICE, NEW_LINK, REMINDER)
 
@@ -75,6 +76,15 @@ class InvoiceFacts:
     taxes: tuple[tuple[str, int], ...] = ()  # (rate in percent, tax at that rate), by rate
     notes: str | None = None
     overdue_since: date | None = None  # set when the email is queued after the due date
+    # Part payments (issue 13): what was paid so far, and the balance still due when something was
+    # paid and something is still due (None: nothing paid yet, the whole amount is due).
+    amount_paid: int = 0
+    balance: int | None = None
+
+    @property
+    def to_pay(self) -> int:
+        """What the customer is asked to pay now: the balance, or the whole amount."""
+        return self.balance if self.balance is not None else self.amount
 
     @property
     def itemised(self) -> bool:
@@ -125,7 +135,7 @@ _OVERDUE_SUBJECT = N_("Overdue: invoice %(number)s from %(merchant)s, %(amount)s
 
 
 def _invoice_subject(facts: InvoiceFacts, locale: str, kind: str) -> str:
-    amount = format_money(facts.amount, facts.currency, locale)
+    amount = format_money(facts.to_pay if kind == Kind.REMINDER else facts.amount, facts.currency, locale)
     subject = _OVERDUE_SUBJECT if kind == Kind.REMINDER and facts.overdue_since else _INVOICE_SUBJECTS[kind]
     return emails.gettext(locale, subject, number=facts.number, merchant=facts.merchant, amount=amount)
 
@@ -188,13 +198,40 @@ def _link_from_json(link: dict[str, str]) -> tuple[uuid.UUID, datetime]:
     return uuid.UUID(hex=link["id"]), datetime.fromisoformat(link["expires_at"])
 
 
+@dataclass(frozen=True)
+class AllocationFact:
+    """One invoice a pay-all payment paid: its number, what it got, and what is still due on it."""
+
+    number: str
+    amount: int
+    balance: int
+
+
 def receipt_message(
-    facts: InvoiceFacts, *, amount_paid: int, brand: str | None, last4: str | None, paid_at: datetime, link_url: str | None, locale: str
+    facts: InvoiceFacts,
+    *,
+    amount_paid: int,
+    brand: str | None,
+    last4: str | None,
+    paid_at: datetime,
+    link_url: str | None,
+    locale: str,
+    balance: int | None = None,
+    receipt_number: str | None = None,
+    allocation: tuple[AllocationFact, ...] = (),
 ) -> EmailContent:
-    subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
+    """The receipt of one payment: of one invoice (with the balance still due after a part payment),
+    or of several (`allocation`: which invoice got what)."""
+    if allocation is not None and len(allocation) > 1:
+        subject = emails.gettext(
+            locale, "Receipt for %(count)s invoices from %(merchant)s", count=str(len(allocation)), merchant=facts.merchant
+        )
+    else:
+        subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
     return _build(
-        Kind.RECEIPT, locale, subject, invoice=facts, amount_paid=amount_paid, brand=brand, last4=last4, paid_at=paid_at, link_url=link_url
-    )
+        Kind.RECEIPT, locale, subject, invoice=facts, amount_paid=amount_paid, brand=brand, last4=last4, paid_at=paid_at, link_url=link_url,
+        balance=balance, receipt_number=receipt_number, allocation=allocation,
+    )  # fmt: skip
 
 
 def receipt_payload(
@@ -206,19 +243,32 @@ def receipt_payload(
     paid_at: datetime,
     locale: str,
     link: tuple[uuid.UUID, datetime] | None = None,
+    balance: int | None = None,
+    receipt_number: str | None = None,
+    allocation: list[tuple[str, int, int]] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The receipt's subject now, and the facts to render its body from when it is sent.
+    """The receipt's subject now, and the facts to render its body from when it is sent. `balance`:
+    what is still due on the invoice after this payment; `allocation`: (number, amount, balance) per
+    invoice of a pay-all payment.
 
     Applying a payment happens inside the webhook writer's transaction, where every millisecond
     counts on payday; the outbox worker renders the two parts later (see `render_payload`)."""
-    subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
-    payload = {
+    if allocation is not None and len(allocation) > 1:
+        subject = emails.gettext(
+            locale, "Receipt for %(count)s invoices from %(merchant)s", count=str(len(allocation)), merchant=facts.merchant
+        )
+    else:
+        subject = emails.gettext(locale, "Receipt for invoice %(number)s from %(merchant)s", number=facts.number, merchant=facts.merchant)
+    payload: dict[str, Any] = {
         "locale": locale,
         "invoice": _facts_json(facts),
         "amount_paid": amount_paid,
         "brand": brand,
         "last4": last4,
         "paid_at": paid_at.isoformat(),
+        "balance": balance,
+        "receipt_number": receipt_number,
+        "allocation": [list(line) for line in allocation or ()],
     }
     if link is not None:  # the online receipt: the invoice's link shows it once the invoice is paid
         payload["link"] = _link_json(*link)
@@ -238,6 +288,9 @@ def render_payload(settings: Settings, kind: str, payload: dict[str, Any]) -> Em
             paid_at=datetime.fromisoformat(payload["paid_at"]),
             link_url=pay_link_url(settings, *_link_from_json(payload["link"])) if payload.get("link") else None,
             locale=locale,
+            balance=payload.get("balance"),
+            receipt_number=payload.get("receipt_number"),
+            allocation=tuple(AllocationFact(str(n), int(a), int(b)) for n, a, b in payload.get("allocation") or ()),
         )
     if kind in Kind.WITH_PAY_LINK:
         link_id, expires_at = _link_from_json(payload["link"])
@@ -249,6 +302,8 @@ def render_payload(settings: Settings, kind: str, payload: dict[str, Any]) -> Em
         verification_id, expires_at = _link_from_json(payload["link"])
         url = verify_link_url(settings, verification_id, expires_at)
         return verification_message(payload["merchant"], payload["customer_name"], url, expires_at, locale)
+    if kind == Kind.COLLEAGUE_INVOICE:
+        return _render_colleague(settings, payload)
     raise ValueError(f"no deferred rendering for {kind!r} messages")
 
 
@@ -282,3 +337,53 @@ def finance_alert_message(merchant: str, title: str, lines: list[str]) -> EmailC
     """An alert for the finance team (always in English: it goes to staff, not customers)."""
     subject = f"[{merchant}] {title}"
     return _build(Kind.FINANCE_ALERT, "en", subject, merchant=merchant, title=title, lines=lines)
+
+
+# --- the invoice sent to a colleague (issue 13, "a link for accounts payable") ----------------------
+
+
+def _colleague_subject(facts: InvoiceFacts, locale: str) -> str:
+    amount = format_money(facts.amount, facts.currency, locale)
+    return emails.gettext(
+        locale,
+        "Invoice %(number)s from %(merchant)s for %(customer)s: %(amount)s",
+        number=facts.number,
+        merchant=facts.merchant,
+        customer=facts.customer_name,
+        amount=amount,
+    )
+
+
+def colleague_payload(
+    facts: InvoiceFacts, *, link_id: uuid.UUID, expires_at: datetime, locale: str, asked_by_customer: bool
+) -> tuple[str, dict[str, Any]]:
+    """The subject now, and the facts to render the colleague's email from when it is sent: their own
+    link by id and expiry (never its URL), and whether the customer asked for it (the pay page) or
+    finance sent it (the CLI)."""
+    payload = {
+        "locale": locale,
+        "invoice": _facts_json(facts),
+        "link": _link_json(link_id, expires_at),
+        "asked_by_customer": asked_by_customer,
+    }
+    return _colleague_subject(facts, locale), payload
+
+
+def colleague_message(facts: InvoiceFacts, link_url: str, expires_at: datetime, locale: str, *, asked_by_customer: bool) -> EmailContent:
+    subject = _colleague_subject(facts, locale)
+    return _build(
+        Kind.COLLEAGUE_INVOICE,
+        locale,
+        subject,
+        invoice=facts,
+        link_url=link_url,
+        expires_at=expires_at,
+        asked_by_customer=asked_by_customer,
+    )
+
+
+def _render_colleague(settings: Settings, payload: dict[str, Any]) -> EmailContent:
+    link_id, expires_at = _link_from_json(payload["link"])
+    url = pay_link_url(settings, link_id, expires_at)
+    facts = _facts_from_json(payload["invoice"])
+    return colleague_message(facts, url, expires_at, payload["locale"], asked_by_customer=bool(payload.get("asked_by_customer")))

@@ -86,6 +86,26 @@ def queue_customer_email(
     return True
 
 
+async def queue_recipient_email(
+    session: AsyncSession,
+    settings: Settings,
+    recipient: str,
+    content: EmailContent,
+    *,
+    actor: str,
+    payload: dict[str, Any],
+    invoice_id: uuid.UUID | None = None,
+) -> bool:
+    """`queue_customer_email` for an address that is not (necessarily) a customer's, such as the
+    colleague an invoice is sent to: their own link is the proof of the address, so no verification
+    is asked; an address that is a customer's own and is paused is held all the same."""
+    customer = (await session.execute(select(Customer).where(Customer.email == recipient))).scalar_one_or_none()
+    if customer is not None:
+        return queue_customer_email(session, settings, customer, content, actor=actor, payload=payload, invoice_id=invoice_id)
+    outbox.enqueue_to_render(session, settings, recipient, content.kind, content.subject, payload, invoice_id=invoice_id)
+    return True
+
+
 async def apply_dead_message_policy(settings: Settings, session: AsyncSession, dead: DeadMessage) -> None:
     """A message the outbox gave up on is never silent: flag its invoice, pause the address when the
     server refused it, and alert finance. Runs in the transaction that marks the message dead.

@@ -49,6 +49,7 @@ from links.invoices import (
     check_due_date,
     check_invoice_number,
     check_notes,
+    default_part_rules,
     flush_new_invoices,
     format_invoice_number,
     give_back_invoice_numbers,
@@ -497,6 +498,7 @@ async def _write_chunk(
                 import_key=row.import_key,
                 import_batch_id=batch_id,
                 today=checked_on,
+                part_rules=default_part_rules(settings),  # PARTIAL_PAYMENTS_DEFAULT
             )
             session.add(invoice)
             invoices.append((invoice, customer))

@@ -23,9 +23,10 @@ from links.errors import LinkError, NotFound
 from links.hooks import queue_customer_email
 from links.lines import LineItem, check_lines, lines_json, lines_of, plain_line, totals
 from links.models import Customer, Invoice, InvoiceStatus, NumberSequence, PaymentLink
+from links.partial import PartRules
 from plumbing import audit
 from plumbing.db import chunked, insert_ignore, new_id, utcnow
-from plumbing.i18n import check_currency, to_minor_units
+from plumbing.i18n import check_currency, format_money, to_minor_units
 from plumbing.settings import Settings
 
 # The unique constraint on invoices.number, as the database names it in an IntegrityError
@@ -143,6 +144,32 @@ def check_due_date(due_date: date | None, *, today: date | None = None) -> date 
     return due_date
 
 
+def default_part_rules(settings: Settings) -> PartRules:
+    """The rules of an invoice created without any: PARTIAL_PAYMENTS_DEFAULT (no minimum, no deposit)."""
+    return PartRules(allow_partial=settings.partial_payments_default)
+
+
+def check_part_rules(rules: PartRules, total: int, currency: str) -> PartRules:
+    """Part-payment rules that make sense for an invoice of `total` (minor units), or LinkError."""
+    if not rules.allow_partial:
+        if rules.min_amount is not None or rules.min_percent is not None or rules.deposit_percent is not None:
+            raise LinkError("a minimum or a deposit only applies with part payments: add --allow-partial")
+        return rules
+    if rules.min_amount is not None and rules.min_percent is not None:
+        raise LinkError("give a minimum amount or a minimum percentage, not both")
+    for name, percent in (("minimum percentage", rules.min_percent), ("deposit percentage", rules.deposit_percent)):
+        if percent is not None and not 1 <= percent <= 100:
+            raise LinkError(f"the {name} must be a whole number from 1 to 100")
+    if rules.min_amount is not None:
+        if rules.min_amount <= 0:
+            raise LinkError("the minimum amount must be greater than zero")
+        if rules.min_amount > total:
+            raise LinkError(
+                f"the minimum amount {format_money(rules.min_amount, currency)} is more than the total {format_money(total, currency)}"
+            )
+    return rules
+
+
 def new_invoice(
     *,
     customer_id: uuid.UUID,
@@ -156,11 +183,13 @@ def new_invoice(
     import_key: str | None = None,
     import_batch_id: uuid.UUID | None = None,
     today: date | None = None,
+    part_rules: PartRules | None = None,
 ) -> Invoice:
     """The one way an invoice row is built (CLI, importer, services): an open invoice for its line
     items (links/lines.py), or for a plain amount in minor units (one untaxed line). amount_due is
     the lines' total: what gets charged. Refused (LinkError): no description, a due date in the
     past, a total below Stripe's minimum charge for the currency (or above its maximum).
+    Part payments follow `part_rules` (links/partial.py; default: none), checked against the total.
     The caller adds it to its session (and see `flush_new_invoices`)."""
     if not description.strip():
         raise LinkError("an invoice needs a description")
@@ -172,6 +201,7 @@ def new_invoice(
     elif amount_due is not None and amount_due != totals(lines).total:
         raise LinkError(f"the amount {amount_due} does not match the total of the lines, {totals(lines).total} (minor units)")
     total = check_lines(lines, currency).total
+    rules = check_part_rules(part_rules or PartRules(), total, currency)
     return Invoice(
         id=new_id(),
         number=check_invoice_number(number),
@@ -186,6 +216,10 @@ def new_invoice(
         created_at=utcnow(),  # now, not at flush: the email queued in the same transaction shows it
         import_key=import_key,
         import_batch_id=import_batch_id,
+        allow_partial=rules.allow_partial,
+        min_partial_amount=rules.min_amount,
+        min_partial_percent=rules.min_percent,
+        deposit_percent=rules.deposit_percent,
     )
 
 
@@ -221,9 +255,10 @@ async def create_invoice(
     notes: str | None = None,
     due_date: date | None = None,
     number: str | None = None,
+    part_rules: PartRules | None = None,
 ) -> Invoice:
     """An invoice for a plain `amount` in major units ("120.50", one untaxed line) or for `lines`
-    (exactly one of the two), numbered `number` or the next of the sequence."""
+    (exactly one of the two), numbered `number` or the next of the sequence, with `part_rules`."""
     currency_code = check_currency(currency)
     if (amount is None) == (lines is None):
         raise LinkError("an invoice has a plain amount or line items: give exactly one of the two")
@@ -243,12 +278,14 @@ async def create_invoice(
         notes=notes,
         description=description,
         due_date=due_date,
+        part_rules=part_rules,
     )
     session.add(invoice)
     await flush_new_invoices(session, [invoice.number], auto_numbered=number is None)
     audit.record(
         session, actor, "invoice.create", f"invoice:{invoice.number}", amount=invoice.amount_due, currency=currency_code,
-        lines=len(invoice.line_items or ()),
+        lines=len(invoice.line_items or ()), allow_partial=invoice.allow_partial, min_partial_amount=invoice.min_partial_amount,
+        min_partial_percent=invoice.min_partial_percent, deposit_percent=invoice.deposit_percent,
     )  # fmt: skip
     return invoice
 
@@ -307,6 +344,7 @@ def invoice_facts(settings: Settings, invoice: Invoice, customer: Customer, *, t
     lines = lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
     summed = totals(lines)
     today = today or utcnow().date()
+    paid = invoice.amount_paid or 0  # None on an invoice not flushed yet
     return InvoiceFacts(
         merchant=settings.merchant_name,
         customer_name=customer.name,
@@ -330,6 +368,8 @@ def invoice_facts(settings: Settings, invoice: Invoice, customer: Customer, *, t
         taxes=tuple((str(rate), amount) for rate, amount in summed.taxes),
         notes=invoice.notes,
         overdue_since=invoice.due_date if is_overdue(invoice, today) else None,
+        amount_paid=paid,
+        balance=invoice.amount_due - paid if 0 < paid < invoice.amount_due else None,
     )
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from emails.messages import EmailContent, Kind, invoice_payload, pay_link_url
-from links.customers import customer_locale
+from links.customers import customer_locale, normalize_email
 from links.errors import LinkError
 from links.hooks import paused_reason, queue_customer_email
 from links.invoices import find_invoice, invoice_facts
@@ -51,16 +51,8 @@ async def issue_link(
     """Create a signed link for the invoice and, if asked, queue its email in this transaction.
 
     `audited=False` is for bulk callers that write one audit entry for the whole operation."""
-    if invoice.status not in InvoiceStatus.PAYABLE:
-        raise LinkError(f"invoice {invoice.number} is {invoice.status}; links are issued only for open invoices")
-    ttl = ttl_days if ttl_days is not None else settings.link_ttl_days
-    if not 1 <= ttl <= 365:
-        raise LinkError("a link lives between 1 and 365 days")
-    now = utcnow()
-    # Whole seconds: the expiry in the token and in the database must be the same instant.
-    expires_at = (now + timedelta(days=ttl)).replace(microsecond=0)
-    link = PaymentLink(id=uuid.uuid4(), invoice_id=invoice.id, expires_at=expires_at)
-    session.add(link)
+    link = new_link(session, settings, invoice, ttl_days=ttl_days, actor=actor)
+    now, expires_at = link.created_at, link.expires_at
     url = pay_link_url(settings, link.id, expires_at)  # for the caller (the CLI prints it); never stored
     held = send_block_reason(customer) if send else None
     emailed = False
@@ -71,6 +63,25 @@ async def issue_link(
     if audited:
         audit.record(session, actor, "link.issue", f"invoice:{invoice.number}", link=str(link.id), emailed=emailed, held=held)
     return IssuedLink(link.id, url, expires_at, emailed, held)
+
+
+def new_link(
+    session: AsyncSession, settings: Settings, invoice: Invoice, *, ttl_days: int | None, actor: str, recipient_email: str | None = None
+) -> PaymentLink:
+    """A new link row for a payable invoice (the customer's, or a colleague's with `recipient_email`)."""
+    if invoice.status not in InvoiceStatus.PAYABLE:
+        raise LinkError(f"invoice {invoice.number} is {invoice.status}; links are issued only for open invoices")
+    ttl = ttl_days if ttl_days is not None else settings.link_ttl_days
+    if not 1 <= ttl <= 365:
+        raise LinkError("a link lives between 1 and 365 days")
+    now = utcnow()
+    # Whole seconds: the expiry in the token and in the database must be the same instant.
+    expires_at = (now + timedelta(days=ttl)).replace(microsecond=0)
+    link = PaymentLink(
+        id=uuid.uuid4(), invoice_id=invoice.id, expires_at=expires_at, created_at=now, recipient_email=recipient_email, created_by=actor
+    )
+    session.add(link)
+    return link
 
 
 def _queue_link_email(
@@ -105,18 +116,32 @@ def link_with_invoice(link_id: uuid.UUID) -> Select[PaymentLink, Invoice, Custom
     )
 
 
-async def revoke_links(session: AsyncSession, number: str, *, actor: str) -> int:
-    """Revoke every live link of an invoice. Returns how many were revoked."""
+@dataclass(frozen=True)
+class Revoked:
+    invoice: str
+    status: str  # the invoice's: a paid invoice's link still shows its receipt
+    count: int
+
+
+async def revoke_links(session: AsyncSession, number: str, *, actor: str, recipient_email: str | None = None) -> Revoked:
+    """Revoke every live link of an invoice, or only those sent to the colleague `recipient_email`."""
     invoice = await find_invoice(session, number)
     now = utcnow()
-    result = await session.execute(
-        update(PaymentLink)
-        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now)
-        .values(revoked_at=now)
-    )
+    live = [PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now]
+    if recipient_email is not None:
+        recipient_email = normalize_email(recipient_email)
+        sent = await session.scalar(
+            select(func.count())
+            .select_from(PaymentLink)
+            .where(PaymentLink.invoice_id == invoice.id, PaymentLink.recipient_email == recipient_email)
+        )
+        if not sent:
+            raise LinkError(f"invoice {invoice.number} was never sent to {recipient_email}")
+        live.append(PaymentLink.recipient_email == recipient_email)
+    result = await session.execute(update(PaymentLink).where(*live).values(revoked_at=now))
     count = int(result.rowcount or 0)  # type: ignore[attr-defined]
-    audit.record(session, actor, "link.revoke", f"invoice:{invoice.number}", count=count)
-    return count
+    audit.record(session, actor, "link.revoke", f"invoice:{invoice.number}", count=count, to=recipient_email, invoice_status=invoice.status)
+    return Revoked(invoice.number, invoice.status, count)
 
 
 async def release_held_invoices(session: AsyncSession, settings: Settings, customer: Customer) -> int:
@@ -147,7 +172,8 @@ FRESH_LINKS_PER_CUSTOMER_PER_DAY = 5
 
 
 async def request_fresh_link(session: AsyncSession, settings: Settings, link_id: uuid.UUID) -> bool:
-    """Send a fresh link to the address on file, within the rate limits. Returns whether one went out.
+    """Send a fresh link to the address on file (a colleague's link: to that colleague), within the
+    rate limits. Returns whether one went out.
 
     The caller answers the customer the same way either way. Requests are stored, so the limits
     hold across restarts and across web processes."""
@@ -161,14 +187,25 @@ async def request_fresh_link(session: AsyncSession, settings: Settings, link_id:
     now = utcnow()
     request = LinkRequest(invoice_id=invoice.id, customer_id=customer.id, requested_at=now, sent=False)
     session.add(request)
-    if link.revoked_at is not None or invoice.status != InvoiceStatus.OPEN or send_block_reason(customer) is not None:
+    if link.revoked_at is not None or invoice.status not in InvoiceStatus.PAYABLE:
+        return False
+    if link.recipient_email is None and send_block_reason(customer) is not None:
         return False
     per_invoice = await _sent_requests(session, LinkRequest.invoice_id == invoice.id, now - timedelta(hours=1))
     per_customer = await _sent_requests(session, LinkRequest.customer_id == customer.id, now - timedelta(days=1))
     if per_invoice >= FRESH_LINKS_PER_INVOICE_PER_HOUR or per_customer >= FRESH_LINKS_PER_CUSTOMER_PER_DAY:
         audit.record(session, "link", "link.fresh_refused", f"invoice:{invoice.number}", reason="rate limit")
         return False
-    await issue_link(session, settings, invoice=invoice, customer=customer, actor="link", kind=Kind.NEW_LINK)
+    if link.recipient_email is not None:
+        # A colleague's expired link: the fresh one goes to the colleague, never to the customer.
+        from links.colleagues import issue_colleague_link  # here: links.colleagues builds on this module
+
+        recipient = link.recipient_email
+        await issue_colleague_link(
+            session, settings, invoice=invoice, customer=customer, recipient_email=recipient, actor="link", asked_by_customer=False
+        )
+    else:
+        await issue_link(session, settings, invoice=invoice, customer=customer, actor="link", kind=Kind.NEW_LINK)
     request.sent = True
     return True
 
@@ -181,7 +218,12 @@ async def _sent_requests(session: AsyncSession, condition: Any, since: datetime)
 async def newest_live_link(session: AsyncSession, invoice_id: uuid.UUID, now: datetime) -> PaymentLink | None:
     query = (
         select(PaymentLink)
-        .where(PaymentLink.invoice_id == invoice_id, PaymentLink.revoked_at.is_(None), PaymentLink.expires_at > now)
+        .where(
+            PaymentLink.invoice_id == invoice_id,
+            PaymentLink.revoked_at.is_(None),
+            PaymentLink.expires_at > now,
+            PaymentLink.recipient_email.is_(None),  # the customer's own link, never a colleague's
+        )
         .order_by(PaymentLink.created_at.desc())
         .limit(1)
     )

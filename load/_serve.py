@@ -1,8 +1,9 @@
 """Serve the real app (from the environment) or a bare Starlette app with one prebuilt page, under uvicorn.
 
-Used by the benchmarks as a subprocess: `python load/_serve.py --port P [--bare PAGE.html] [--profile OUT.prof]`.
-One worker, uvloop + httptools when installed (uvicorn's "auto"), no access log. SIGINT stops it cleanly,
-after which a cProfile dump (if asked for) is written.
+Used by the benchmarks as a subprocess:
+`python load/_serve.py --port P [--bare [--page PAGE.html] [--forged-page PAGE.html --forged-status 404]] [--profile OUT.prof]`.
+One worker, uvloop + httptools when installed (uvicorn's "auto"), no access log, no Server header (as the
+Procfile runs the app). SIGINT stops it cleanly, after which a cProfile dump (if asked for) is written.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def bare_app(page: Path | None) -> Any:
-    """Starlette with the app's route shapes and no database: the pay page answers with a prebuilt body, the
+def bare_app(page: Path | None, forged_page: Path | None = None, forged_status: int = 404) -> Any:
+    """Starlette with the app's route shapes and no database: the pay page (/pay/l/{link_hex}) answers with a
+    prebuilt body, /pay/{token} with another (what the app answers a forged token: --forged-page), the
     webhook endpoint verifies the signature exactly as the app does (stripe SDK) and acknowledges."""
     import json
     import os
@@ -33,10 +35,15 @@ def bare_app(page: Path | None) -> Any:
     from starlette.routing import Route
 
     body = page.read_bytes() if page else b"<!doctype html><title>bare</title>"
+    forged_body = forged_page.read_bytes() if forged_page else body
+    token_status = forged_status if forged_page else 200
     secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "")
 
     async def pay_page(request: Request) -> Response:
         return HTMLResponse(body)
+
+    async def token_page(request: Request) -> Response:
+        return HTMLResponse(forged_body, status_code=token_status)
 
     async def webhook(request: Request) -> Response:
         payload = await request.body()
@@ -52,7 +59,8 @@ def bare_app(page: Path | None) -> Any:
 
     return Starlette(
         routes=[
-            Route("/pay/{token}", pay_page, methods=["GET", "HEAD"]),
+            Route("/pay/l/{link_hex}", pay_page, methods=["GET", "HEAD"]),
+            Route("/pay/{token}", token_page, methods=["GET", "HEAD"]),
             Route("/webhooks/stripe", webhook, methods=["POST"]),
             Route("/health", health),
         ]
@@ -78,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bare", action="store_true", help="serve a bare Starlette app (no database) instead of the real one")
-    parser.add_argument("--page", type=Path, help="with --bare: the prebuilt page served at /pay/{token}")
+    parser.add_argument("--page", type=Path, help="with --bare: the prebuilt page served at /pay/l/{link_hex}")
+    parser.add_argument("--forged-page", type=Path, help="with --bare: the prebuilt page served at /pay/{token}")
+    parser.add_argument("--forged-status", type=int, default=404, help="with --bare: the status of --forged-page (default 404)")
     parser.add_argument(
         "--cached-read",
         action="store_true",
@@ -87,14 +97,16 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write cProfile stats of the server's event loop thread here")
     args = parser.parse_args()
     if args.bare:
-        app = bare_app(args.page)
+        app = bare_app(args.page, args.forged_page, args.forged_status)
     else:
         from app import create_app
 
         if args.cached_read:
             memoise_pay_page_read()
         app = create_app()
-    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on", workers=1)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on", workers=1, server_header=False
+    )
     server = uvicorn.Server(config)
     profiler = cProfile.Profile() if args.profile else None
     try:

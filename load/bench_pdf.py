@@ -2,14 +2,13 @@
 
 Renders a three-line invoice with two tax rates, and its receipt, with the merchant's logo, in the
 four languages, on the PDF thread pool exactly as the app does (plumbing/pdf.py), for a few seconds;
-prints PDFs/s as the median of 3 runs. No database: the document's facts are built in memory.
+prints PDFs/s as min/median/max over --runs runs (default 3). No database: the document's facts are built in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -19,6 +18,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import repeat, summarise  # noqa: E402
 
 from links.lines import make_item, totals  # noqa: E402
 from payments.documents import Document, DocumentKind, ReceiptFacts, render_document  # noqa: E402
@@ -67,16 +68,17 @@ async def one_run(settings: Settings, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each of the 3 runs")
+    parser.add_argument("--runs", type=int, default=3, help="measure this many times; figures as min/median/max (default 3)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     args = parser.parse_args()
     settings = Settings.from_env(ENV)
     asyncio.run(render_document(settings, "invoice", document(), "en"))  # warm up: fonts, templates
-    rates = [asyncio.run(one_run(settings, args.seconds)) for _ in range(3)]
-    print(f"pdf threads: {PDF_THREADS}; runs: {', '.join(f'{r:.1f}' for r in rates)} PDFs/s")
-    print(f"PDFs/s (median of 3): {statistics.median(rates):.1f}")
+    runs = repeat(max(1, args.runs), lambda run: {"PDFs/s": asyncio.run(one_run(settings, args.seconds))})
+    summarise(f"PDFs: invoice + receipt, 4 languages, PDF threads: {PDF_THREADS}, {args.seconds:g} s a run", runs, [])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,313 +1,281 @@
-"""Payday: N customers open their pay link at once. The real app vs. bare Starlette serving the same page.
+"""Payday: everyone opens their pay link at once. The real app vs. bare Starlette, with wrk.
 
-    .venv/bin/python load/payday.py [--n 1000] [--users 64] [--duration 20] [--wrk auto|yes|no] [--what-if]
+    .venv/bin/python load/payday.py [--runs 3] [--n 10000] [--duration 10] [--database both|sqlite|postgres]
                                     [--py-spy /path/to/py-spy] [--keep]
 
-1. A fresh SQLite file is migrated and filled through the services: N verified customers, each with one
-   saved card (a PaymentProfile row, Visa 4242), and an open invoice whose link is issued with
-   `links.service.issue_link(send=False)`, all inside transactions. The links are written to a file.
-2. The real app runs under uvicorn (one worker, subprocess); locust (headless, FastHttpUser, no think
-   time) opens random links for --duration seconds with --users customers (load/locustfile.py) and
-   checks each page is 200 and shows the card.
-3. A bare Starlette app (one worker) serves one page the real app rendered, on the same route shape;
-   locust runs against it the same way. The ratio app/bare is the figure DESIGN.md asks >= 0.25x of.
-4. If `wrk` is installed (`apt-get install -y wrk`), both servers are also measured with wrk (1 thread,
-   32 connections, random links from the same file), whose client costs far less CPU than locust's.
+Goals (issue 15), each a ratio to bare Starlette serving a same-size prebuilt page on the same route
+shape, measured in the same run, one uvicorn worker each, wrk -t1 -c32:
+- GET /pay/l/<link hex> with the link's cookie (what GET /pay/<token> hands over to: a 303 that sets
+  the cookie `pl_<link hex>`; views/pages.py), valid, rendered, open recorded: >= 0.25x bare and
+  p99 <= 10 ms, on SQLite and on PostgreSQL, over N distinct links and over one link hit repeatedly.
+- GET /pay/<forged token> (rejected before any database query): >= 0.8x bare.
 
-Runtime with the defaults: ~65 s with wrk installed (setup ~10 s, 2 x 20 s locust, 2 x 8 s wrk), ~95 s with
---what-if. Only 127.0.0.1 is used. The run fails (exit 1) on any failed request or lost link open.
+Each run, for each database (a SQLite file; a PostgreSQL database created on 127.0.0.1:5432, or
+BENCH_POSTGRES_URL, and dropped at the end), filled once in bulk SQL with N verified customers, each
+with a saved Visa 4242 and an open invoice whose link was sent (load/_common.py seed_payday):
+1. the app runs as the Procfile runs it (`uvicorn --factory app:create_app`, 1 worker, no access log);
+   checked first: /pay/<token> answers 303 with the cookie, the page with the cookie is 200 and shows
+   the card, a forged token is 404; 20 random links' pages (before the load) and 50 (after it) must
+   each show the card and their own invoice's number;
+2. wrk warms it up (2 s), then measures the N distinct links (random path + cookie pairs, a Lua
+   script), one link hit repeatedly, the handoff GET /pay/<token> of the N links (303; a figure
+   without a goal), and the forged token, --duration seconds each;
+3. the app is stopped (SIGINT: it writes the opens it still holds), and the database must hold at
+   least one open per page wrk counted (sum of open_count); on PostgreSQL, the database's transaction
+   counter during the forged run shows that forged links cost no query;
+4. bare Starlette (load/_serve.py --bare) serves the page and the forged answer the app sent, byte for
+   byte, with the same statuses, on /pay/l/{link_hex} and /pay/{token}; wrk measures it the same way.
 
-Findings, 2026-11-23 (2 vCPU box shared by the clients and the server, Python 3.11, uvloop + httptools,
-1,000 links; figures vary ~15% from run to run):
+A run takes ~(10 x duration + 25) s with both databases. Exit 1 on a missed check (a failed request,
+a lost open, a forged request that reached the database), not on a missed goal.
 
-* Now: the app serves ~850-890 req/s (locust 64 users: p50 67 ms, p95 95 ms; wrk -c32: p50 36 ms,
-  p95 48 ms), no failures, every open recorded. Bare Starlette serving the same prebuilt page: ~8,300
-  req/s (locust, which is then the limit) and ~31,000 req/s (wrk). Ratio app/bare: 0.11x (locust),
-  0.03x (wrk): the DESIGN.md target (>= 0.25x) is NOT met. Before the changes below: 240-300 req/s,
-  and 35-75% of link opens were lost when the app stopped right after a burst.
-* What changed: links/pagereader.py reads the page on a read-only sqlite3 connection, synchronously,
-  on the event loop (WAL readers never wait for writers), instead of two aiosqlite round trips per
-  statement; links/opens.py writes the counters in one batched UPDATE and the access log in one
-  INSERT per second, puts a failed batch back, and is stopped (not cancelled) on shutdown.
-* Where the time goes now (py-spy): Jinja rendering of pay.html with its gettext calls (~0.3 ms a
-  page), Starlette/uvicorn per-request work, the ORM read (~0.1-0.2 ms), and ~20% of CPU in the
-  background flush of the access log (one row per open) on the aiosqlite thread.
-* 0.25x of wrk-bare is ~7,500 req/s, ~0.13 ms per request: less than rendering pay.html alone. The
-  DESIGN.md figure compared a prebuilt page after a point read, with no render, so the target can only
-  be met by caching rendered pages (per link, invoice state, cards and language, with the per-request
-  CSP nonce and CSRF token substituted) - not done - or by restating it for a rendered page.
+Earlier findings (2026-11-23, before issue 15; 1,000 links, SQLite, 2 vCPU box): the app served
+~850-890 req/s (wrk -c32 p50 36 ms) against ~31,000 req/s bare: 0.03x. Time went to Jinja rendering
+of pay.html with its gettext calls (~0.3 ms a page), Starlette/uvicorn per-request work, the read
+(~0.1-0.2 ms) and the background flush of the open log. 0.25x of bare is ~0.13 ms a request: less
+than rendering pay.html alone, so the goal needs rendered pages cached (with the per-request nonce
+and CSRF token put in at send time).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import csv
-import os
-import re
-import shutil
-import sqlite3
-import subprocess
-import sys
+import contextlib
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
-from _common import LOAD, ROOT, Server, bench_env, free_port, print_py_spy, print_table, py_spy_wrapper, sqlite_url, workdir
+from _common import (
+    Goal,
+    SeededLink,
+    Server,
+    Wrk,
+    app_command,
+    bench_env,
+    db_scalar,
+    ensure_wrk,
+    forged_token,
+    free_port,
+    fresh_database,
+    postgres_transactions,
+    print_py_spy,
+    py_spy_wrapper,
+    repeat,
+    run_wrk,
+    seed_payday,
+    serve_command,
+    summarise,
+    workdir,
+    write_requests,
+)
 
-TARGET_RATIO = 0.25
-
-
-async def prepare(url: str, settings: Any, n: int) -> list[str]:
-    """N customers with a saved card and an open invoice whose link is issued (no email): returns the links."""
-    from links.customers import add_customer
-    from links.invoices import create_invoice
-    from links.issuing import issue_link
-    from payments.models import PaymentProfile
-    from services import open_services
-
-    urls: list[str] = []
-    async with open_services(settings) as services:
-        sessions = services.sessions
-        for start in range(0, n, 250):
-            async with sessions.begin() as session:
-                for i in range(start, min(n, start + 250)):
-                    customer = await add_customer(
-                        session,
-                        email=f"payday{i}@example.com",
-                        name=f"Payday Customer {i}",
-                        actor="load",
-                        stripe_customer_id=f"cus_payday{i:07d}",
-                        verified=True,
-                    )
-                    session.add(
-                        PaymentProfile(
-                            customer_id=customer.id,
-                            stripe_payment_method_id=f"pm_payday{i:07d}",
-                            brand="visa",
-                            last4="4242",
-                            exp_month=12,
-                            exp_year=2030,
-                            is_default=True,
-                        )
-                    )
-                    invoice = await create_invoice(
-                        session,
-                        customer=customer,
-                        amount="120.50",
-                        currency="eur",
-                        description="Monthly service",
-                        actor="load",
-                        number=f"PAY-{i + 1:06d}",
-                    )
-                    issued = await issue_link(session, settings, invoice=invoice, customer=customer, actor="load", send=False)
-                    urls.append(issued.url)
-    return urls
+CONNECTIONS = 32
+WARMUP_SECONDS = 2.0
+LOCALES = (None, "de", "fr", "es")  # payday in four languages (None: the default, English)
 
 
 @dataclass
-class Measured:
-    tool: str
-    target: str
-    requests: int
-    failures: int
-    rps: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    note: str = ""
+class Backend:
+    name: str  # "sqlite" | "postgres"
+    url: str
+    links: list[SeededLink]
+    distinct: Path  # wrk request files
+    one: Path
+    forged: Path
+    handoff: Path
 
 
-def run_locust(host: str, urls_file: Path, work: Path, label: str, users: int, duration: int) -> Measured:
-    prefix = work / f"locust-{re.sub(r'[^a-z]+', '-', label)}"
-    command = [
-        str(Path(sys.executable).with_name("locust")),
-        "-f",
-        str(LOAD / "locustfile.py"),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{duration}s",
-        "--host",
-        host,
-        "--only-summary",
-        "--csv",
-        str(prefix),
-        "--loglevel",
-        "WARNING",
-        "--exit-code-on-error",
-        "0",
-    ]
-    env = {**os.environ, "PAYDAY_URLS": str(urls_file)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + 60, cwd=ROOT)
-    stats_file = Path(f"{prefix}_stats.csv")
-    if result.returncode != 0 or not stats_file.exists():
-        raise RuntimeError(f"locust failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    with stats_file.open() as f:
-        row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
-    warnings = [line for line in result.stderr.splitlines() if "CPU usage" in line]
-    return Measured(
-        tool="locust",
-        target=label,
-        requests=int(row["Request Count"]),
-        failures=int(row["Failure Count"]),
-        rps=float(row["Requests/s"]),
-        p50_ms=float(row["50%"]),
-        p95_ms=float(row["95%"]),
-        p99_ms=float(row["99%"]),
-        note="locust warned: CPU above 90%" if warnings else "",
+@dataclass
+class Captured:
+    page: Path  # what the app sent for a valid link, kept for the bare app
+    forged: Path
+    forged_status: int
+
+
+def open_sum(url: str) -> int:
+    return db_scalar(url, "SELECT coalesce(sum(open_count), 0) FROM payment_links")
+
+
+def check_app(base: str, link: SeededLink, forged: str, work: Path) -> Captured:
+    """The handoff, the page and the forged link behave as payday expects, before anything is measured."""
+    handoff = httpx.get(f"{base}/pay/{link.token}", timeout=10)
+    cookie = handoff.headers.get("set-cookie", "")
+    if handoff.status_code != 303 or handoff.headers.get("location") != link.page_path or f"pl_{link.link_id.hex}=" not in cookie:
+        raise SystemExit(f"GET /pay/<token> is not the handoff payday expects: {handoff.status_code} {handoff.headers}")
+    page = httpx.get(f"{base}{link.page_path}", headers={"cookie": link.cookie}, timeout=10)
+    if page.status_code != 200 or "4242" not in page.text:
+        raise SystemExit(f"the pay page is not what payday expects: {page.status_code}\n{page.text[:500]}")
+    bad = httpx.get(f"{base}/pay/{forged}", timeout=10)
+    if bad.status_code != 404:
+        raise SystemExit(f"a forged link answered {bad.status_code}, not 404")
+    captured = Captured(work / "page.html", work / "forged.html", bad.status_code)
+    captured.page.write_bytes(page.content)
+    captured.forged.write_bytes(bad.content)
+    return captured
+
+
+def wrong_pages(base: str, links: list[SeededLink], sample: int) -> list[str]:
+    """Pages of a random sample of links that are not 200, do not offer the card or show another invoice
+    (a page cache keyed wrongly would show one)."""
+    wrong = []
+    with httpx.Client(base_url=base, timeout=10) as client:
+        for link in random.sample(links, min(sample, len(links))):
+            page = client.get(link.page_path, headers={"cookie": link.cookie})
+            if page.status_code != 200 or "4242" not in page.text or link.number not in page.text:
+                wrong.append(f"{link.page_path}: {page.status_code}, card {'4242' in page.text}, {link.number} {link.number in page.text}")
+    return wrong
+
+
+def valid_run(w: Wrk) -> list[str]:
+    return [f"{w.non2xx} non-2xx, {w.errors} socket errors"] if w.non2xx or w.errors else []
+
+
+def measure_app(
+    backend: Backend, work: Path, duration: float, py_spy: str | None, run: int
+) -> tuple[dict[str, float], Captured, list[str]]:
+    port = free_port()
+    env = bench_env(backend.url, app_port=port)
+    spy = work / f"app-{backend.name}-{run}.pyspy.txt"
+    wrapper = py_spy_wrapper(py_spy, spy) if py_spy else None
+    problems: list[str] = []
+    before = open_sum(backend.url)
+    with Server(app_command(port), env, port, work / f"app-{backend.name}-{run}.log", wrapper=wrapper) as app:
+        app.wait_ready()
+        captured = check_app(app.base, backend.links[0], forged_token(backend.links[0].token), work)
+        problems += [f"{backend.name} before the load: {p}" for p in wrong_pages(app.base, backend.links, 20)]
+        warm = run_wrk(app.base, backend.distinct, WARMUP_SECONDS, CONNECTIONS)
+        distinct = run_wrk(app.base, backend.distinct, duration, CONNECTIONS)
+        one = run_wrk(app.base, backend.one, duration, CONNECTIONS)
+        handoff = run_wrk(app.base, backend.handoff, duration, CONNECTIONS)
+        problems += [f"{backend.name} after the load: {p}" for p in wrong_pages(app.base, backend.links, 50)]
+        xacts = 0
+        if backend.name == "postgres":
+            time.sleep(1.5)  # pg_stat_database is flushed by the backends about once a second: let the last reads land
+            xacts = postgres_transactions(backend.url)
+        forged = run_wrk(app.base, backend.forged, duration, CONNECTIONS)
+        if backend.name == "postgres":
+            time.sleep(1.5)
+            xacts = postgres_transactions(backend.url) - xacts
+        errors = app.server_errors()
+    if py_spy:
+        print_py_spy(spy)
+    for label, w in (("warm-up", warm), ("distinct", distinct), ("one link", one), ("handoff", handoff)):
+        problems += [f"{backend.name} {label}: {p}" for p in valid_run(w)]
+    if forged.errors or forged.non2xx != forged.requests:
+        problems.append(f"{backend.name} forged: {forged.requests - forged.non2xx} answered 2xx/3xx, {forged.errors} socket errors")
+    if errors:
+        problems.append(f"{backend.name}: {errors} server errors logged (see {work})")
+    served = 1 + 20 + 50 + warm.ok + distinct.ok + one.ok  # the pages fetched by check_app and wrong_pages
+    recorded = open_sum(backend.url) - before
+    if recorded < served:
+        problems.append(f"{backend.name}: {served - recorded:,} opens LOST ({recorded:,} recorded for {served:,} pages wrk counted)")
+    figures = {
+        f"{backend.name} distinct req/s": distinct.rps,
+        f"{backend.name} distinct p99 ms": distinct.p99_ms,
+        f"{backend.name} one link req/s": one.rps,
+        f"{backend.name} one link p99 ms": one.p99_ms,
+        f"{backend.name} handoff (303) req/s": handoff.rps,
+        f"{backend.name} handoff (303) p99 ms": handoff.p99_ms,
+        f"{backend.name} forged req/s": forged.rps,
+        f"{backend.name} forged p99 ms": forged.p99_ms,
+        f"{backend.name} opens recorded - pages counted": float(recorded - served),
+    }
+    if backend.name == "postgres":
+        figures["postgres transactions during forged run"] = float(xacts)
+        if xacts > forged.requests / 100:
+            problems.append(f"postgres: {xacts} transactions during {forged.requests:,} forged requests: forged links reach the database")
+    return figures, captured, problems
+
+
+def measure_bare(captured: Captured, backend: Backend, work: Path, duration: float, run: int) -> dict[str, float]:
+    port = free_port()
+    args = ["--bare", "--page", str(captured.page), "--forged-page", str(captured.forged), "--forged-status", str(captured.forged_status)]
+    with Server(serve_command(port, *args), {}, port, work / f"bare-{run}.log") as bare:
+        bare.wait_ready()
+        run_wrk(bare.base, backend.distinct, WARMUP_SECONDS, CONNECTIONS)
+        page = run_wrk(bare.base, backend.distinct, duration, CONNECTIONS)
+        forged = run_wrk(bare.base, backend.forged, duration, CONNECTIONS)
+    return {"bare page req/s": page.rps, "bare page p99 ms": page.p99_ms, "bare forged req/s": forged.rps}
+
+
+def prepare(name: str, url: str, n: int, work: Path) -> Backend:
+    started = time.perf_counter()
+    links = seed_payday(url, n, locales=LOCALES)
+    print(f"{name}: {n:,} customers, cards, invoices and sent links written in {time.perf_counter() - started:.1f} s", flush=True)
+    forged = forged_token(links[0].token)
+    return Backend(
+        name,
+        url,
+        links,
+        write_requests(work / f"{name}-distinct.txt", [(link.page_path, link.cookie) for link in links]),
+        write_requests(work / f"{name}-one.txt", [(links[0].page_path, links[0].cookie)]),
+        write_requests(work / f"{name}-forged.txt", [(f"/pay/{forged}", "")]),
+        write_requests(work / f"{name}-handoff.txt", [(f"/pay/{link.token}", "") for link in links]),
     )
-
-
-WRK_SCRIPT = """
-local paths = {}
-for line in io.lines(os.getenv("PAYDAY_PATHS")) do paths[#paths + 1] = line end
-math.randomseed(os.time())
-request = function() return wrk.format("GET", paths[math.random(#paths)]) end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT requests=%d non2xx=%d errors=%d p50=%d p95=%d p99=%d\\n", summary.requests, e.status,
-    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
-end
-"""
-
-
-def run_wrk(wrk: str, host: str, paths_file: Path, work: Path, label: str, duration: int, connections: int = 32) -> Measured:
-    script = work / "payday.lua"
-    script.write_text(WRK_SCRIPT)
-    command = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "-s", str(script), f"{host}/"]
-    result = subprocess.run(
-        command, env={**os.environ, "PAYDAY_PATHS": str(paths_file)}, capture_output=True, text=True, timeout=duration + 30
-    )
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-    summary = re.search(r"RESULT requests=(\d+) non2xx=(\d+) errors=(\d+) p50=(\d+) p95=(\d+) p99=(\d+)", result.stdout)
-    if result.returncode != 0 or not rps or not summary:
-        raise RuntimeError(f"wrk failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    requests, non2xx, errors, p50, p95, p99 = (int(g) for g in summary.groups())
-    return Measured(
-        "wrk", label, requests, non2xx + errors, float(rps.group(1)), p50 / 1000, p95 / 1000, p99 / 1000, f"-t1 -c{connections}"
-    )
-
-
-def total_opens(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as conn:
-        return int(conn.execute("SELECT coalesce(sum(open_count), 0) FROM payment_links").fetchone()[0])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=1000, help="customers, each with a card and an issued link (default 1000, at most 20000)")
-    parser.add_argument("--users", type=int, default=64, help="locust users, all spawned in the first second (default 64)")
-    parser.add_argument("--duration", type=int, default=20, help="seconds of locust load per server (default 20, at most 60)")
-    parser.add_argument("--wrk", choices=("auto", "yes", "no"), default="auto", help="also measure with wrk (auto: when installed)")
-    parser.add_argument("--wrk-duration", type=int, default=8, help="seconds of wrk load per server (default 8)")
-    parser.add_argument(
-        "--what-if",
-        action="store_true",
-        help="also measure the app with its pay-page read memoised (what a near-free read would give); adds ~30 s",
-    )
-    parser.add_argument("--py-spy", metavar="PY_SPY", help="path of a py-spy binary: sample the app server and print a summary")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (database, links, logs, locust CSV)")
+    parser.add_argument("--runs", type=int, default=3, help="measure this many times; figures as min/median/max (default 3)")
+    parser.add_argument("--n", type=int, default=10_000, help="customers, each with a card and a sent link (default 10000)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of wrk load per measurement (default 10)")
+    parser.add_argument("--database", choices=("both", "sqlite", "postgres"), default="both")
+    parser.add_argument("--py-spy", metavar="PY_SPY", help="path of a py-spy binary: sample the app and print a summary per run")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (databases, request files, logs)")
     args = parser.parse_args()
-    n = max(1, min(args.n, 20_000))
-    duration = max(5, min(args.duration, 60))
-    wrk = shutil.which("wrk") if args.wrk != "no" else None
-    if args.wrk == "yes" and not wrk:
-        raise SystemExit("wrk is not installed (apt-get install -y wrk)")
+    ensure_wrk()
+    names = ("sqlite", "postgres") if args.database == "both" else (args.database,)
+    problems: list[str] = []
+    with workdir("payday", keep=args.keep) as work, fresh_database(names[0], work) as first_url:
+        # The second database is opened inside the first so both are dropped whatever happens.
+        with fresh_database(names[-1], work) if len(names) > 1 else contextlib.nullcontext(first_url) as last_url:
+            backends = [prepare(names[0], first_url, args.n, work)]
+            if len(names) > 1:
+                backends.append(prepare(names[1], last_url, args.n, work))
 
-    from plumbing.db import migrate_sync
-    from plumbing.settings import Settings
+            def one_run(run: int) -> dict[str, float]:
+                figures: dict[str, float] = {}
+                captured: Captured | None = None
+                for backend in backends:
+                    measured, got, found = measure_app(backend, work, args.duration, args.py_spy, run)
+                    figures.update(measured)
+                    problems.extend(found)
+                    captured = captured or got
+                    print(f"   {backend.name}: {measured[f'{backend.name} distinct req/s']:,.0f} req/s distinct", flush=True)
+                assert captured is not None
+                bare = measure_bare(captured, backends[0], work, args.duration, run)
+                figures.update(bare)
+                for backend in backends:
+                    for kind in ("distinct", "one link"):
+                        figures[f"{backend.name} {kind} / bare"] = figures[f"{backend.name} {kind} req/s"] / bare["bare page req/s"]
+                    figures[f"{backend.name} forged / bare"] = figures[f"{backend.name} forged req/s"] / bare["bare forged req/s"]
+                figures["page bytes"] = float(captured.page.stat().st_size)
+                return figures
 
-    started = time.monotonic()
-    results: list[Measured] = []
-    with workdir("payday", keep=args.keep) as work:
-        db_path = work / "paylink.db"
-        url = sqlite_url(db_path)
-        migrate_sync(url)
-        port = free_port()
-        env = bench_env(url, app_port=port)
-        t0 = time.perf_counter()
-        links = asyncio.run(prepare(url, Settings.from_env(env), n))
-        prepare_seconds = time.perf_counter() - t0
-        urls_file = work / "urls.txt"
-        urls_file.write_text("\n".join(links) + "\n")
-        paths_file = work / "paths.txt"
-        paths_file.write_text("\n".join(httpx.URL(link).path for link in links) + "\n")
-
-        spy_path = work / "app.pyspy.txt"
-        wrapper = py_spy_wrapper(args.py_spy, spy_path) if args.py_spy else None
-        with Server([], env, port, work / "app.log", wrapper=wrapper) as app:
-            app.wait_ready()
-            page = httpx.get(links[0], timeout=10)
-            if page.status_code != 200 or "4242" not in page.text:
-                raise SystemExit(f"the pay page is not what payday expects: {page.status_code}\n{page.text[:500]}")
-            page_file = work / "page.html"
-            page_file.write_bytes(page.content)
-            results.append(run_locust(app.base, urls_file, work, "app", args.users, duration))
-            if wrk:
-                results.append(run_wrk(wrk, app.base, paths_file, work, "app", args.wrk_duration))
-        opens = total_opens(db_path)
-
-        if args.what_if:
-            whatif_port = free_port()
-            with Server(
-                ["--cached-read"], {**env, "BASE_URL": f"http://127.0.0.1:{whatif_port}"}, whatif_port, work / "whatif.log"
-            ) as whatif:
-                whatif.wait_ready()
-                results.append(run_locust(whatif.base, urls_file, work, "app, read memoised", args.users, duration))
-                if wrk:
-                    results.append(run_wrk(wrk, whatif.base, paths_file, work, "app, read memoised", args.wrk_duration))
-
-        bare_port = free_port()
-        with Server(["--bare", "--page", str(page_file)], env, bare_port, work / "bare.log") as bare:
-            bare.wait_ready()
-            results.append(run_locust(bare.base, urls_file, work, "bare", args.users, duration))
-            if wrk:
-                results.append(run_wrk(wrk, bare.base, paths_file, work, "bare", args.wrk_duration))
-
-        answered_app = 1 + sum(r.requests - r.failures for r in results if r.target == "app")  # +1: the page fetched for the bare app
-        rows = [
-            ("customers / links", f"{n} (prepared in {prepare_seconds:.1f} s through add_customer, create_invoice, issue_link)"),
-            ("page", f"{len(page.content):,} bytes, offers Visa 4242"),
-            ("locust", f"{args.users} users spawned at {args.users}/s, no think time, {duration} s per server, FastHttpUser"),
-        ]
-        width = max(len(r.target) for r in results)
-        for r in results:
-            rows.append(
-                (
-                    f"{r.tool:6s} {r.target.ljust(width)}",
-                    f"{r.rps:9,.0f} req/s   p50 {r.p50_ms:6.1f} ms   p95 {r.p95_ms:6.1f} ms   p99 {r.p99_ms:6.1f} ms   "
-                    f"requests {r.requests:,}   failures {r.failures}" + (f"   ({r.note})" if r.note else ""),
-                )
-            )
-        for tool in ("locust", "wrk"):
-            bare_r = next((r for r in results if r.tool == tool and r.target == "bare"), None)
-            for r in results:
-                if r.tool == tool and r.target != "bare" and bare_r and bare_r.rps:
-                    ratio = r.rps / bare_r.rps
-                    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-                    rows.append((f"{tool} ratio {r.target}/bare", f"{ratio:.3f}x (target >= {TARGET_RATIO}x: {verdict})"))
-        lost = max(0, answered_app - opens)
-        rows.append(
-            (
-                "link opens recorded",
-                f"{opens:,} in the database for at least {answered_app:,} pages served (the clients' count; they leave out requests "
-                "in flight when they stop)" + (f": {lost:,} or more opens LOST when the app stopped right after the load" if lost else ""),
-            )
-        )
-        ok = all(r.failures == 0 for r in results) and not lost
-        rows.append(("total runtime", f"{time.monotonic() - started:.0f} s"))
-        print_table("payday: GET /pay/<token>, one uvicorn worker, SQLite", rows)
-        if args.py_spy:
-            print_py_spy(spy_path)
-        if not wrk and args.wrk == "auto":
-            print("  (wrk not installed: `apt-get install -y wrk` adds a low-overhead client measurement)")
-        return 0 if ok else 1
+            runs = repeat(max(1, args.runs), one_run)
+    goals: list[Goal] = []
+    for name in names:
+        for kind in ("distinct", "one link"):
+            goals.append(Goal(f"{name} {kind} / bare", ">=", 0.25, "valid link, rendered, open recorded"))
+            goals.append(Goal(f"{name} {kind} p99 ms", "<=", 10.0))
+        goals.append(Goal(f"{name} forged / bare", ">=", 0.8, "no database query"))
+    ok = summarise(
+        f"payday: GET /pay/l/<link> with its cookie, {args.n:,} distinct links and one link; GET /pay/<forged>; "
+        f"one uvicorn worker each, wrk -t1 -c{CONNECTIONS}, {args.duration:g} s each",
+        runs,
+        goals,
+        notes=[
+            "bare = Starlette serving the app's own page (and its forged-link answer) byte for byte, same routes, same run",
+            "opens recorded - pages counted >= 0: every page wrk counted left an open in the database (wrk leaves out requests "
+            "in flight when it stops, so a few more is normal)",
+        ],
+    )
+    for problem in problems:
+        print(f"  CHECK FAILED: {problem}")
+    print(f"  goals: {'all PASS' if ok else 'some MISS'}; checks: {'all passed' if not problems else f'{len(problems)} FAILED'}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from links.customers import find_customer
 from links.hooks import FLAG_SEPARATOR
 from links.invoices import is_overdue, list_invoices
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
-from payments.models import Payment, PaymentStatus
+from payments.models import Payment, PaymentAllocation, PaymentStatus
 from plumbing.db import chunked, utcnow
 
 STUCK_3DS_AFTER = timedelta(minutes=15)
@@ -117,8 +117,8 @@ def attention_flags(invoice: Invoice, customer: Customer, facts: _Facts, today: 
         flags.add(Flag.STUCK_3DS)
     if invoice.amount_paid > invoice.amount_due:
         flags.add(Flag.OVERPAID)
-    elif payable and 0 < invoice.amount_paid < invoice.amount_due:
-        flags.add(Flag.UNDERPAID)
+    elif payable and 0 < invoice.amount_paid < invoice.amount_due and not invoice.allow_partial:
+        flags.add(Flag.UNDERPAID)  # with part payments allowed, a balance is the plan, not a problem
     expiry = facts.last_link_expiry.get(invoice.id)
     if payable and invoice.due_date is not None and expiry is not None and invoice.due_date >= today and expiry.date() < invoice.due_date:
         flags.add(Flag.LINK_EXPIRES_BEFORE_DUE)
@@ -200,3 +200,52 @@ def currency_totals(rows: Iterable[DeskRow]) -> dict[str, CurrencyTotal]:
             if row.days_overdue is not None:
                 total.overdue += open_amount
     return dict(sorted(result.items()))
+
+
+@dataclass(frozen=True)
+class AllocationLine:
+    invoice_number: str
+    amount: int
+    amount_refunded: int
+
+
+@dataclass(frozen=True)
+class InvoicePayment:
+    """A payment that paid (or tried to pay) an invoice: its own, or a pay-all payment that included it."""
+
+    payment: Payment
+    allocation: list[AllocationLine]  # a pay-all payment's split over its invoices; [] for a payment of one invoice
+    share: int  # what of it is (or would be) this invoice's
+
+
+async def payments_of_invoice(session: AsyncSession, invoice_id: uuid.UUID) -> list[InvoicePayment]:
+    """Every payment attempt on the invoice, oldest first: its own, and pay-all payments it was part of."""
+    allocated = select(PaymentAllocation.payment_id).where(PaymentAllocation.invoice_id == invoice_id)
+    query = select(Payment).where((Payment.invoice_id == invoice_id) | Payment.id.in_(allocated)).order_by(Payment.created_at, Payment.id)
+    payments = list((await session.execute(query)).scalars())
+    splits = await allocations_of(session, [p.id for p in payments if p.scope == "all"])
+    result = []
+    for payment in payments:
+        lines = splits.get(payment.id, [])
+        mine = [a for a, inv in lines if inv == invoice_id]
+        share = mine[0].amount if mine else (payment.amount if payment.scope != "all" else 0)
+        result.append(InvoicePayment(payment, [a for a, _ in lines], share))
+    return result
+
+
+Split = list[tuple[AllocationLine, uuid.UUID]]  # each line with its invoice's id
+
+
+async def allocations_of(session: AsyncSession, payment_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Split]:
+    """The allocation lines of pay-all payments, by payment id (in invoice-number order)."""
+    result: dict[uuid.UUID, Split] = {}
+    for chunk in chunked(list(payment_ids)):
+        rows = await session.execute(
+            select(PaymentAllocation.payment_id, Invoice.number, PaymentAllocation.amount, PaymentAllocation.amount_refunded, Invoice.id)
+            .join(Invoice, Invoice.id == PaymentAllocation.invoice_id)
+            .where(PaymentAllocation.payment_id.in_(chunk))
+            .order_by(Invoice.number)
+        )
+        for payment_id, number, amount, refunded, inv_id in rows:
+            result.setdefault(payment_id, []).append((AllocationLine(number, amount, refunded), inv_id))
+    return result

@@ -21,7 +21,7 @@ from datetime import date, datetime
 from typing import Literal
 
 from markupsafe import Markup
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from links.customers import customer_locale
 from links.issuing import link_with_invoice
 from links.lines import LineItem, Totals, lines_of, totals
 from links.models import Customer, Invoice, NumberSequence, PaymentLink
-from payments.models import Payment, PaymentStatus
+from payments.models import Payment, PaymentAllocation, PaymentStatus
 from plumbing.db import insert_ignore
 from plumbing.pdf import render_pdf
 from plumbing.rendering import brand_of, pages, read_logo
@@ -77,6 +77,11 @@ class ReceiptFacts:
     currency: str
     brand: str | None
     last4: str | None
+    # Part payments and pay-all (issue 13): this invoice's share of the payment, what was still due on
+    # it after this payment, and for a payment of several invoices which got what (number, amount).
+    share: int | None = None
+    balance_after: int = 0
+    allocation: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,45 @@ class Document:
 
 
 def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = None) -> ReceiptFacts | None:
+    """The receipt of the payment made at `paid_at` (an emailed receipt's), else of the latest one that
+    counted: the invoice's own payments and pay-all payments that included it."""
+    allocated = select(PaymentAllocation.payment_id).where(PaymentAllocation.invoice_id == invoice.id)
     query = (
         select(Payment)
-        .where(Payment.invoice_id == invoice.id, Payment.status == PaymentStatus.SUCCEEDED, Payment.currency == invoice.currency)
+        .where(
+            or_(and_(Payment.invoice_id == invoice.id, Payment.scope != "all"), Payment.id.in_(allocated)),
+            Payment.status == PaymentStatus.SUCCEEDED,
+            Payment.currency == invoice.currency,
+        )
         .order_by(Payment.succeeded_at.desc())
     )
     found = list(session.execute(query).scalars())
     if not found:
         return None
     chosen = next((p for p in found if paid_at is not None and p.succeeded_at == paid_at), found[0])
-    return ReceiptFacts(chosen.receipt_number, chosen.succeeded_at, chosen.amount, chosen.currency, chosen.brand, chosen.last4)
+    splits: dict[uuid.UUID, list[tuple[str, int, uuid.UUID]]] = {}
+    pay_all = [p.id for p in found if p.scope == "all"]
+    if pay_all:
+        rows = session.execute(
+            select(PaymentAllocation.payment_id, Invoice.number, PaymentAllocation.amount, Invoice.id)
+            .join(Invoice, Invoice.id == PaymentAllocation.invoice_id)
+            .where(PaymentAllocation.payment_id.in_(pay_all))
+            .order_by(Invoice.number)
+        )
+        for payment_id, number, amount, invoice_id in rows:
+            splits.setdefault(payment_id, []).append((number, amount, invoice_id))
+
+    def share_of(payment: Payment) -> int:
+        if payment.scope != "all":
+            return payment.amount
+        return sum(amount for _, amount, inv in splits.get(payment.id, []) if inv == invoice.id)
+
+    paid_until = sum(share_of(p) for p in found if p.succeeded_at and chosen.succeeded_at and p.succeeded_at <= chosen.succeeded_at)
+    allocation = tuple((number, amount) for number, amount, _ in splits.get(chosen.id, []))
+    return ReceiptFacts(
+        chosen.receipt_number, chosen.succeeded_at, chosen.amount, chosen.currency, chosen.brand, chosen.last4,
+        share=share_of(chosen), balance_after=max(invoice.amount_due - paid_until, 0), allocation=allocation,
+    )  # fmt: skip
 
 
 def _document(session: Session, link: PaymentLink | None, invoice: Invoice, customer: Customer, paid_at: datetime | None) -> Document:

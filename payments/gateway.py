@@ -8,14 +8,20 @@ dataclasses so that services never touch SDK objects.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import stripe
 
 from plumbing.settings import Settings
+
+log = logging.getLogger("paylink.stripe")
 
 
 class GatewayError(Exception):
@@ -45,6 +51,7 @@ class CardSummary:
     exp_month: int | None
     exp_year: int | None
     customer_id: str | None = None
+    fingerprint: str | None = None  # Stripe's: the same card number has the same one (de-duplication)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ def card_summary(pm: Any) -> CardSummary:
         last4=str(_get(card, "last4") or "????"),
         exp_month=_get(card, "exp_month"),
         exp_year=_get(card, "exp_year"),
-        customer_id=_get(pm, "customer"),
+        customer_id=_ref_id(_get(pm, "customer")),
+        fingerprint=_get(card, "fingerprint") or None,
     )
 
 
@@ -112,7 +120,7 @@ def intent_snapshot(pi: Any) -> IntentSnapshot:
         payment_method_id=_ref_id(_get(pi, "payment_method")),
         client_secret=_get(pi, "client_secret"),
         metadata={str(k): str(v) for k, v in dict(metadata).items()},
-        error_code=_get(error, "code"),
+        error_code=failure_code(_get(error, "code"), _get(error, "decline_code")),
         error_message=_get(error, "message"),
         latest_charge_id=charge,
     )
@@ -147,6 +155,7 @@ class StripeGateway:
             http_client=stripe.HTTPXClient(timeout=settings.stripe_timeout_seconds),
         )
         self._webhook_secret = str(settings.stripe_webhook_secret)
+        self._backoff = RateLimitBackoff.from_settings(settings)  # 429s (see `_call`)
 
     # --- customers and payment methods ---------------------------------------------------------
 
@@ -317,13 +326,84 @@ class StripeGateway:
     # --- plumbing ------------------------------------------------------------------------------
 
     async def _call(self, method: Any, *args: Any) -> Any:
-        try:
-            return await method(*args)
-        except stripe.CardError as exc:
-            raise CardDeclined(exc.user_message or str(exc), exc.code) from None
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from None
-        except stripe.StripeError as exc:
-            if (exc.http_status or 0) >= 500:
+        """One Stripe call, with Stripe's errors mapped to ours.
+
+        A 429 (Stripe's rate limit: 100 requests/s per account in live mode, 25/s per endpoint, which
+        payday reaches) is sent again after a jittered backoff while `RateLimitBackoff` allows: Stripe
+        did not process it, and the same arguments (so the same idempotency key) go again. If it still
+        fails, GatewayUnavailable: the pay POST then says "we are confirming your payment", never
+        "failed". Timeouts, connection errors, 409s and 5xx are not retried here: the SDK already
+        retries them STRIPE_MAX_NETWORK_RETRIES times with its own jittered backoff."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return await method(*args)
+            except stripe.RateLimitError as exc:
+                delay = self._backoff.delay(attempt, time.monotonic() - started, exc.headers)
+                if delay is None:
+                    raise GatewayUnavailable(str(exc)) from None
+                log.warning("stripe.rate_limited attempt=%d retry_in=%.2fs", attempt + 1, delay)
+            except stripe.CardError as exc:
+                error = exc.error
+                raise CardDeclined(exc.user_message or str(exc), failure_code(exc.code, error.decline_code if error else None)) from None
+            except (stripe.APIConnectionError, stripe.APIError) as exc:
                 raise GatewayUnavailable(str(exc)) from None
-            raise GatewayError(exc.user_message or str(exc)) from None
+            except stripe.StripeError as exc:
+                if (exc.http_status or 0) >= 500:
+                    raise GatewayUnavailable(str(exc)) from None
+                raise GatewayError(exc.user_message or str(exc)) from None
+            attempt += 1
+            await asyncio.sleep(delay)
+
+
+# A generator of our own: jitter must not depend on (or disturb) the global random state.
+_jitter = random.Random()
+
+
+@dataclass(frozen=True)
+class RateLimitBackoff:
+    """How `StripeGateway._call` waits out Stripe's 429s: at most `retries` more tries, each after
+    min(cap, base x 2^n) seconds with jitter (half of it fixed, half random, so that the requests of a
+    payday crowd spread out), and only while the time spent stays inside `window_seconds`.
+
+    The window keeps a pay attempt's create call, backoff included, shorter than STALE_CLAIM_SECONDS:
+    settings check that STALE_CLAIM_SECONDS exceeds the longest create without 429s (STRIPE_TIMEOUT_SECONDS
+    x (1 + STRIPE_MAX_NETWORK_RETRIES)); the backoff may use at most half of what is left, and never
+    more than 8 s, so a claim is never released while its create may still be answered."""
+
+    window_seconds: float
+    sdk_retries: int
+    retries: int = 3
+    base_seconds: float = 0.5
+    cap_seconds: float = 4.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimitBackoff:
+        longest_call = settings.stripe_timeout_seconds * (1 + settings.stripe_max_network_retries)
+        window = max(0.0, min(RATE_LIMIT_WINDOW_SECONDS, (settings.stale_claim_seconds - longest_call) / 2))
+        return cls(window_seconds=window, sdk_retries=settings.stripe_max_network_retries)
+
+    def delay(self, attempt: int, elapsed: float, headers: Mapping[str, str] | None) -> float | None:
+        """Seconds to wait before try `attempt + 2`, or None: give up now."""
+        if attempt >= self.retries:
+            return None
+        if self.sdk_retries and (headers or {}).get("stripe-should-retry") == "true":
+            return None  # the SDK honoured Stripe's advice and retried already
+        step: float = min(self.cap_seconds, self.base_seconds * 2.0**attempt)
+        wait = step / 2 + _jitter.uniform(0, step / 2)
+        if elapsed + wait > self.window_seconds:
+            return None
+        return wait
+
+
+RATE_LIMIT_WINDOW_SECONDS = 8.0
+
+
+def failure_code(code: Any, decline_code: Any) -> Any:
+    """Stripe's error code with the issuer's decline code, when there is one ("card_declined:insufficient_funds"),
+    so that the page can say why and finance sees it; anything else is passed on as it came."""
+    if isinstance(code, str) and isinstance(decline_code, str) and decline_code and decline_code != code:
+        combined = f"{code}:{decline_code}"
+        return combined if len(combined) <= 64 else code
+    return code

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from emails.models import OutboxMessage, OutboxStatus
 from links.models import Customer, Invoice, InvoiceStatus, LinkOpen, PaymentLink
-from payments.models import Payment, PaymentStatus
+from payments.models import Payment, PaymentAllocation, PaymentStatus
 from plumbing.audit import AuditEntry
 from plumbing.db import chunked
 from plumbing.i18n import format_money
@@ -25,7 +25,8 @@ from plumbing.usage import LATENCY_BUCKETS_MS, UsageSample, percentile_ms
 EXPORT_COLUMNS = (
     "number", "customer_email", "customer_name", "status", "currency", "amount_due", "amount_due_formatted", "amount_paid",
     "amount_paid_formatted", "amount_refunded", "description", "due_date", "created_at", "paid_at", "stripe_payment_intent",
-    "card", "link_sent_at", "link_first_opened_at", "link_last_opened_at", "link_opens", "needs_attention",
+    "card", "link_sent_at", "link_first_opened_at", "link_last_opened_at", "link_opens", "needs_attention", "balance", "payments",
+    "allocation",
 )  # fmt: skip
 
 
@@ -58,12 +59,30 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
     invoices = (await session.execute(query)).all()
     ids = [i.id for i, _ in invoices]
     payments: dict[Any, Payment] = {}
+    counts: dict[Any, int] = {}
+    splits: dict[Any, list[str]] = {}  # invoice id -> "pi_…: INV-1 10000 + INV-2 20000" per pay-all payment that paid it
     links: dict[Any, tuple[Any, Any, Any, int]] = {}
     for chunk in chunked(ids):
         paid = await session.execute(
-            select(Payment).where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED).order_by(Payment.succeeded_at)
+            select(Payment)
+            .where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED, Payment.scope != "all")
+            .order_by(Payment.succeeded_at)
         )
-        payments.update({p.invoice_id: p for p in paid.scalars()})
+        for p in paid.scalars():
+            payments[p.invoice_id] = p
+            counts[p.invoice_id] = counts.get(p.invoice_id, 0) + 1
+        shared = await session.execute(
+            select(PaymentAllocation.invoice_id, Payment)
+            .join(Payment, Payment.id == PaymentAllocation.payment_id)
+            .where(PaymentAllocation.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED)
+            .order_by(Payment.succeeded_at)
+        )
+        pay_all = list(shared.all())
+        lines = await _allocation_lines(session, list({p.id for _, p in pay_all}))
+        for invoice_id, p in pay_all:
+            payments[invoice_id] = p
+            counts[invoice_id] = counts.get(invoice_id, 0) + 1
+            splits.setdefault(invoice_id, []).append(f"{p.stripe_payment_intent_id}: {lines.get(p.id, '')}")
         activity = await session.execute(
             select(
                 PaymentLink.invoice_id,
@@ -103,9 +122,27 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
                 "link_last_opened_at": last_open,
                 "link_opens": opens,
                 "needs_attention": invoice.needs_attention,
+                "balance": max(invoice.amount_due - invoice.amount_paid, 0) if invoice.status in InvoiceStatus.UNSETTLED else 0,
+                "payments": counts.get(invoice.id, 0),  # payments that counted (part payments: more than one)
+                "allocation": "; ".join(splits.get(invoice.id, [])) or None,  # paid together with other invoices
             }
         )
     return rows
+
+
+async def _allocation_lines(session: AsyncSession, payment_ids: list[Any]) -> dict[Any, str]:
+    """Each pay-all payment's allocation as one cell: "INV-000001 10000 + INV-000002 20000" (minor units)."""
+    result: dict[Any, list[str]] = {}
+    for chunk in chunked(payment_ids):
+        rows = await session.execute(
+            select(PaymentAllocation.payment_id, Invoice.number, PaymentAllocation.amount)
+            .join(Invoice, Invoice.id == PaymentAllocation.invoice_id)
+            .where(PaymentAllocation.payment_id.in_(chunk))
+            .order_by(Invoice.number)
+        )
+        for payment_id, number, amount in rows:
+            result.setdefault(payment_id, []).append(f"{number} {amount}")
+    return {payment_id: " + ".join(parts) for payment_id, parts in result.items()}
 
 
 @dataclass(frozen=True)
@@ -211,7 +248,7 @@ async def aging(session: AsyncSession, today: date) -> dict[str, dict[str, tuple
     rows = (
         await session.execute(
             select(Invoice.due_date, Invoice.currency, Invoice.amount_due - Invoice.amount_paid).where(
-                Invoice.status.in_((InvoiceStatus.OPEN, InvoiceStatus.PROCESSING))
+                Invoice.status.in_(InvoiceStatus.UNSETTLED)
             )
         )
     ).all()

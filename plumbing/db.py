@@ -68,14 +68,28 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An engine with SQLite tuned for a web app: WAL, busy timeout, foreign keys, BEGIN IMMEDIATE."""
+def create_engine(url: str, *, statement_cache: bool = True, **kwargs: Any) -> AsyncEngine:
+    """An engine with SQLite tuned for a web app: WAL, busy timeout, foreign keys, BEGIN IMMEDIATE.
+
+    `statement_cache=False` (DATABASE_STATEMENT_CACHE=off) is for PostgreSQL behind PgBouncer in
+    transaction mode, where consecutive transactions of one client connection may run on different
+    server connections: asyncpg keeps no prepared statements between transactions (its own cache and
+    SQLAlchemy's are off) and names each one uniquely, so that two clients' statements never collide
+    on a server connection (SQLAlchemy's asyncpg dialect documents these three settings for PgBouncer)."""
     if not is_sqlite(url):
+        if not statement_cache and make_url(url).get_driver_name() == "asyncpg":
+            connect_args = dict(kwargs.pop("connect_args", {}))
+            connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0, prepared_statement_name_func=_statement_name)
+            kwargs["connect_args"] = connect_args
         return create_async_engine(url, pool_pre_ping=True, **kwargs)
     _ensure_sqlite_dir(url)
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
     _tune_sqlite(engine.sync_engine)
     return engine
+
+
+def _statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
 def create_sync_sqlite_engine(url: str) -> Engine:

@@ -1,9 +1,9 @@
 """Logging that never blocks the event loop, and the request id that ties a request's lines together.
 
 `configure_logging(level, fmt)` (the web app's and the worker's entry points call it) puts one
-`QueueHandler` on the root logger: a log call only appends to an in-memory queue, and a
-`QueueListener` thread formats and writes the lines (stderr), as key=value text or, with
-`LOG_FORMAT=json`, one JSON object a line.
+`QueueHandler` on the root logger: a log call only appends to an in-memory deque, and a writer
+thread formats and writes the lines (stderr) in batches, as key=value text or, with
+`LOG_FORMAT=json`, one JSON object a line; a link's token is redacted from every line.
 
 `request_id` is a context variable: the access-log middleware sets it for each request (the
 client's `X-Request-ID` if it is sane, else a new one), every line logged while the request runs
@@ -13,12 +13,14 @@ carries it, and the audit log and the outbox store it with the rows the request 
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import logging.handlers
-import queue
+import os
+import random
 import re
-import secrets
+import threading
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -33,11 +35,17 @@ def current_request_id() -> str | None:
     return request_id.get()
 
 
+# Request ids need to be unique, not secret: a generator of our own, seeded from the OS (not the global
+# one, and no system call per request).
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))  # a forked worker draws its own ids
+
+
 def new_request_id(incoming: str | None) -> str:
     """The client's (or the proxy's) X-Request-ID if it looks like an id, else a fresh random one."""
     if incoming and _SANE_REQUEST_ID.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(12)
+    return f"{_ids.getrandbits(96):024x}"
 
 
 class _RequestIdFilter(logging.Filter):
@@ -86,43 +94,169 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, separators=(",", ":"))
 
 
+# --- the pipeline: a log call appends to a deque on the caller's thread; one thread writes in batches ---
+#
+# logging.handlers.QueueListener wakes its thread for every record, and each wake-up takes the GIL
+# from the event loop mid-request (on payday: thousands of times a second, one line each). Here a
+# log call only appends the record to a deque (no lock, no wake-up, no formatting: `prepare` keeps
+# the record as it is); the writer thread wakes every WRITE_INTERVAL_SECONDS, formats what has
+# accumulated and writes it with one write and one flush. The backlog is bounded: past
+# MAX_PENDING_RECORDS (a writer that cannot keep up, a stuck stderr) records are dropped and
+# counted, and the count is logged once the writer catches up. Every line also passes `redact`, so
+# a link's token never reaches the output even if some message carried one.
+
+WRITE_INTERVAL_SECONDS = 0.05
+MAX_PENDING_RECORDS = 100_000
+_TOKEN_PATH = re.compile(r"/(pay|verify)/(?!l/|\{)[A-Za-z0-9_.\-]{16,}")
+# A signed token anywhere (a query string, a message): payload[.timestamp].signature, URL-safe base64.
+_SIGNED = re.compile(r"[A-Za-z0-9_\-]{20,}(?:\.[A-Za-z0-9_\-]{4,12})?\.[A-Za-z0-9_\-]{20,}")
+
+
+def redact(line: str) -> str:
+    """`/pay/<token>` and `/verify/<token>` anywhere in a line become `/pay/{token}`, `/verify/{token}`,
+    and any other signed token becomes `{token}`."""
+    if "/pay/" in line or "/verify/" in line:
+        line = _TOKEN_PATH.sub(lambda m: f"/{m.group(1)}/{{token}}", line)
+    return _SIGNED.sub("{token}", line) if "." in line else line
+
+
+class _Redacting(logging.Formatter):
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
 class _Queued(logging.handlers.QueueHandler):
-    """Keeps the structured fields and the request id on the record that crosses the queue."""
+    """Appends the record, with the request id, to the writer's deque: no copy, no formatting here."""
+
+    def __init__(self, writer: _BatchWriter) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # the deque below stands for the queue
+        self.writer = writer
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        rid = getattr(record, "request_id", None) or request_id.get()
-        prepared: logging.LogRecord = super().prepare(record)
-        prepared.request_id = rid
-        return prepared
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id.get()
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.writer.put(record)
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _BatchWriter:
+    """The thread that formats and writes the queued records, a batch at a time."""
+
+    def __init__(self, handlers: list[logging.Handler], interval: float = WRITE_INTERVAL_SECONDS) -> None:
+        self.handlers = handlers
+        self.interval = interval
+        self.pending: collections.deque[logging.LogRecord] = collections.deque()
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+
+    def put(self, record: logging.LogRecord) -> None:
+        if len(self.pending) >= MAX_PENDING_RECORDS:
+            self.dropped += 1
+            return
+        self.pending.append(record)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.drain()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.drain()
+
+    def drain(self) -> None:
+        batch: list[logging.LogRecord] = []
+        pending = self.pending
+        while pending:
+            batch.append(pending.popleft())
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            batch.append(
+                logging.makeLogRecord(
+                    {
+                        "name": "paylink.logs",
+                        "levelno": logging.ERROR,
+                        "levelname": "ERROR",
+                        "msg": "logs.dropped count=%d (the log writer fell behind)",
+                        "args": (dropped,),
+                    }
+                )
+            )
+        if not batch:
+            return
+        for handler in self.handlers:
+            write_batch = getattr(handler, "write_batch", None)
+            if write_batch is not None:
+                write_batch([r for r in batch if r.levelno >= handler.level])
+            else:
+                for record in batch:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+
+
+class BatchStream(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes a batch of lines with one write and one flush."""
+
+    def write_batch(self, records: list[logging.LogRecord]) -> None:
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record))
+            except Exception:
+                self.handleError(record)
+        if lines:
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write("\n".join(lines) + "\n")
+                self.flush()
+
+
+_writer: _BatchWriter | None = None
+
+
+def log_pipeline(output: logging.Handler, fmt: str = "text") -> tuple[logging.Handler, _BatchWriter]:
+    """A handler for the root logger and the writer thread behind it that formats (as `fmt`, tokens
+    redacted) and writes to `output`. `configure_logging` installs one; tests build their own."""
+    output.setFormatter(_Redacting(JsonFormatter() if fmt == "json" else TextFormatter()))
+    writer = _BatchWriter([output])
+    handler = _Queued(writer)
+    handler.addFilter(_RequestIdFilter())
+    return handler, writer
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Root logger -> queue -> one listener thread -> stderr, formatted as `fmt` ("text" or "json")."""
-    global _listener
-    if _listener is not None:
+    """Root logger -> deque -> one writer thread -> stderr, formatted as `fmt` ("text" or "json")."""
+    global _writer
+    if _writer is not None:
         return
-    output = logging.StreamHandler()
-    output.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    handler = _Queued(q)
-    handler.addFilter(_RequestIdFilter())
+    # What a log call records on the caller's thread: no thread or process names (nobody reads them).
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging.logProcesses = False
+    handler, writer = log_pipeline(BatchStream(), fmt)
     root = logging.getLogger()
     for old in list(root.handlers):
         if type(old) is logging.StreamHandler:  # basicConfig's; a test runner's capture handlers stay
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    _listener = logging.handlers.QueueListener(q, output, respect_handler_level=True)
-    _listener.start()
+    _writer = writer
+    writer.start()
     atexit.register(stop_logging)
 
 
 def stop_logging() -> None:
-    """Write what is still queued and stop the listener thread (at exit)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        _listener = None
+    """Write what is still queued and stop the writer thread (at exit)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None

@@ -40,6 +40,9 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             undefined=jinja2.StrictUndefined,
+            # Compiled once (warm() at start) and never checked again: no stat() of every template on
+            # every render. A changed template takes a restart, as a release does.
+            auto_reload=False,
         )
         env.policies["ext.i18n.trimmed"] = True  # {% trans %} blocks collapse whitespace, as babel.cfg extracts them
         env.install_gettext_translations(translations(locale), newstyle=True)  # type: ignore[attr-defined]

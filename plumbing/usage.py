@@ -106,7 +106,7 @@ class UsageSampler:
         self.host = socket.gethostname()[:255]
         self._cpu = self._cpu_seconds()
         self._wall = time.monotonic()
-        self._purged_at = 0.0
+        self._purged_at = float("-inf")  # purge on the first sample (monotonic time may be < 1 h after boot)
 
     @staticmethod
     def _cpu_seconds() -> float:

@@ -12,9 +12,11 @@ import re
 import secrets
 import time
 import uuid
+from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import urlsplit
 
-from itsdangerous import BadSignature
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -142,13 +144,40 @@ def _browser_digest(browser_id: str) -> str:
     return hashlib.sha256(browser_id.encode()).hexdigest()[:32]
 
 
+# A page rendered once for many answers (views/page_cache.py) gets placeholders instead of this
+# request's CSP nonce and form tokens; each answer puts its own in.
+RENDER_ONCE = "paylink.render_once"  # scope key: the Placeholders of a page being rendered for the cache
+
+
+@dataclass
+class Placeholders:
+    """What stands in for per-request values while a page is rendered once, and what the render chose."""
+
+    nonce: str  # stands for the CSP nonce
+    csrf: str  # followed by the subject's id (32 hex digits) and "-": stands for csrf_token(…, subject)
+    template: str | None = None  # the page rendered (set by views.render.render_page)
+    locale: str | None = None  # …in this language
+
+
+def render_once(request: Request) -> Placeholders | None:
+    return request.scope.get(RENDER_ONCE)
+
+
+@lru_cache(maxsize=8)
+def _csrf_serializer(settings: Settings) -> URLSafeTimedSerializer:
+    return csrf_serializer(settings)  # built once per settings, not on every page
+
+
 def csrf_token(request: Request, settings: Settings, subject_id: uuid.UUID) -> str:
     """A form token for `subject_id` in this browser (a new browser cookie is minted if needed;
     `remember_browser` sets it on the answer, and `views.render.render_page` calls that)."""
+    placeholders = request.scope.get(RENDER_ONCE)
+    if placeholders is not None:
+        return f"{placeholders.csrf}{subject_id.hex}-"
     browser_id = _browser_id(request, settings) or request.scope.get(_NEW_BROWSER_ID)
     if browser_id is None:
         browser_id = request.scope[_NEW_BROWSER_ID] = secrets.token_urlsafe(32)
-    return csrf_serializer(settings).dumps([subject_id.hex, _browser_digest(browser_id)])
+    return _csrf_serializer(settings).dumps([subject_id.hex, _browser_digest(browser_id)])
 
 
 def remember_browser(request: Request, response: Response, settings: Settings) -> None:
@@ -163,7 +192,7 @@ def csrf_valid(request: Request, settings: Settings, subject_id: uuid.UUID, toke
     if not token or browser_id is None:
         return False
     try:
-        signed = csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
+        signed = _csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
     except BadSignature:
         return False
     expected = [subject_id.hex, _browser_digest(browser_id)]
@@ -215,7 +244,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await _plain(send, 413, b"request body too large")
             return
@@ -242,6 +271,13 @@ class BodySizeLimit:
             if started:
                 raise
             await _plain(send, 413, b"request body too large")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 async def _plain(send: Send, status: int, body: bytes) -> None:
@@ -300,7 +336,7 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 500
-        incoming = dict(scope.get("headers", [])).get(REQUEST_ID_HEADER)
+        incoming = _header(scope, REQUEST_ID_HEADER)
         rid = new_request_id(incoming.decode("latin-1") if incoming else None)
         reset = request_id.set(rid)
         scope[REQUEST_ID_SCOPE] = rid  # for the 500 page, which Starlette answers outside this middleware

@@ -5,11 +5,13 @@ Views raise; they never return "a page or an error" for the caller to check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from links.models import InvoiceStatus
 from plumbing.i18n import N_
 from plumbing.rendering import pages
 from plumbing.web import request_locale
@@ -46,10 +48,18 @@ class OpenFromEmail(InvalidLink):
 
 
 class ExpiredLink(PageError):
-    """Ours, but its time is up: the page offers to email a fresh link (context: renew_url, csrf)."""
+    """Ours, but its time is up: the page offers to email a fresh link (context: pay_path, csrf, link_id).
+
+    The token was genuine (signed by us), so the handler may read the link's page, once: to name the
+    invoice, and to show its receipt instead when it has one (`receipt_page(page, receipt)`, set by
+    the views): a paid invoice's link always shows its receipt, however old the link is."""
 
     template = "expired.html"
     status_code = 410
+
+    def __init__(self, receipt_page: Callable[[Any, Any], Response] | None = None, **context: Any) -> None:
+        super().__init__(**context)
+        self.receipt_page = receipt_page
 
 
 class NoReceipt(PageError):
@@ -121,7 +131,9 @@ async def render_page_error(request: Request, exc: Exception) -> Response:
     context = dict(exc.context)
     if isinstance(exc, ExpiredLink) and "link_id" in context:
         # The expired page names the invoice and its amount (a read, off the hot path).
-        page, _ = await request.state.services.pages.pay_page(context["link_id"])
+        page, receipt = await request.state.services.pages.pay_page(context["link_id"])
+        if page is not None and exc.receipt_page is not None and page.invoice.status in InvoiceStatus.HAS_RECEIPT:
+            return exc.receipt_page(page, receipt)
         if page is not None:
             context.update(invoice=page.invoice, customer=page.customer)
             locale = request_locale(request, page.customer.locale, settings_of(request).default_locale)
@@ -129,3 +141,40 @@ async def render_page_error(request: Request, exc: Exception) -> Response:
     response = render_page(request, exc.template, status_code=exc.status_code, **context)
     response.headers.update(exc.headers)
     return response
+
+
+# --- what a failed payment tells the customer ------------------------------------------------------------
+# Stripe's codes (its error code, or "card_declined:<the issuer's decline code>") as short translated
+# sentences naming the card. Stripe's own English text stays in the database, for finance.
+
+CARD_DECLINED = N_("Your bank declined the payment with %(card)s.")
+CARD_FAILURES = {
+    "payment_intent_authentication_failure": N_("Your bank did not confirm the payment: %(card)s failed authentication."),
+    "authentication_required": N_("Your bank did not confirm the payment: %(card)s failed authentication."),
+    "card_declined": CARD_DECLINED,
+    "insufficient_funds": N_("Your bank declined the payment with %(card)s: there are not enough funds on the card."),
+    "card_velocity_exceeded": N_("Your bank declined the payment with %(card)s: the card has reached its limit."),
+    "expired_card": N_("The card %(card)s has expired."),
+    "incorrect_cvc": N_("The security code of %(card)s was not accepted."),
+    "invalid_cvc": N_("The security code of %(card)s was not accepted."),
+    "processing_error": N_("The bank could not process the payment with %(card)s. Please try again in a moment."),
+}
+# Decline codes that say no more to a customer than "declined" (and should not: lost, stolen, fraud).
+for _code in (
+    "generic_decline", "do_not_honor", "do_not_try_again", "lost_card", "stolen_card", "pickup_card", "fraudulent",
+    "restricted_card", "security_violation", "transaction_not_allowed", "not_permitted", "call_issuer", "revocation_of_authorization",
+):  # fmt: skip
+    CARD_FAILURES[_code] = CARD_DECLINED
+PAYMENT_NOT_COMPLETED = N_("The payment with %(card)s was not completed.")
+AUTHENTICATION_STOPPED = N_("You stopped your bank's confirmation for %(card)s.")
+NOT_ABANDONED = N_("We could not stop your bank's confirmation. Please try again in a moment.")
+YOUR_CARD = N_("your card")
+
+
+def card_failure_message(code: object) -> str:
+    """The sentence (untranslated: translate it with the card's name as `card`) for a failure code."""
+    if isinstance(code, str):
+        for part in reversed(code.split(":")):  # the issuer's decline code is the more precise
+            if part in CARD_FAILURES:
+                return CARD_FAILURES[part]
+    return PAYMENT_NOT_COMPLETED

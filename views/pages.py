@@ -34,6 +34,7 @@ the link and to this browser (400). Brakes on SetupIntents and failed payments a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -51,16 +52,21 @@ from links import issuing, verification
 from links.lines import lines_of, totals
 from links.models import InvoiceStatus
 from links.opens import OpenRecorder
-from payments import brakes, checkout, documents
+from payments import abandon, brakes, checkout, documents, payers
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
-from payments.models import PaymentStatus
+from payments.models import Payment, PaymentStatus
 from payments.page_reader import PageReader, PayPage, Receipt, latest_payment_id, load_pay_page
+from plumbing.i18n import N_, format_money
 from plumbing.rendering import pages, read_logo
 from plumbing.settings import Settings
 from plumbing.signing import TokenClaims, TokenExpired, TokenInvalid, pay_signer, verify_signer
 from plumbing.web import client_key, csrf_token, csrf_valid, is_https, posted_from_our_pages, request_locale, small_form
+from views import cards as card_views
+from views import colleague as colleague_views
 from views.errors import (
+    AUTHENTICATION_STOPPED,
     JSON_ERROR,
+    NOT_ABANDONED,
     BadForm,
     CrossOrigin,
     ExpiredLink,
@@ -69,7 +75,9 @@ from views.errors import (
     OpenFromEmail,
     TooManyAttempts,
     VerificationGone,
+    card_failure_message,
 )
+from views.page_cache import page_cache_of
 from views.render import render_page
 
 log = logging.getLogger("paylink.pages")
@@ -89,6 +97,7 @@ class PageServices(Protocol):
     readers: async_sessionmaker[AsyncSession]
     gateway: StripeGateway
     pages: PageReader
+    replica_pages: PageReader  # `pages` on DATABASE_READ_URL, if set (see _page_reader)
     opens: OpenRecorder
     outbox_wakeup: asyncio.Event
 
@@ -107,6 +116,7 @@ class LinkAccess:
     expires_at: datetime
     path: str  # where the link's page and forms live: /pay/l/<hex> (or /pay/<token> for an expired token)
     from_address: bool = False  # the token came in the URL: hand it over to the cookie on the answer
+    expired: bool = False  # a genuine token whose time is up (only for routes that accept one: `expired_ok`)
 
 
 def link_path(link_id: uuid.UUID) -> str:
@@ -117,21 +127,30 @@ def link_cookie_name(link_id: uuid.UUID) -> str:
     return f"{LINK_COOKIE_PREFIX}{link_id.hex}"
 
 
-def _expired(request: Request, settings: Settings, expired: TokenExpired, pay_path: str) -> ExpiredLink:
-    return ExpiredLink(pay_path=pay_path, csrf=csrf_token(request, settings, expired.subject_id), link_id=expired.subject_id)
+def _expired(request: Request, settings: Settings, access: LinkAccess) -> ExpiredLink:
+    """The expired page of a genuine token; its handler shows the receipt instead when the invoice
+    has one (views/errors.py), so that an old link (the receipt email's, say) still shows it."""
+    return ExpiredLink(
+        receipt_page=lambda page, receipt: render_pay_state(request, access, page, receipt=receipt),
+        pay_path=access.path,
+        csrf=csrf_token(request, settings, access.link_id),
+        link_id=access.link_id,
+    )
 
 
 def _token_access(request: Request, *, expired_ok: bool = False) -> LinkAccess:
     """The link of /pay/<token>/…; a bad token raises before any database query, an expired one
-    shows the expired page (unless `expired_ok`: asking for a fresh link)."""
+    shows the expired page, or the receipt of a paid invoice (unless `expired_ok`: asking for a fresh
+    link, or a document, whose handler decides)."""
     settings = services_of(request).settings
     token = request.path_params["token"]
     try:
         claims = pay_signer(settings).verify(token)
     except TokenExpired as expired:
+        access = LinkAccess(expired.subject_id, token, expired.expired_at, f"/pay/{token}", expired=True)
         if not expired_ok:
-            raise _expired(request, settings, expired, f"/pay/{token}") from None
-        return LinkAccess(expired.subject_id, token, expired.expired_at, f"/pay/{token}")
+            raise _expired(request, settings, access) from None
+        return access
     except TokenInvalid:
         raise InvalidLink() from None
     return LinkAccess(claims.subject_id, token, claims.expires_at, link_path(claims.subject_id), from_address=True)
@@ -153,9 +172,10 @@ def _cookie_access(request: Request, *, expired_ok: bool = False) -> LinkAccess:
     if claims.subject_id.hex != link_hex:  # a valid token, but for another link
         raise OpenFromEmail()
     if isinstance(claims, TokenExpired):
+        access = LinkAccess(claims.subject_id, token, claims.expired_at, link_path(claims.subject_id), expired=True)
         if not expired_ok:
-            raise _expired(request, settings, claims, link_path(claims.subject_id))
-        return LinkAccess(claims.subject_id, token, claims.expired_at, link_path(claims.subject_id))
+            raise _expired(request, settings, access)
+        return access
     return LinkAccess(claims.subject_id, token, claims.expires_at, link_path(claims.subject_id))
 
 
@@ -171,6 +191,33 @@ def _hand_over(response: Response, settings: Settings, access: LinkAccess) -> No
         httponly=True,
         samesite="lax",
     )
+
+
+# --- the read replica (DATABASE_READ_URL): a page never shows "pay" because the replica lags --------
+#
+# A form that may change a link's money state (pay, check status, and every other POST under the link)
+# writes on the primary, and its answer sets a short-lived cookie scoped to the link's path: while the
+# browser holds it, its reads of that link (the page, the status poll) go to the primary too. It works
+# across workers and machines (the browser carries it) and needs nothing shared. Every other GET reads
+# the replica. A forged cookie only moves that browser's reads to the primary.
+
+PRIMARY_COOKIE = "pl_primary"
+PRIMARY_READ_SECONDS = 120  # far longer than a healthy replica lags
+
+
+def _read_primary_next(response: Response, app: PageServices, access: LinkAccess) -> None:
+    if app.replica_pages is not app.pages:
+        secure = is_https(app.settings)
+        path = link_path(access.link_id)
+        response.set_cookie(PRIMARY_COOKIE, "1", max_age=PRIMARY_READ_SECONDS, path=path, secure=secure, httponly=True, samesite="lax")
+
+
+def _page_reader(request: Request) -> PageReader:
+    """The replica for a GET, the primary for a POST and right after this browser posted a form of the link."""
+    app = services_of(request)
+    if request.method in ("GET", "HEAD") and PRIMARY_COOKIE not in request.cookies:
+        return app.replica_pages
+    return app.pages
 
 
 Handler = Callable[[Request, LinkAccess], Awaitable[Response]]
@@ -198,6 +245,8 @@ def _endpoint(
             raise TooManyAttempts(exc.retry_after_seconds) from None
         if access.from_address:
             _hand_over(response, services_of(request).settings, access)
+        if request.method == "POST":
+            _read_primary_next(response, services_of(request), access)
         return response
 
     endpoint.__name__ = handler.__name__
@@ -242,7 +291,7 @@ async def checked_form(request: Request, subject_id: uuid.UUID) -> dict[str, str
 
 
 async def _read_page(request: Request, link_id: uuid.UUID) -> tuple[PayPage, Receipt | None]:
-    page, receipt = await services_of(request).pages.pay_page(link_id)
+    page, receipt = await _page_reader(request).pay_page(link_id)
     if page is None:
         raise InvalidLink()
     return page, receipt
@@ -258,10 +307,14 @@ async def hand_off(request: Request, access: LinkAccess) -> Response:
 
 
 async def pay_page(request: Request, access: LinkAccess) -> Response:
+    """The hot path: one read, then the page this data renders to, rendered once per state and
+    language (views/page_cache.py: the key is the data just read, so it is never stale)."""
     page, receipt = await _read_page(request, access.link_id)
     if request.method == "GET":
         services_of(request).opens.record(page.link.id)
-    return render_pay_state(request, access, page, receipt=receipt)
+    locale = request_locale(request, page.customer.locale, services_of(request).settings.default_locale)
+    render = functools.partial(render_pay_state, request, access, page, receipt=receipt)
+    return page_cache_of(request).answer(request, (access.path, locale, page, receipt), render)
 
 
 def _lines_context(page: PayPage) -> dict[str, Any]:
@@ -278,8 +331,15 @@ def render_pay_state(
     *,
     receipt: Receipt | None = None,
     error: str | None = None,
+    error_card: str | None = None,
+    avoid_card: str | None = None,
     status_code: int = 200,
 ) -> Response:
+    """The page for the link's state: void, receipt, withdrawn, confirming, or the pay form.
+
+    A paid invoice's link always shows the receipt, also when finance withdrew the link afterwards
+    (the receipt email links to it). `error` is a message to show (a translatable msgid; with
+    `error_card`, the card it names); `avoid_card` is a card that just failed: another is preselected."""
     settings = services_of(request).settings
     locale = request_locale(request, page.customer.locale, settings.default_locale)
     invoice = page.invoice
@@ -288,15 +348,16 @@ def render_pay_state(
         "invoice": invoice,
         "customer": page.customer,
         "link": page.link,
+        "options": page.options,  # balance, part payments, pay-all, what was paid (payments/page_reader.PayOptions)
         **_lines_context(page),
     }
     if invoice.status == InvoiceStatus.VOID:  # before "revoked": voiding also revokes the links
         return render_page(request, "void.html", locale=locale, status_code=410, **context)
-    if page.link.revoked_at is not None:
-        return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
-    if invoice.status in InvoiceStatus.HAS_RECEIPT:
+    if invoice.status in InvoiceStatus.HAS_RECEIPT:  # before "revoked": the receipt outlives the link
         brand, last4, paid_at = receipt or (None, None, None)
         return render_page(request, "paid.html", locale=locale, brand=brand, last4=last4, paid_at=paid_at or invoice.paid_at, **context)
+    if page.link.revoked_at is not None:
+        return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
     live = page.live_payment
     if invoice.status == InvoiceStatus.PROCESSING or (live is not None and live.status in PaymentStatus.IN_FLIGHT):
         return render_page(request, "processing.html", locale=locale, csrf=csrf_token(request, settings, page.link.id), **context)
@@ -305,20 +366,48 @@ def render_pay_state(
         "pay.html",
         locale=locale,
         status_code=status_code,
-        cards=page.cards,
+        cards=page.cards if payers.uses_saved_cards(page.link) else [],  # a colleague's link: never the customer's cards
         csrf=csrf_token(request, settings, page.link.id),
         needs_action=live is not None and live.status == PaymentStatus.REQUIRES_ACTION,
         error=error,
+        error_card=error_card,
+        chosen_card=next((c.payment_method_id for c in page.cards if c.payment_method_id != avoid_card), None),
         publishable_key=settings.stripe_publishable_key,
         stripe_js_url=settings.stripe_js_url,
         **context,
     )
 
 
-async def _show(request: Request, access: LinkAccess, *, error: str | None, status_code: int) -> Response:
-    """The page again, with a message (a declined card, a refused request)."""
+async def _show(
+    request: Request, access: LinkAccess, *, error: str | None, status_code: int, payment_id: uuid.UUID | None = None
+) -> Response:
+    """The page again, with a message (a declined card, a refused request).
+
+    A failed payment (402; `payment_id`, else the link's latest attempt) is told in our words from its
+    failure code, naming the card, never in Stripe's raw text (kept in the database for finance), and
+    another card is preselected."""
+    if status_code == 402:
+        failed = await _attempt(request, access, payment_id)
+        code = failed.failure_code if failed is not None and failed.status == PaymentStatus.FAILED else None
+        return await _show_attempt(request, access, failed, card_failure_message(code), status_code)
     page, _ = await _read_page(request, access.link_id)
     return render_pay_state(request, access, page, error=error, status_code=status_code)
+
+
+async def _attempt(request: Request, access: LinkAccess, payment_id: uuid.UUID | None) -> Payment | None:
+    """A payment attempt of the link's invoice (by default its latest), read from the primary."""
+    async with services_of(request).sessions() as session:
+        if payment_id is None:
+            payment_id = await latest_payment_id(session, access.link_id)
+        return await session.get(Payment, payment_id) if payment_id is not None else None
+
+
+async def _show_attempt(request: Request, access: LinkAccess, attempt: Payment | None, message: str, status_code: int) -> Response:
+    """The page with `message` about `attempt`'s card (named in it), and another card preselected."""
+    page, _ = await _read_page(request, access.link_id)
+    card = f"{(attempt.brand or 'card').title()} •••• {attempt.last4}" if attempt is not None and attempt.last4 else None
+    avoid = attempt.stripe_payment_method_id if attempt is not None else None
+    return render_pay_state(request, access, page, error=message, error_card=card, avoid_card=avoid, status_code=status_code)
 
 
 async def _authenticate(request: Request, access: LinkAccess, client_secret: str) -> Response:
@@ -352,6 +441,7 @@ async def pay(request: Request, access: LinkAccess) -> Response:
     client = client_key(request, app.settings)
     setup_intent = form.get("setup_intent", "")
     try:
+        choice = _pay_choice(form)  # what to pay: the balance, a part (`amount`), or every open invoice (`scope=all`)
         if setup_intent:
             if not SETUP_INTENT_ID.fullmatch(setup_intent):
                 return await _show(request, access, error=checkout.NEW_CARD_NOT_CONFIRMED, status_code=400)
@@ -363,6 +453,7 @@ async def pay(request: Request, access: LinkAccess) -> Response:
                 setup_intent_id=setup_intent,
                 save=form.get("save_card") == "1",
                 client=client,
+                **choice,
             )
         else:
             outcome = await checkout.pay_with_saved_profile(
@@ -372,9 +463,10 @@ async def pay(request: Request, access: LinkAccess) -> Response:
                 link_id=access.link_id,
                 payment_method_id=form.get("payment_method", ""),
                 client=client,
+                **choice,
             )
     except checkout.PaymentRefused as exc:
-        return await _show(request, access, error=str(exc), status_code=409)
+        return await _show(request, access, error=_refusal(request, exc), status_code=409)
     except GatewayUnavailable:
         return await _show(request, access, error=checkout.GATEWAY_DOWN, status_code=503)
     except GatewayError:
@@ -386,6 +478,37 @@ async def pay(request: Request, access: LinkAccess) -> Response:
     if outcome.status == PaymentStatus.FAILED:
         return await _show(request, access, error=outcome.error_message or checkout.NOT_COMPLETED, status_code=402)
     return RedirectResponse(access.path, status_code=303)
+
+
+def _pay_choice(form: Any) -> dict[str, Any]:
+    """The pay form's choice (templates/_pay_options.html): `pay_choice` full (or none: the main
+    button) | part | all, with `amount` (major units) for a part and `all_total` (minor units, the
+    total the page showed) for all. A bare `amount` from a form without the choice (`offers_part`) is a
+    part too. An amount typed on our form and then the main button (or Enter) is refused as unclear.
+    The server checks everything else (payments/checkout.py)."""
+    pay_choice = form.get("pay_choice", "")
+    amount = form.get("amount", "").strip()
+    if pay_choice == "all" or form.get("scope") == "all":
+        shown = form.get("all_total", "")
+        return {"scope": checkout.SCOPE_ALL, "expected_total": int(shown) if re.fullmatch(r"[0-9]{1,12}", shown) else None}
+    if pay_choice == "part":
+        return {"amount": amount[:64] or "?"}  # nothing typed: the rules' parser says how to write it
+    if amount and form.get("offers_part"):
+        raise checkout.PaymentRefused(AMOUNT_UNCLEAR)
+    return {"amount": amount[:64]} if amount and not pay_choice else {}
+
+
+AMOUNT_UNCLEAR = N_(
+    "You typed an amount: press “Pay this amount” to pay it, or clear it to pay the whole balance."
+)
+
+
+def _refusal(request: Request, exc: checkout.PaymentRefused) -> str:
+    """A refusal in the reader's language, with its amounts formatted for it (a translated message,
+    which the page's own `_()` leaves as it is)."""
+    locale = request_locale(request, None, services_of(request).settings.default_locale)
+    params: dict[str, str] = {k: format_money(v, exc.currency or "eur", locale) for k, v in exc.amounts.items()}
+    return pages.gettext(locale, str(exc), **params, **exc.texts).replace("%", "%%")
 
 
 async def start_new_card(request: Request, access: LinkAccess) -> Response:
@@ -410,9 +533,12 @@ def _translated(request: Request, message: str) -> str:
 
 async def refresh_status(request: Request, access: LinkAccess) -> Response:
     """POST …/status: ask Stripe about the invoice's latest payment (after 3-D Secure, or while it is
-    processing) and show where it stands."""
-    await checked_form(request, access.link_id)
+    processing) and show where it stands. With `another_card=1` (the customer gives up on the bank's
+    check to pay with another card): the waiting attempt is canceled first (payments/abandon.py)."""
+    form = await checked_form(request, access.link_id)
     app = services_of(request)
+    if form.get("another_card") == "1":
+        return await _pay_with_another_card(request, access)
     async with app.readers() as session:
         payment_id = await latest_payment_id(session, access.link_id)
     if payment_id is not None:
@@ -421,8 +547,23 @@ async def refresh_status(request: Request, access: LinkAccess) -> Response:
         if outcome.status == PaymentStatus.REQUIRES_ACTION and outcome.client_secret:
             return await _authenticate(request, access, outcome.client_secret)
         if outcome.status == PaymentStatus.FAILED:
-            return await _show(request, access, error=outcome.error_message, status_code=402)
+            return await _show(request, access, error=outcome.error_message, status_code=402, payment_id=outcome.payment_id)
     return RedirectResponse(access.path, status_code=303)
+
+
+async def _pay_with_another_card(request: Request, access: LinkAccess) -> Response:
+    """Cancel the attempt that waits for the bank, then the pay form with another card preselected."""
+    app = services_of(request)
+    try:
+        abandoned = await abandon.abandon_authentication(app.sessions, app.gateway, app.settings, link_id=access.link_id)
+    except GatewayUnavailable:
+        return await _show(request, access, error=checkout.GATEWAY_DOWN, status_code=503)
+    except GatewayError:
+        return await _show(request, access, error=NOT_ABANDONED, status_code=409)
+    if abandoned is None or abandoned.status != PaymentStatus.CANCELED:
+        return RedirectResponse(access.path, status_code=303)  # nothing waited, or it went through meanwhile
+    attempt = await _attempt(request, access, abandoned.payment_id)
+    return await _show_attempt(request, access, attempt, AUTHENTICATION_STOPPED, 200)
 
 
 async def status_json(request: Request, access: LinkAccess) -> Response:
@@ -456,17 +597,21 @@ async def receipt_pdf(request: Request, access: LinkAccess) -> Response:
 
 
 async def _document(request: Request, access: LinkAccess, kind: documents.DocumentKind) -> Response:
-    """The invoice or receipt as a PDF: the same link checks as the page; a void invoice or a
-    withdrawn link shows its page instead, as the page itself would."""
+    """The invoice or receipt as a PDF: the same link checks as the page; a void invoice, a withdrawn
+    or an expired link shows its page instead, as the page itself would, except that a paid invoice's
+    documents are served however old or withdrawn the link (its receipt email links here)."""
     app = services_of(request)
     async with app.readers() as session:
         document = await documents.link_document(session, access.link_id)
     if document is None or document.link is None:
         raise InvalidLink()
     invoice = document.invoice
-    if invoice.status == InvoiceStatus.VOID or document.link.revoked_at is not None:
-        page, receipt = await _read_page(request, access.link_id)
-        return render_pay_state(request, access, page, receipt=receipt)
+    if invoice.status not in InvoiceStatus.HAS_RECEIPT:  # a paid invoice's documents outlive its links
+        if access.expired:
+            raise _expired(request, app.settings, access)
+        if invoice.status == InvoiceStatus.VOID or document.link.revoked_at is not None:
+            page, receipt = await _read_page(request, access.link_id)
+            return render_pay_state(request, access, page, receipt=receipt)
     if kind == "receipt" and (invoice.status not in InvoiceStatus.HAS_RECEIPT or document.receipt is None):
         raise NoReceipt(pay_path=access.path, invoice=invoice)
     locale = request_locale(request, document.customer.locale, app.settings.default_locale)
@@ -554,9 +699,12 @@ _setup = _link_routes("/setup", start_new_card, ["POST"], "pay_new_card", json_e
 _refresh = _link_routes("/status", refresh_status, ["POST"], "pay_status_refresh")
 _status = _link_routes("/status", status_json, ["GET"], "pay_status", json_error="invalid_link")
 _renew = _link_routes("/renew", request_fresh_link, ["POST"], "pay_renew", expired_ok=True)
-_invoice_pdf = _link_routes("/invoice.pdf", invoice_pdf, ["GET", "HEAD"], "pay_invoice_pdf")
-_receipt_pdf = _link_routes("/receipt.pdf", receipt_pdf, ["GET", "HEAD"], "pay_receipt_pdf")
-_LINK_ROUTES = (_pay, _setup, _refresh, _status, _renew, _invoice_pdf, _receipt_pdf)
+_invoice_pdf = _link_routes("/invoice.pdf", invoice_pdf, ["GET", "HEAD"], "pay_invoice_pdf", expired_ok=True)  # see _document
+_receipt_pdf = _link_routes("/receipt.pdf", receipt_pdf, ["GET", "HEAD"], "pay_receipt_pdf", expired_ok=True)
+_colleague = _link_routes("/colleague", colleague_views.send_to_colleague, ["POST"], "pay_colleague")
+_card_remove = _link_routes("/cards/remove", card_views.remove_saved_card, ["POST"], "pay_card_remove")
+_card_default = _link_routes("/cards/default", card_views.make_default_card, ["POST"], "pay_card_default")
+_LINK_ROUTES = (_pay, _setup, _refresh, _status, _renew, _invoice_pdf, _receipt_pdf, _colleague, _card_remove, _card_default)
 
 routes = [
     Route("/pay/l/{link_hex}", _endpoint(pay_page, _cookie_access), methods=["GET", "HEAD"], name="pay_page"),

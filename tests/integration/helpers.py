@@ -125,3 +125,74 @@ def paid_intent_for(localstripe: LocalStripe, issued: Any) -> dict[str, Any]:
         }
     )
     return intent.to_dict()
+
+
+# --- new cards and colleagues (issue 13) ------------------------------------------------------------
+
+
+def confirmed_setup_intent(localstripe: LocalStripe, client_secret: str, number: str) -> str:
+    """What Stripe.js's confirmCardSetup does on the page: the card entered, the SetupIntent confirmed."""
+    setup_intent = client_secret.split("_secret_")[0]
+    pm = localstripe.client.v1.payment_methods.create(
+        {"type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}}  # type: ignore[typeddict-item]
+    )
+    localstripe.client.v1.setup_intents.confirm(setup_intent, {"payment_method": pm.id})
+    return setup_intent
+
+
+def pay_with_new_card(client: Any, localstripe: LocalStripe, url: str, number: str, *, save: bool) -> Any:
+    """Open the link, enter a new card (ticking "save this card" or not) and pay; the final answer."""
+    page = client.get(url)
+    csrf = csrf_of(page.text)
+    base = str(page.url).split("?", 1)[0]
+    setup = client.post(f"{base}/setup", data={"csrf": csrf})
+    assert setup.status_code == 200, setup.text
+    form = {"csrf": csrf, "setup_intent": confirmed_setup_intent(localstripe, setup.json()["client_secret"], number)}
+    if save:
+        form["save_card"] = "1"
+    return client.post(base, data=form)
+
+
+def attached_cards(localstripe: LocalStripe, customer_id: str) -> list[Any]:
+    """The cards attached to a customer at localstripe, as Stripe lists them."""
+    return list(localstripe.client.v1.payment_methods.list({"customer": customer_id, "type": "card"}).data)
+
+
+# --- part payments and pay-all (issue 13) --------------------------------------------------------------
+
+
+@dataclass
+class MoreInvoice:
+    number: str
+    url: str | None  # None when it was not sent
+    invoice_id: str
+
+
+def another_invoice(cli: Any, email: str, amount: str, *options: str, currency: str = "eur", send: bool = True) -> MoreInvoice:
+    """One more invoice for a customer who exists already (options: e.g. "--allow-partial", "--min-amount", "50")."""
+    args = ["invoice", "create", "--customer", email, "--amount", amount, "--currency", currency, "--description", "More work"]
+    created = cli(*args, *options, *(["--send"] if send else []), "--json")
+    assert created.code == 0, created.err
+    data = created.json()
+    return MoreInvoice(data["number"], data["link"]["url"] if send else None, data["id"])
+
+
+def part_form(html: str, amount: str, card: str, choice: str = "part") -> dict[str, str]:
+    """The saved-card form with "Pay another amount" pressed (templates/_pay_options.html)."""
+    return {"csrf": csrf_of(html), "payment_method": card, "offers_part": "1", "pay_choice": choice, "amount": amount}
+
+
+def pay_all_form(html: str, card: str) -> dict[str, str]:
+    """The saved-card form with "Pay all" pressed: the total the page showed goes along."""
+    match = re.search(r'name="all_total" value="(\d*)"', html)
+    assert match and match.group(1), "the page offers no pay-all"
+    return {"csrf": csrf_of(html), "payment_method": card, "offers_part": "1", "pay_choice": "all", "all_total": match.group(1)}
+
+
+def stripe_told_us_the_default(database_url: str) -> None:
+    """Wait until the app has applied the customer.updated webhook that setting up the test customer
+    caused (localstripe sends webhooks a second late): a later change must not race with it."""
+    from tests.harness import db_query, wait_until
+
+    query = "SELECT count(*) FROM webhook_events WHERE type = 'customer.updated' AND processed_at IS NOT NULL"
+    wait_until(lambda: db_query(database_url, query)[0][0] >= 1, what="the customer.updated webhook")

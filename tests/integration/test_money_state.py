@@ -125,7 +125,7 @@ class TestSavedProfilesInSync:
     """What Stripe says about saved cards is what the page offers."""
 
     def test_detached_card_is_no_longer_offered(self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client) -> None:
-        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OK)
+        issued = issue_invoice(cli, localstripe, CARD_OK, "5555555555554444")  # two cards (the same one twice is kept once)
         first, second = issued.cards
         assert offered_cards(browser_client.get(issued.url).text) == [first, second]
         detached = localstripe.client.v1.payment_methods.detach(second)

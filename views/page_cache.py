@@ -1,0 +1,316 @@
+"""What the pay page renders to, kept in memory and keyed by everything that changes it.
+
+Rendering the page costs more than the rest of GET /pay/l/<link> together, and on payday the same few
+states of the same pages are rendered again and again. So a page is rendered once, with placeholders
+for the two values that differ per answer (the CSP nonce and the CSRF tokens of its forms, see
+`plumbing.web.Placeholders`), and every answer puts its own values in at send time, with its own
+cookies (`views.render.finish_page`).
+
+Never stale, with no invalidation: the key is derived from the page's data as read on *this*
+request (the one point read that happens anyway): every loaded column of every ORM row and every
+field of every dataclass in the tree the view renders (link, invoice, customer, live payment, cards,
+and whatever the page data grows), plus the language, the path, the query string, the day (UTC), the
+template set and translations, and the settings. A write anywhere changes what the next read sees,
+and so the key, on every worker of every machine; an old entry is simply never asked for again and
+falls out of the LRU. Three bookkeeping columns of the link that no page shows (open counts, written
+every second while a link is being opened) are left out of the key, so that a link opened often
+stays cached; `uncacheable_reason` refuses any template that names them.
+
+Bounded: at most `max_entries` pages and `max_bytes` of (compressed) page bodies, least recently used
+out first.
+Only answers that are pages of the link's state are kept (200, and 410 for a void invoice or a
+withdrawn link); an answer with cookies of its own or a template that reads the request itself is
+served once and not kept. Error pages are raised, not returned, and never reach the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import logging
+import re
+import secrets
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import meta, nodes
+from sqlalchemy import Row, inspect
+from starlette.requests import Request
+from starlette.responses import Response
+
+from links.models import PaymentLink
+from plumbing.rendering import ROOT, pages
+from plumbing.settings import Settings
+from plumbing.web import RENDER_ONCE, Placeholders, csrf_token
+from views.render import finish_page
+
+log = logging.getLogger("paylink.page_cache")
+MAX_ENTRIES = 12_000
+MAX_BYTES = 32 * 1024 * 1024  # compressed page bodies; a pay page keeps ~1.5 KB: 10,000 links' pages fit in ~20 MB
+CACHEABLE_STATUS = frozenset({200, 410})  # a page of the link's state (410: void invoice, withdrawn link)
+# What a template may read that differs per request, besides the CSP nonce and the CSRF tokens (which
+# every answer fills in): a template that reads it is rendered for its request only.
+PER_REQUEST = frozenset({"request"})
+# Columns written on every open (links/opens.py) that no page shows: not part of the key.
+NOT_SHOWN = {PaymentLink: frozenset({"open_count", "first_opened_at", "last_opened_at"})}
+NOT_SHOWN_NAMES = frozenset().union(*NOT_SHOWN.values())
+
+
+class Uncacheable(Exception):
+    """The page data holds a value the key cannot represent exactly: render without the cache."""
+
+
+# --- the key: the page's data as read on this request ---------------------------------------------
+
+
+def fingerprint(value: Any) -> Hashable:
+    """`value` as a tree of plain values whose `repr` is equal for two values exactly when they render
+    the same: dataclasses field by field, ORM rows by every loaded column (and loaded relationship),
+    containers item by item. The leaves are kept as they are: the repr of a str, int, bool, float,
+    Decimal, UUID, date, time or timezone-aware datetime is exact (1, 1.0 and True differ, and so do
+    Decimal("1.0") and Decimal("1.00")). Anything else raises Uncacheable: its repr might hide a
+    difference."""
+    kind = type(value)
+    if kind in _LEAVES or isinstance(value, enum.Enum):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, Row):  # a Core result row (attribute access like an ORM row)
+        return ("Row", value._fields, *map(fingerprint, value))
+    if kind is list or kind is tuple:
+        return (kind.__name__, *[v if type(v) in _LEAVES else fingerprint(v) for v in value])
+    if kind is dict:
+        return ("dict", *[(fingerprint(k), fingerprint(v)) for k, v in value.items()])
+    if hasattr(kind, "__mapper__"):
+        return _row(value)
+    if isinstance(value, uuid.UUID) and repr(value) == f"UUID('{value}')":
+        _LEAVES.add(kind)  # asyncpg's own UUID class (a subclass): its repr is as exact
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (kind.__qualname__, *[fingerprint(getattr(value, name)) for name in _fields(kind)])
+    raise Uncacheable(f"cannot key a {kind.__qualname__}")
+
+
+_LEAVES: set[type] = {str, int, bool, float, type(None), Decimal, uuid.UUID, datetime, date, time, timedelta, bytes}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_ROW_KEYS: dict[type, tuple[str, ...]] = {}
+_UNLOADED = "<not loaded>"
+
+
+def _fields(kind: type) -> tuple[str, ...]:
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = _FIELDS[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return names
+
+
+def _row(row: Any) -> Hashable:
+    """Every loaded attribute of an ORM row (columns, and relationships loaded on purpose; an unloaded
+    one cannot be rendered: they raise on lazy load), except the columns no page shows."""
+    kind = type(row)
+    keys = _ROW_KEYS.get(kind)
+    if keys is None:
+        skipped = next((names for model, names in NOT_SHOWN.items() if issubclass(kind, model)), frozenset())
+        keys = _ROW_KEYS[kind] = tuple(attr.key for attr in inspect(kind).attrs if attr.key not in skipped)
+    loaded = row.__dict__  # the instance's loaded state (what sqlalchemy.inspect(row).dict returns)
+    values = [loaded.get(key, _UNLOADED) for key in keys]
+    return (kind.__qualname__, *[v if type(v) in _LEAVES else fingerprint(v) for v in values])
+
+
+# --- which pages may be kept -------------------------------------------------------------------------
+
+
+def uncacheable_reason(environment: jinja2.Environment, name: str) -> str | None:
+    """Why the template `name` (with every template it extends or includes) cannot be rendered once
+    for many answers, or None: it reads the request itself, or a column the key leaves out."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        assert environment.loader is not None
+        source, _, _ = environment.loader.get_source(environment, current)
+        tree = environment.parse(source)
+        per_request = meta.find_undeclared_variables(tree) & PER_REQUEST
+        if per_request:
+            return f"{current} reads {', '.join(sorted(per_request))}"
+        hidden = {node.attr for node in tree.find_all(nodes.Getattr) if node.attr in NOT_SHOWN_NAMES}
+        if hidden:
+            return f"{current} shows {', '.join(sorted(hidden))}, which the key leaves out"
+        todo.extend(t for t in meta.find_referenced_templates(tree) if t is not None)
+    return None
+
+
+def fingerprint_of_files(*directories: Path) -> str:
+    """The template set and translations as deployed (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    for directory in directories:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# --- the cache -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Page:
+    """A rendered page: its text without the placeholders, compressed (a pay page of ~5 KB keeps ~1.5 KB:
+    10,000 links' pages in ~20 MB), and where each placeholder goes back in."""
+
+    text: bytes  # zlib
+    holes: tuple[tuple[int, uuid.UUID | None], ...]  # (offset in the text, CSRF subject or None for the nonce)
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]  # without content-length (and, if kept, without set-cookie)
+    locale: str
+    size: int
+
+
+class PageCache:
+    def __init__(self, settings: Settings, *, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._pages: OrderedDict[bytes, _Page] = OrderedDict()
+        self._bytes = 0
+        self._verdicts: dict[str, str | None] = {}
+        self._warned: set[str] = set()
+        # Random per process: data on a page (an invoice's notes) cannot spell a placeholder.
+        marker = secrets.token_hex(8)
+        self._nonce = f"plnonce{marker}-"
+        self._csrf = f"plcsrf{marker}-"
+        self._split = re.compile(re.escape(self._nonce).encode() + b"|" + re.escape(self._csrf).encode() + rb"([0-9a-f]{32})-")
+        settings_digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+        self._generation = (settings_digest, fingerprint_of_files(ROOT / "templates", ROOT / "locales"))
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def key(self, request: Request, data: Iterable[Any]) -> bytes:
+        """The key of the page `data` renders to for this request: a digest of the exact tree (the
+        tree itself would hold a copy of every page's data in memory)."""
+        tree = (
+            self._generation,
+            datetime.now(UTC).date(),  # anything a page says about "today" changes with the day
+            request.scope["path"],
+            request.scope["query_string"],
+            *map(fingerprint, data),
+        )
+        return hashlib.blake2b(repr(tree).encode(), digest_size=20).digest()
+
+    def answer(self, request: Request, data: Iterable[Any], render: Callable[[], Response]) -> Response:
+        """The page `render()` makes of `data` (with the language the caller chose among it), from the
+        cache or rendered now and kept; filled with this answer's nonce, form tokens and cookies."""
+        try:
+            key = self.key(request, data)
+        except (Uncacheable, RecursionError) as exc:  # (RecursionError: rows that refer to each other)
+            self._warn_once(str(exc) or type(exc).__name__)
+            return render()
+        page = self._pages.get(key)
+        if page is not None:
+            self._pages.move_to_end(key)
+            self.hits += 1
+            return self._fill(request, page)
+        self.misses += 1
+        placeholders = Placeholders(self._nonce, self._csrf)
+        request.scope[RENDER_ONCE] = placeholders
+        try:
+            response = render()
+        finally:
+            del request.scope[RENDER_ONCE]
+        body = getattr(response, "body", None)
+        if not isinstance(body, bytes) or placeholders.template is None or placeholders.locale is None:
+            return response  # not a rendered page (no placeholders in it either)
+        keep = self._keepable(response, placeholders.template)
+        page = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
+        if keep:
+            self._store(key, page)
+        return self._fill(request, page)
+
+    def _keepable(self, response: Response, template: str) -> bool:
+        if response.status_code not in CACHEABLE_STATUS:
+            return False
+        if any(name == b"set-cookie" for name, _ in response.raw_headers):
+            return False  # something of this request's own
+        if template not in self._verdicts:
+            reason = self._verdicts[template] = uncacheable_reason(pages.environment("en"), template)
+            if reason is not None:
+                self._warn_once(reason)
+        return self._verdicts[template] is None
+
+    def _warn_once(self, reason: str) -> None:
+        """A page that cannot be cached is still right, only slow: say so once, for whoever made it so."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("page_cache.not_cached reason=%s", reason)
+
+    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> _Page:
+        pieces: list[bytes] = []
+        holes: list[tuple[int, uuid.UUID | None]] = []
+        at = offset = 0
+        for match in self._split.finditer(body):
+            pieces.append(body[at : match.start()])
+            offset += match.start() - at
+            subject = match.group(1)
+            holes.append((offset, uuid.UUID(subject.decode()) if subject else None))
+            at = match.end()
+        pieces.append(body[at:])
+        text = zlib.compress(b"".join(pieces), 1)
+        headers = tuple(
+            (name, value) for name, value in response.raw_headers if name != b"content-length" and (keep_cookies or name != b"set-cookie")
+        )
+        return _Page(text, tuple(holes), response.status_code, headers, locale, len(text) + 64 * len(holes) + 256)
+
+    def _store(self, key: bytes, page: _Page) -> None:
+        if page.size > self.max_bytes:
+            return
+        self._pages[key] = page
+        self._bytes += page.size
+        while len(self._pages) > self.max_entries or self._bytes > self.max_bytes:
+            _, old = self._pages.popitem(last=False)
+            self._bytes -= old.size
+
+    def _fill(self, request: Request, page: _Page) -> Response:
+        nonce = str(request.scope.get("csp_nonce", "")).encode()
+        tokens: dict[uuid.UUID, bytes] = {}
+        text = zlib.decompress(page.text)
+        chunks: list[bytes] = []
+        at = 0
+        for offset, subject in page.holes:
+            chunks.append(text[at:offset])
+            if subject is None:
+                chunks.append(nonce)
+            else:
+                token = tokens.get(subject)
+                if token is None:
+                    token = tokens[subject] = csrf_token(request, request.app.state.settings, subject).encode()
+                chunks.append(token)
+            at = offset
+        chunks.append(text[at:])
+        response = Response(b"".join(chunks), status_code=page.status)
+        response.raw_headers.extend(page.headers)
+        finish_page(request, response, page.locale)
+        return response
+
+
+def page_cache_of(request: Request) -> PageCache:
+    """The app's page cache (one per process; made on first use)."""
+    state = request.app.state
+    cache: PageCache | None = getattr(state, "page_cache", None)
+    if cache is None:
+        cache = state.page_cache = PageCache(state.settings)
+    return cache
