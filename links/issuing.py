@@ -145,12 +145,12 @@ async def revoke_links(session: AsyncSession, number: str, *, actor: str, recipi
 
 
 async def release_held_invoices(session: AsyncSession, settings: Settings, customer: Customer) -> int:
-    """Queue the invoice email of every open invoice whose newest live link was held, unsent."""
+    """Queue the invoice email of every payable (open or partly paid) invoice whose newest live link was held, unsent."""
     if send_block_reason(customer) is not None:
         return 0
     now = utcnow()
     invoices = (
-        await session.execute(select(Invoice).where(Invoice.customer_id == customer.id, Invoice.status == InvoiceStatus.OPEN))
+        await session.execute(select(Invoice).where(Invoice.customer_id == customer.id, Invoice.status.in_(InvoiceStatus.PAYABLE)))
     ).scalars()
     released = 0
     for invoice in invoices:

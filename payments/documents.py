@@ -211,7 +211,11 @@ def email_attachments(sessions: async_sessionmaker[AsyncSession], settings: Sett
     PDF and the receipt email the receipt PDF, in the email's language, rendered when it is sent."""
 
     async def attach(message: ClaimedMessage) -> list[Attachment]:
-        if not settings.invoice_pdf_attach or message.invoice_id is None or message.kind not in (Kind.INVOICE, Kind.RECEIPT):
+        if (
+            not settings.invoice_pdf_attach
+            or message.invoice_id is None
+            or message.kind not in (Kind.INVOICE, Kind.COLLEAGUE_INVOICE, Kind.RECEIPT)
+        ):
             return []
         payload = message.payload or {}
         paid_at = datetime.fromisoformat(payload["paid_at"]) if payload.get("paid_at") else None
@@ -219,7 +223,7 @@ def email_attachments(sessions: async_sessionmaker[AsyncSession], settings: Sett
             document = await invoice_document(session, message.invoice_id, paid_at=paid_at)
         if document is None:
             return []
-        kind: DocumentKind = "invoice" if message.kind == Kind.INVOICE else "receipt"
+        kind: DocumentKind = "receipt" if message.kind == Kind.RECEIPT else "invoice"
         if kind == "receipt" and document.receipt is None:
             return []
         locale = payload.get("locale") or customer_locale(settings, document.customer)

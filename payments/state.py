@@ -351,7 +351,8 @@ def _queue_receipt(
     # The receipt email links to the online receipt: the invoice's newest link shows it once paid.
     newest = session.execute(
         select(PaymentLink.id, PaymentLink.expires_at)
-        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None))
+        # Never a colleague's link (issue 13): the customer's receipt carries the customer's own link.
+        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.recipient_email.is_(None))
         .order_by(PaymentLink.expires_at.desc())
         .limit(1)
     ).first()
