@@ -8,7 +8,9 @@ link sent will expire within REMINDER_DAYS_BEFORE_EXPIRY days). Each point is cl
 the latest point reached is sent: a worker that was stopped for a week sends one reminder, not three.
 An invoice that was never emailed (created without --send) gets the invoice email at its point, not
 a reminder about something the customer never received. A reminder after the due date says
-"overdue since <due date>" (links.invoices.invoice_facts).
+"overdue since <due date>" (links.invoices.invoice_facts). An invoice paid in part (issue 13) is
+reminded of its balance: the facts carry what was paid and what is still due, and the reminder's
+subject and button ask for the balance.
 """
 
 from __future__ import annotations

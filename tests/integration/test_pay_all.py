@@ -12,7 +12,7 @@ import pytest
 
 from plumbing.settings import Settings
 from tests.harness import CARD_3DS, CARD_OK, LocalStripe, SmtpServer, db_execute, db_query, signed_event, text_part, wait_until
-from tests.integration.helpers import Issued, another_invoice, invoice_status, issue_invoice, pay_all_form
+from tests.integration.helpers import Issued, another_invoice, csrf_of, invoice_status, issue_invoice, pay_all_form
 from tests.integration.test_documents import pdf_text
 
 
@@ -200,3 +200,19 @@ class TestPayAllEvents:
         assert states == [("paid", 0), ("partially_refunded", 5000), ("refunded", 30000)]
         allocation = next(p for p in invoice_status(cli, numbers[0])["payments"] if p["status"] == "succeeded")["allocation"]
         assert [a["amount_refunded"] for a in allocation] == [0, 5000, 30000]
+
+
+class TestColleagueLinks:
+    """A colleague's link pays its own invoice only: no pay-all offer, and a forged `scope=all` is refused."""
+
+    def test_no_pay_all_on_a_colleague_link(self, cli: Any, localstripe: LocalStripe, server: Any) -> None:
+        first, _ = three_open_invoices(cli, localstripe)
+        sent = cli("link", "issue", first.number, "--to", "ap@customer.example", "--json")
+        assert sent.code == 0, sent.err
+        url = sent.json()["link"]["url"]
+        with httpx.Client(base_url=server.base, timeout=30, follow_redirects=True) as colleague:
+            html = colleague.get(url).text
+            assert "open invoices" not in html and "pay all" not in html
+            refused = colleague.post(url, data={"csrf": csrf_of(html), "payment_method": first.cards[0], "pay_choice": "all"})
+        assert refused.status_code == 409 and "This link pays this invoice only." in refused.text
+        assert succeeded(localstripe, first.stripe_customer) == []
