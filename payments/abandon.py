@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from links.models import Invoice, PaymentLink
+from links.models import PaymentLink
+from payments.checkout import live_payment
 from payments.gateway import GatewayError, StripeGateway
-from payments.models import Payment, PaymentStatus
+from payments.models import PaymentStatus
 from payments.state import apply_intent
 from plumbing.settings import Settings
 
@@ -39,14 +40,9 @@ async def abandon_authentication(
     Returns the attempt and its status afterwards, or None when no attempt waits for the bank (there
     is nothing to give up). Raises GatewayError when Stripe cannot be asked (nothing changed)."""
     async with sessions() as session:
-        live = (
-            await session.execute(
-                select(Payment.id, Payment.status, Payment.stripe_payment_intent_id)
-                .join(Invoice, Payment.live_invoice_id == Invoice.id)
-                .join(PaymentLink, PaymentLink.invoice_id == Invoice.id)
-                .where(PaymentLink.id == link_id)
-            )
-        ).first()
+        invoice_id = await session.scalar(select(PaymentLink.invoice_id).where(PaymentLink.id == link_id))
+        # The attempt holding the invoice's slot: its own, or a pay-all attempt that includes it.
+        live = await live_payment(session, invoice_id) if invoice_id is not None else None
     if live is None or live.status != PaymentStatus.REQUIRES_ACTION or live.stripe_payment_intent_id is None:
         return None
     try:

@@ -35,11 +35,12 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 
-# PDF documents: WeasyPrint needs pango, and the documents name DejaVu Sans (embedded in every PDF).
-if ! ldconfig -p 2>/dev/null | grep -q libpango-1.0 || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
+# PDF documents: WeasyPrint needs pango, and HarfBuzz's subsetter (without it WeasyPrint warns on every
+# PDF, and the suite treats warnings as errors); the documents name DejaVu Sans (embedded in every PDF).
+if ! ldconfig -p 2>/dev/null | grep -q libpango-1.0 || ! ldconfig -p 2>/dev/null | grep -q libharfbuzz-subset || [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then
   echo "== installing pango and the DejaVu fonts from Debian's packages (PDF documents)"
   if [ "$(id -u)" = "0" ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 fonts-dejavu-core >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 fonts-dejavu-core >/dev/null
 fi
 
 # axe-core for the accessibility checks, from the npm registry (pinned in tests/browser/package-lock.json).

@@ -9,8 +9,9 @@
   // One press is enough. While a payment is on its way the button says "Processing…" (aria-busy), a
   // live region says what is happening, and a second press does nothing. The button is not disabled,
   // so that keyboard focus stays on it rather than falling back to the top of the page.
-  function setBusy(form, busy) {
-    var button = form.querySelector("button[type=submit]");
+  // `pressed`: the button that submitted (a form may have several: pay the balance, another amount…).
+  function setBusy(form, busy, pressed) {
+    var button = busy ? (pressed || form.querySelector("button[type=submit]")) : form.querySelector("button[aria-busy]");
     var status = form.querySelector("[role=status]");
     if (busy) {
       form.setAttribute("data-busy", "1");
@@ -35,7 +36,7 @@
     if (form.id === "new-card-form") { return; }  // its own handler below
     form.addEventListener("submit", function (event) {
       if (form.hasAttribute("data-busy")) { event.preventDefault(); return; }
-      setBusy(form, true);
+      setBusy(form, true, event.submitter);
     });
   });
 
@@ -57,27 +58,50 @@
   });
   followChoice();
 
-  // A new card: Stripe's card element; card data goes from this page to Stripe only.
+  // A new card: Stripe's card element; card data goes from this page to Stripe only. Stripe.js is
+  // loaded from here, so that a slow network shows nothing alarming while it loads, and only a failed
+  // load (its error event, or no answer in LOAD_TIMEOUT_MS) says the card form is not available.
+  var LOAD_TIMEOUT_MS = 20000;
   var form = document.getElementById("new-card-form");
   if (!form) { return; }
-  if (typeof window.Stripe !== "function") {
-    console.error("paylink: Stripe.js did not load; paying with a new card is not available");
-    return;  // the page keeps saying that a new card needs JavaScript (Stripe.js), and saved cards pay
-  }
+  var needsJs = document.getElementById("new-card-needs-js");
+  var unavailable = document.getElementById("new-card-unavailable");
+  if (needsJs) { needsJs.hidden = true; }  // JavaScript runs: Stripe.js is on its way
   var status = document.getElementById("new-card-status");
   var button = document.getElementById("new-card-button");
-  var stripe, card;
-  try {
-    stripe = window.Stripe(form.getAttribute("data-publishable-key"), { locale: document.documentElement.lang || "auto" });
-    card = stripe.elements().create("card");
-    card.mount("#card-element");
-  } catch (error) {
-    console.error("paylink: the card element could not be set up", error);
-    return;
+  var stripe = null, card = null;
+
+  function cardFormUnavailable(detail) {
+    console.error("paylink: paying with a new card is not available:", detail);
+    if (unavailable && !card) { unavailable.hidden = false; }  // saved cards still pay
   }
-  form.hidden = false;
-  var needsJs = document.getElementById("new-card-needs-js");
-  if (needsJs) { needsJs.hidden = true; }
+
+  function setUpCardForm() {
+    if (typeof window.Stripe !== "function") { cardFormUnavailable("Stripe.js is not available"); return; }
+    try {
+      stripe = window.Stripe(form.getAttribute("data-publishable-key"), { locale: document.documentElement.lang || "auto" });
+      card = stripe.elements().create("card");
+      card.mount("#card-element");
+    } catch (error) {
+      card = null;
+      cardFormUnavailable(error);
+      return;
+    }
+    if (unavailable) { unavailable.hidden = true; }
+    form.hidden = false;
+  }
+
+  if (typeof window.Stripe === "function") {
+    setUpCardForm();
+  } else {
+    var script = document.createElement("script");
+    var timer = window.setTimeout(function () { cardFormUnavailable("Stripe.js did not load in time"); }, LOAD_TIMEOUT_MS);
+    script.src = form.getAttribute("data-stripe-js");
+    script.async = true;
+    script.addEventListener("load", function () { window.clearTimeout(timer); setUpCardForm(); });
+    script.addEventListener("error", function () { window.clearTimeout(timer); cardFormUnavailable("Stripe.js failed to load"); });
+    document.head.appendChild(script);
+  }
 
   // What to tell the customer about a card Stripe refused, in the page's language.
   var DECLINES = ["card_declined", "insufficient_funds", "generic_decline", "do_not_honor", "lost_card", "stolen_card",
@@ -102,8 +126,8 @@
   form.addEventListener("submit", function (event) {
     if (form.elements.setup_intent.value) { return; }  // the real submit (form.submit() fires no event)
     event.preventDefault();
-    if (form.hasAttribute("data-busy")) { return; }
-    setBusy(form, true);
+    if (form.hasAttribute("data-busy") || !card) { return; }
+    setBusy(form, true, event.submitter);
     status.textContent = said(form, "checking") || said(form, "processing-status");
     var body = new FormData();
     body.append("csrf", form.elements.csrf.value);

@@ -498,9 +498,7 @@ def _pay_choice(form: Any) -> dict[str, Any]:
     return {"amount": amount[:64]} if amount and not pay_choice else {}
 
 
-AMOUNT_UNCLEAR = N_(
-    "You typed an amount: press “Pay this amount” to pay it, or clear it to pay the whole balance."
-)
+AMOUNT_UNCLEAR = N_("You typed an amount: press “Pay this amount” to pay it, or clear it to pay the whole balance.")
 
 
 def _refusal(request: Request, exc: checkout.PaymentRefused) -> str:

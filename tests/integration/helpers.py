@@ -19,7 +19,9 @@ def csrf_of(html: str) -> str:
 
 
 def offered_cards(html: str) -> list[str]:
-    return re.findall(r'name="payment_method" value="(pm_[^"]+)"', html)
+    """The saved cards the page offers, once each, in the page's order (several forms may carry
+    the same card: pay in full, pay another amount, pay all)."""
+    return list(dict.fromkeys(re.findall(r'name="payment_method" value="(pm_[^"]+)"', html)))
 
 
 @dataclass

@@ -160,12 +160,19 @@ class TestFailedPaymentsInOurWords:
             assert "Payment received" in paid.text
         assert invoice_status(cli, issued.number)["status"] == "paid"
 
-    def test_an_unknown_failure_gets_a_plain_sentence(self, cli: Any, localstripe: LocalStripe, server: Any, settings: Settings) -> None:
-        from views.errors import PAYMENT_NOT_COMPLETED, card_failure_message
+    def test_codes_become_sentences(self) -> None:
+        from payments.gateway import failure_code
+        from views.errors import CARD_DECLINED, PAYMENT_NOT_COMPLETED, card_failure_message
 
-        assert card_failure_message("card_declined:insufficient_funds") != card_failure_message("card_declined")
+        # The issuer's decline code travels with Stripe's code, and is the more precise.
+        assert failure_code("card_declined", "insufficient_funds") == "card_declined:insufficient_funds"
+        assert failure_code("expired_card", "expired_card") == "expired_card"
+        assert failure_code({"not": "text"}, "x") == {"not": "text"}  # passed on as it came
+        assert "not enough funds" in card_failure_message("card_declined:insufficient_funds")
+        assert card_failure_message("card_declined:stolen_card") == CARD_DECLINED  # never "stolen" to the person holding it
         assert card_failure_message({"not": "text"}) == PAYMENT_NOT_COMPLETED
         assert card_failure_message("some_new_code") == PAYMENT_NOT_COMPLETED
+        assert card_failure_message(None) == PAYMENT_NOT_COMPLETED
 
 
 class TestAbandoned3DSecure:
