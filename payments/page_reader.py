@@ -92,60 +92,178 @@ class PayPage:
     options: PayOptions | None = None
 
 
-def pay_page_sync(session: Session, link_id: uuid.UUID) -> PayPage | None:
-    """Link, invoice, customer and live payment in one indexed read, then the saved cards.
+# --- the one read: every statement built once, at import, with the link's id as a bind parameter ---
+#
+# Link, invoice, customer, the live payment (its own, or a pay-all allocation holding the invoice) and
+# how many of the customer's invoices pay-all would pay, in one indexed Core select on a connection
+# (no Session, no unit of work, no identity map); the saved cards in a second (only when the page can
+# show them). The rows become instances of the mapped classes without the ORM: their loaded state is
+# exactly the selected columns (what `sqlalchemy.inspect(row).dict` would hold), so the templates,
+# payments/payers.py, links/partial.py and the page cache's key read them as they read ORM rows.
+
+_NOW = bindparam("now", type_=PaymentLink.__table__.c.expires_at.type)
+_LINK_ID = bindparam("link_id", type_=PaymentLink.__table__.c.id.type)
+
+
+def _columns(model: type[Any]) -> tuple[tuple[str, ...], list[Any]]:
+    attrs = [a for a in inspect(model).column_attrs]
+    return tuple(a.key for a in attrs), [a.columns[0] for a in attrs]
+
+
+_LINK_KEYS, _LINK_COLUMNS = _columns(PaymentLink)
+_INVOICE_KEYS, _INVOICE_COLUMNS = _columns(Invoice)
+_CUSTOMER_KEYS, _CUSTOMER_COLUMNS = _columns(Customer)
+
+
+def _pay_all_set(customer_id: Any, currency: Any, now: Any) -> Select[uuid.UUID]:
+    sent_link = (
+        select(PaymentLink.id)
+        .where(
+            PaymentLink.invoice_id == Invoice.id,
+            PaymentLink.sent_at.is_not(None),
+            PaymentLink.revoked_at.is_(None),
+            PaymentLink.expires_at > now,
+            PaymentLink.recipient_email.is_(None),
+        )
+        .exists()
+    )
+    return select(Invoice.id).where(
+        Invoice.customer_id == customer_id, Invoice.currency == currency, Invoice.status.in_(InvoiceStatus.PAYABLE), sent_link
+    )
+
+
+def _page_statement() -> Select[Any]:
+    page_invoice = aliased(Invoice, name="page_invoice")
+    held = aliased(Payment, name="held")
+    holding = (
+        select(held.id, held.status)
+        .join(PaymentAllocation, PaymentAllocation.payment_id == held.id)
+        .where(PaymentAllocation.live_invoice_id == page_invoice.id)
+        .limit(1)
+    )
+    other = aliased(Invoice, name="other")
+    other_link = aliased(PaymentLink, name="other_link")
+    payable_others = (
+        select(func.count())
+        .select_from(other)
+        .where(
+            other.customer_id == page_invoice.customer_id,
+            other.currency == page_invoice.currency,
+            other.status.in_(InvoiceStatus.PAYABLE),
+            other.amount_due > other.amount_paid,
+            select(other_link.id)
+            .where(
+                other_link.invoice_id == other.id,
+                other_link.sent_at.is_not(None),
+                other_link.revoked_at.is_(None),
+                other_link.expires_at > _NOW,
+                other_link.recipient_email.is_(None),
+            )
+            .exists(),
+        )
+        .scalar_subquery()
+    )
+    link_table, invoice_table = PaymentLink.__table__, page_invoice
+    invoice_columns = [getattr(page_invoice, key) for key in _INVOICE_KEYS]
+    return (
+        select(
+            *_LINK_COLUMNS,
+            *invoice_columns,
+            *_CUSTOMER_COLUMNS,
+            Payment.id,
+            Payment.status,
+            holding.with_only_columns(held.id).scalar_subquery(),
+            holding.with_only_columns(held.status).scalar_subquery(),
+            payable_others,
+        )
+        .select_from(link_table)
+        .join(invoice_table, page_invoice.id == PaymentLink.invoice_id)
+        .join(Customer, Customer.id == page_invoice.customer_id)
+        .outerjoin(Payment, Payment.live_invoice_id == page_invoice.id)
+        .where(PaymentLink.id == _LINK_ID)
+        .limit(1)
+    )
+
+
+PAGE = _page_statement()
+CARDS = (
+    select(
+        PaymentProfile.stripe_payment_method_id,
+        PaymentProfile.brand,
+        PaymentProfile.last4,
+        PaymentProfile.exp_month,
+        PaymentProfile.exp_year,
+        PaymentProfile.is_default,
+    )
+    .where(PaymentProfile.customer_id == bindparam("customer_id", type_=PaymentProfile.__table__.c.customer_id.type))
+    .where(PaymentProfile.reusable.is_(True))
+    .order_by(PaymentProfile.is_default.desc(), PaymentProfile.created_at)
+)
+PAY_ALL = (
+    select(Invoice.number, Invoice.amount_due, Invoice.amount_paid, Invoice.due_date)
+    .where(
+        Invoice.id.in_(
+            _pay_all_set(
+                bindparam("customer_id", type_=Invoice.__table__.c.customer_id.type),
+                bindparam("currency", type_=Invoice.__table__.c.currency.type),
+                _NOW,
+            )
+        )
+    )
+    .order_by(Invoice.due_date.is_(None), Invoice.due_date, Invoice.number)
+)
+
+
+def _row_object(model: type[_M], keys: tuple[str, ...], values: Sequence[Any]) -> _M:
+    """An instance of a mapped class holding `values`, without the ORM's bookkeeping (read-only: never
+    added to a session). Mapped attributes read the instance's dict first; properties work as usual."""
+    row = model.__new__(model)
+    row.__dict__.update(zip(keys, values, strict=True))
+    return row
+
+
+def read_page(connection: Connection, link_id: uuid.UUID) -> PayPage | None:
+    """The page's data in one indexed read (and the saved cards in a second, when shown).
 
     Synchronous on purpose: on SQLite the page reader runs it on a read-only connection right on
-    the event loop (links/pagereader.py); elsewhere it runs inside an async session via run_sync."""
-
-    row = session.execute(
-        link_with_invoice(link_id).add_columns(Payment.id, Payment.status).outerjoin(Payment, Payment.live_invoice_id == Invoice.id)
-    ).one_or_none()
+    the event loop; on PostgreSQL on an async connection via run_sync."""
+    now = utcnow()
+    row = connection.execute(PAGE, {"link_id": link_id, "now": now}).first()
     if row is None:
         return None
-    link, invoice, customer, payment_id, payment_status = row
-    if payment_id is None and invoice.status in InvoiceStatus.UNSETTLED:
-        # A pay-all attempt holds this invoice's slot through its allocation.
-        held = session.execute(
-            select(Payment.id, Payment.status)
-            .join(PaymentAllocation, PaymentAllocation.payment_id == Payment.id)
-            .where(PaymentAllocation.live_invoice_id == invoice.id)
-        ).first()
-        if held is not None:
-            payment_id, payment_status = held
+    a, b, c = len(_LINK_KEYS), len(_LINK_KEYS) + len(_INVOICE_KEYS), len(_LINK_KEYS) + len(_INVOICE_KEYS) + len(_CUSTOMER_KEYS)
+    link = _row_object(PaymentLink, _LINK_KEYS, row[:a])
+    invoice = _row_object(Invoice, _INVOICE_KEYS, row[a:b])
+    customer = _row_object(Customer, _CUSTOMER_KEYS, row[b:c])
+    payment_id, payment_status, held_id, held_status, payable_count = row[c:]
+    if payment_id is None and invoice.status in InvoiceStatus.UNSETTLED and held_id is not None:
+        payment_id, payment_status = held_id, held_status  # a pay-all attempt holds this invoice's slot
     cards: list[SavedCard] = []
     if invoice.status in InvoiceStatus.PAYABLE and uses_saved_cards(link):
-        profiles = session.execute(
-            select(PaymentProfile)
-            .where(PaymentProfile.customer_id == customer.id, PaymentProfile.reusable.is_(True))
-            .order_by(PaymentProfile.is_default.desc(), PaymentProfile.created_at)
-        )
-        cards = [SavedCard(p.stripe_payment_method_id, p.brand, p.last4, p.exp_month, p.exp_year, p.is_default) for p in profiles.scalars()]
+        cards = [SavedCard(*card) for card in connection.execute(CARDS, {"customer_id": customer.id})]
     live = LivePayment(payment_id, payment_status) if payment_id is not None else None
-    return PayPage(link, invoice, customer, cards, live, _options(session, link, invoice))
+    return PayPage(link, invoice, customer, cards, live, _options(connection, link, invoice, payable_count or 0, now))
 
 
-def _options(session: Session, link: PaymentLink, invoice: Invoice) -> PayOptions:
+def pay_page_sync(session: Session, link_id: uuid.UUID) -> PayPage | None:
+    """`read_page` inside an ORM session (its connection and transaction)."""
+    return read_page(session.connection(), link_id)
+
+
+def _options(connection: Connection, link: PaymentLink, invoice: Invoice, payable_count: int, now: datetime) -> PayOptions:
     """Balance, part-payment window, what was paid so far, and the customer's other open invoices
-    (never on a colleague's link: payments/payers.py)."""
+    (never on a colleague's link: payments/payers.py; listed only when there are two or more)."""
     balance = balance_of(invoice.amount_due, invoice.amount_paid) if invoice.status in InvoiceStatus.UNSETTLED else 0
-    parts = _paid_parts(session, invoice) if invoice.amount_paid > 0 else []
+    parts = _paid_parts(connection, invoice) if invoice.amount_paid > 0 else []
     others: list[OpenInvoice] = []
-    if invoice.status in InvoiceStatus.PAYABLE and may_pay_all(link):
-        others = [
-            OpenInvoice(number, balance_of(due, paid), due_date)
-            for number, due, paid, due_date in session.execute(
-                select(Invoice.number, Invoice.amount_due, Invoice.amount_paid, Invoice.due_date)
-                .where(Invoice.id.in_(pay_all_invoices(invoice.customer_id, invoice.currency)))
-                .order_by(Invoice.due_date.is_(None), Invoice.due_date, Invoice.number)
-            )
-            if due > paid
-        ]
+    if payable_count >= 2 and invoice.status in InvoiceStatus.PAYABLE and may_pay_all(link):
+        query = connection.execute(PAY_ALL, {"customer_id": invoice.customer_id, "currency": invoice.currency, "now": now})
+        others = [OpenInvoice(number, balance_of(due, paid), due_date) for number, due, paid, due_date in query if due > paid]
         if invoice.number not in {o.number for o in others}:
             others = []  # this invoice is not among them (e.g. never emailed): no offer from its page
     allocation: list[tuple[str, int]] = []
     if invoice.status in InvoiceStatus.HAS_RECEIPT and parts and parts[0].total != parts[0].amount:
-        allocation = _allocation_of(session, invoice)
+        allocation = _allocation_of(connection, invoice)
     return PayOptions(balance, allowed_for(invoice), others, parts, allocation)
 
 
