@@ -31,9 +31,10 @@ from links import reminders, retention
 from links.hooks import apply_dead_message_policy
 from links.opens import OpenRecorder
 from payments import brakes, documents
-from payments.events import DirectEventWriter, EventWriter
+from payments.events import EventWriter
 from payments.gateway import StripeGateway
 from payments.page_reader import PageReader
+from payments.pg_batches import PgBatchWriter
 from payments.sqlite_batches import SqliteBatchWriter
 from plumbing.db import alembic_config, create_engine, create_session_factory, is_sqlite, reader_engine, utcnow
 from plumbing.metrics import DatabaseGauges, Reading
@@ -83,7 +84,7 @@ async def open_services(settings: Settings, *, background: bool = False) -> Asyn
             stack.push_async_callback(replica.dispose)
             replica_pages = PageReader(settings.database_read_url, create_session_factory(reader_engine(replica)))
             stack.callback(replica_pages.close)
-        events: EventWriter = SqliteBatchWriter(settings) if is_sqlite(settings.database_url) else DirectEventWriter(settings, sessions)
+        events: EventWriter = SqliteBatchWriter(settings) if is_sqlite(settings.database_url) else PgBatchWriter(settings, sessions)
         stack.push_async_callback(events.close)
         services = Services(
             settings=settings,

@@ -3,7 +3,9 @@
 Receipt numbers (RCT-000042) are gap-free: the `number_sequences` row "receipt" is bumped with one
 UPDATE … RETURNING in the transaction that marks the payment succeeded (payments/state.py), so a
 rolled-back payment gives its number back, and on PostgreSQL a concurrent payment waits for the row
-lock instead of taking the same number (the column is unique as well). A number is given when the
+lock instead of taking the same number (the column is unique as well). A batch of webhooks takes all
+its numbers at once, as its last statement before the commit (`defer_receipt_numbers`), so the row
+is locked once per batch and only while the batch commits. A number is given when the
 money counts towards the invoice (its currency); a payment in another currency, or one that arrived
 after the invoice was settled, gets none (finance settles those by hand).
 
@@ -18,14 +20,16 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from markupsafe import Markup
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import flag_modified
 
 from emails.messages import Kind
+from emails.models import OutboxMessage
 from emails.outbox import ClaimedMessage
 from emails.sender import Attachment, AttachmentHook
 from links.customers import customer_locale
@@ -50,10 +54,15 @@ def format_receipt_number(value: int) -> str:
 
 def next_receipt_number(session: Session) -> str:
     """The next receipt number, in the caller's transaction (see the module's docstring)."""
+    return format_receipt_number(_take_numbers(session, 1))
+
+
+def _take_numbers(session: Session, count: int) -> int:
+    """Bump the receipt sequence by `count` in the caller's transaction; returns the last number taken."""
     bump = (
         update(NumberSequence)
         .where(NumberSequence.name == RECEIPT_SEQUENCE)
-        .values(last_value=NumberSequence.last_value + 1)
+        .values(last_value=NumberSequence.last_value + count)
         .returning(NumberSequence.last_value)
         .execution_options(synchronize_session=False)
     )
@@ -63,7 +72,75 @@ def next_receipt_number(session: Session) -> str:
         highest = max((int(m.group(1)) for n in given if n and (m := _RCT_NUMBER.fullmatch(n))), default=0)
         session.execute(insert_ignore(session, NumberSequence).values(name=RECEIPT_SEQUENCE, last_value=highest))
         value = session.execute(bump).scalar_one()
-    return format_receipt_number(int(value))
+    return int(value)
+
+
+# Batches of webhooks (payments/sqlite_batches.py, payments/pg_batches.py) number their receipts at
+# the end, with one UPDATE for the whole batch, just before the commit: the sequence row is locked
+# once per batch and only for the commit, instead of from each payment to the commit. The numbers
+# are still taken in the transaction that marks the payments succeeded (a rolled-back batch gives
+# all of them back: gap-free), in the order the payments succeeded, under the row lock (unique).
+_DEFERRED = "paylink.deferred_receipt_numbers"  # session.info key: [(payment, [receipt payloads])]
+
+
+def defer_receipt_numbers(session: Session) -> None:
+    """From now on in this session, `give_receipt_number` only notes the payment; call
+    `number_deferred_receipts` before the commit."""
+    session.info[_DEFERRED] = []
+
+
+def give_receipt_number(session: Session, payment: Payment) -> None:
+    """Give the payment its gap-free receipt number: now, or at the end of a batch (see above)."""
+    if payment.receipt_number:
+        return
+    pending: list[tuple[Payment, list[dict[str, Any]]]] | None = session.info.get(_DEFERRED)
+    if pending is None:
+        payment.receipt_number = next_receipt_number(session)
+    elif all(noted is not payment for noted, _ in pending):
+        pending.append((payment, []))
+
+
+def number_later(session: Session, payment: Payment, payload: dict[str, Any]) -> None:
+    """A receipt email queued (as facts) before its payment's number was given: it gets the number too."""
+    for noted, payloads in session.info.get(_DEFERRED) or ():
+        if noted is payment:
+            payloads.append(payload)
+
+
+def number_deferred_receipts(session: Session) -> None:
+    """Number every payment noted since `defer_receipt_numbers`, in order, with one UPDATE."""
+    pending: list[tuple[Payment, list[dict[str, Any]]]] = session.info.pop(_DEFERRED, None) or []
+    if not pending:
+        return
+    first = _take_numbers(session, len(pending)) - len(pending) + 1
+    for offset, (payment, payloads) in enumerate(pending):
+        payment.receipt_number = format_receipt_number(first + offset)
+        for payload in payloads:
+            payload["receipt_number"] = payment.receipt_number
+    for message in session.info.pop(_WRITTEN, ()):
+        flag_modified(message, "payload")  # written by a flush earlier in the batch: written again
+
+
+_WRITTEN = "paylink.receipts_written_unnumbered"  # session.info key: receipt messages a flush wrote before their number
+
+
+@event.listens_for(Session, "before_flush")
+def _keep_unnumbered_receipts(session: Session, _context: Any, _instances: Any) -> None:
+    """An event may flush in the middle of a batch (a payment we did not start is inserted): the
+    receipts queued before it are written without their number, and the session only keeps weak
+    references to written rows. Keep those messages, so that numbering writes them again."""
+    pending: list[tuple[Payment, list[dict[str, Any]]]] | None = session.info.get(_DEFERRED)
+    if not pending:
+        return
+    unnumbered = {id(payload) for _, payloads in pending for payload in payloads}
+    if unnumbered:
+        written = session.info.setdefault(_WRITTEN, [])
+        written.extend(m for m in session.new if isinstance(m, OutboxMessage) and id(m.payload) in unnumbered)
+
+
+def stop_deferring_receipt_numbers(session: Session) -> None:
+    session.info.pop(_DEFERRED, None)
+    session.info.pop(_WRITTEN, None)
 
 
 # --- what a document shows --------------------------------------------------------------------------

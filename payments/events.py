@@ -12,10 +12,20 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from emails import outbox
+from links.models import Invoice
 from payments.cards import apply_card_event, apply_customer_event
+from payments.documents import defer_receipt_numbers, number_deferred_receipts, stop_deferring_receipt_numbers
 from payments.gateway import intent_snapshot
 from payments.models import Payment, PaymentProfile, WebhookEvent
-from payments.state import PREFETCHED_PAYMENTS, apply_dispute, apply_intent, apply_refund, payments_with_invoice
+from payments.state import (
+    PREFETCHED_LINKS,
+    PREFETCHED_PAYMENTS,
+    apply_dispute,
+    apply_intent,
+    apply_refund,
+    newest_links,
+    payments_with_invoice,
+)
 from plumbing import audit
 from plumbing.db import insert_ignore, utcnow
 from plumbing.settings import Settings
@@ -127,16 +137,27 @@ def record_and_apply_batch(session: Session, settings: Settings, events: list[di
         if str(e.get("type", "")).startswith("payment_intent.") and e["id"] in new_ids and (intent_id := _intent_id(e)) is not None
     ]
     if intents:
-        loaded = session.execute(payments_with_invoice(Payment.stripe_payment_intent_id.in_(intents))).scalars().all()
+        # Locked in customer, invoice, payment order: two writers' batches (PostgreSQL) lock in the same order.
+        locked = payments_with_invoice(Payment.stripe_payment_intent_id.in_(intents)).order_by(Invoice.customer_id, Invoice.id, Payment.id)
+        loaded = session.execute(locked).scalars().all()
         session.info[PREFETCHED_PAYMENTS] = {p.stripe_payment_intent_id: p for p in loaded}
+        links: dict[Any, Any] = {p.invoice_id: None for p in loaded}
+        if links:
+            for invoice_id, link_id, expires_at in session.execute(newest_links(list(links))):
+                links[invoice_id] = links[invoice_id] or (link_id, expires_at)
+        session.info[PREFETCHED_LINKS] = links
     results: list[Applied] = []
+    defer_receipt_numbers(session)
     try:
         for event in events:
             is_new = event["id"] in new_ids
             new_ids.discard(event["id"])  # a second copy in the same batch is a duplicate
             results.append(_apply_new(session, settings, event, "webhook") if is_new else False)
+        number_deferred_receipts(session)  # the last statement before the flush and the commit
     finally:
+        stop_deferring_receipt_numbers(session)
         session.info.pop(PREFETCHED_PAYMENTS, None)
+        session.info.pop(PREFETCHED_LINKS, None)
     return results
 
 
@@ -222,7 +243,8 @@ class EventWriter(Protocol):
 
 
 class DirectEventWriter:
-    """Each event in its own transaction (PostgreSQL, where writers run side by side)."""
+    """Each event in its own transaction (PostgreSQL: a container that was not started, and the
+    batch writer's one-by-one retry, payments/pg_batches.py)."""
 
     def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._settings = settings

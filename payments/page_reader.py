@@ -1,30 +1,37 @@
 """What the pay page shows, read on the hot path as cheaply as the database allows.
 
-One indexed read loads link, invoice, customer and the live payment; a second the saved cards. On
-SQLite the read runs on a read-only connection, synchronously, right on the event loop: a point
-read through an index takes tens of microseconds, WAL readers never wait for writers, and it skips
-the thread hop of every aiosqlite call. On PostgreSQL it runs in an async session as usual.
+One indexed Core select (built once, at import) loads link, invoice, customer, the live payment and
+how many invoices pay-all would pay; a second the saved cards; more only for a page that shows more
+(part payments, a receipt, two or more open invoices). On SQLite the read runs on a read-only
+connection, synchronously, right on the event loop: a point read through an index takes tens of
+microseconds, WAL readers never wait for writers, and it skips the thread hop of every aiosqlite
+call. On PostgreSQL it runs on one async connection (no ORM session).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, create_engine, event, or_, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Connection, Engine, Select, bindparam, create_engine, event, func, inspect, literal_column, or_, select
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
-from links.issuing import link_with_invoice
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from links.partial import Allowed, allowed_for, balance_of
 from payments.models import Payment, PaymentAllocation, PaymentProfile, PaymentStatus
 from payments.payers import may_pay_all, uses_saved_cards
 from plumbing.db import is_sqlite, utcnow
+
+_M = TypeVar("_M")
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,9 @@ class PayPage:
 
 _NOW = bindparam("now", type_=PaymentLink.__table__.c.expires_at.type)
 _LINK_ID = bindparam("link_id", type_=PaymentLink.__table__.c.id.type)
+# In the SQL text itself, not an expanding parameter (that one is re-rendered on every execution).
+assert all(status.isidentifier() for status in InvoiceStatus.PAYABLE)
+_PAYABLE_LITERALS: list[Any] = [literal_column(f"'{status}'") for status in InvoiceStatus.PAYABLE]
 
 
 def _columns(model: type[Any]) -> tuple[tuple[str, ...], list[Any]]:
@@ -133,54 +143,60 @@ def _pay_all_set(customer_id: Any, currency: Any, now: Any) -> Select[uuid.UUID]
 
 
 def _page_statement() -> Select[Any]:
-    page_invoice = aliased(Invoice, name="page_invoice")
-    held = aliased(Payment, name="held")
-    holding = (
-        select(held.id, held.status)
-        .join(PaymentAllocation, PaymentAllocation.payment_id == held.id)
-        .where(PaymentAllocation.live_invoice_id == page_invoice.id)
-        .limit(1)
+    links, invoices, customers = PaymentLink.__table__, Invoice.__table__, Customer.__table__
+    payments, allocations = Payment.__table__, PaymentAllocation.__table__
+    held = payments.alias("held")
+
+    def holding(column: Any) -> Any:
+        return (
+            select(column)
+            .select_from(held.join(allocations, allocations.c.payment_id == held.c.id))
+            .where(allocations.c.live_invoice_id == invoices.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    other, other_link = invoices.alias("other"), links.alias("other_link")
+    sent_link = (
+        select(other_link.c.id)
+        .where(
+            other_link.c.invoice_id == other.c.id,
+            other_link.c.sent_at.is_not(None),
+            other_link.c.revoked_at.is_(None),
+            other_link.c.expires_at > _NOW,
+            other_link.c.recipient_email.is_(None),
+        )
+        .exists()
     )
-    other = aliased(Invoice, name="other")
-    other_link = aliased(PaymentLink, name="other_link")
     payable_others = (
         select(func.count())
         .select_from(other)
         .where(
-            other.customer_id == page_invoice.customer_id,
-            other.currency == page_invoice.currency,
-            other.status.in_(InvoiceStatus.PAYABLE),
-            other.amount_due > other.amount_paid,
-            select(other_link.id)
-            .where(
-                other_link.invoice_id == other.id,
-                other_link.sent_at.is_not(None),
-                other_link.revoked_at.is_(None),
-                other_link.expires_at > _NOW,
-                other_link.recipient_email.is_(None),
-            )
-            .exists(),
+            other.c.customer_id == invoices.c.customer_id,
+            other.c.currency == invoices.c.currency,
+            other.c.status.in_(_PAYABLE_LITERALS),
+            other.c.amount_due > other.c.amount_paid,
+            sent_link,
         )
         .scalar_subquery()
     )
-    link_table, invoice_table = PaymentLink.__table__, page_invoice
-    invoice_columns = [getattr(page_invoice, key) for key in _INVOICE_KEYS]
     return (
         select(
             *_LINK_COLUMNS,
-            *invoice_columns,
+            *_INVOICE_COLUMNS,
             *_CUSTOMER_COLUMNS,
-            Payment.id,
-            Payment.status,
-            holding.with_only_columns(held.id).scalar_subquery(),
-            holding.with_only_columns(held.status).scalar_subquery(),
+            payments.c.id,
+            payments.c.status,
+            holding(held.c.id),
+            holding(held.c.status),
             payable_others,
         )
-        .select_from(link_table)
-        .join(invoice_table, page_invoice.id == PaymentLink.invoice_id)
-        .join(Customer, Customer.id == page_invoice.customer_id)
-        .outerjoin(Payment, Payment.live_invoice_id == page_invoice.id)
-        .where(PaymentLink.id == _LINK_ID)
+        .select_from(
+            links.join(invoices, invoices.c.id == links.c.invoice_id)
+            .join(customers, customers.c.id == invoices.c.customer_id)
+            .outerjoin(payments, payments.c.live_invoice_id == invoices.c.id)
+        )
+        .where(links.c.id == _LINK_ID)
         .limit(1)
     )
 
@@ -231,16 +247,37 @@ def read_page(connection: Connection, link_id: uuid.UUID) -> PayPage | None:
     row = connection.execute(PAGE, {"link_id": link_id, "now": now}).first()
     if row is None:
         return None
-    a, b, c = len(_LINK_KEYS), len(_LINK_KEYS) + len(_INVOICE_KEYS), len(_LINK_KEYS) + len(_INVOICE_KEYS) + len(_CUSTOMER_KEYS)
-    link = _row_object(PaymentLink, _LINK_KEYS, row[:a])
-    invoice = _row_object(Invoice, _INVOICE_KEYS, row[a:b])
-    customer = _row_object(Customer, _CUSTOMER_KEYS, row[b:c])
-    payment_id, payment_status, held_id, held_status, payable_count = row[c:]
+    return _page_of(tuple(row), now, lambda customer_id: list(connection.execute(CARDS, {"customer_id": customer_id})), connection)
+
+
+_A = len(_LINK_KEYS)
+_B = _A + len(_INVOICE_KEYS)
+_C = _B + len(_CUSTOMER_KEYS)
+_STATUS, _AMOUNT_PAID = _A + _INVOICE_KEYS.index("status"), _A + _INVOICE_KEYS.index("amount_paid")
+
+
+def _needs_more_reads(row: Sequence[Any]) -> bool:
+    """Whether the page of PAGE's `row` needs more than PAGE and CARDS: what was paid (part payments,
+    a receipt) or the list of invoices pay-all would pay."""
+    return bool(row[_AMOUNT_PAID]) or row[_STATUS] in InvoiceStatus.HAS_RECEIPT or (row[-1] or 0) >= 2
+
+
+def _shows_cards(link: PaymentLink, invoice: Invoice) -> bool:
+    return invoice.status in InvoiceStatus.PAYABLE and uses_saved_cards(link)
+
+
+def _page_of(
+    row: Sequence[Any], now: datetime, cards_of: Callable[[uuid.UUID], Sequence[Sequence[Any]]], connection: Connection | None
+) -> PayPage:
+    link = _row_object(PaymentLink, _LINK_KEYS, row[:_A])
+    invoice = _row_object(Invoice, _INVOICE_KEYS, row[_A:_B])
+    customer = _row_object(Customer, _CUSTOMER_KEYS, row[_B:_C])
+    payment_id, payment_status, held_id, held_status, payable_count = row[_C:]
     if payment_id is None and invoice.status in InvoiceStatus.UNSETTLED and held_id is not None:
         payment_id, payment_status = held_id, held_status  # a pay-all attempt holds this invoice's slot
     cards: list[SavedCard] = []
-    if invoice.status in InvoiceStatus.PAYABLE and uses_saved_cards(link):
-        cards = [SavedCard(*card) for card in connection.execute(CARDS, {"customer_id": customer.id})]
+    if _shows_cards(link, invoice):
+        cards = [SavedCard(*card) for card in cards_of(customer.id)]
     live = LivePayment(payment_id, payment_status) if payment_id is not None else None
     return PayPage(link, invoice, customer, cards, live, _options(connection, link, invoice, payable_count or 0, now))
 
@@ -250,45 +287,38 @@ def pay_page_sync(session: Session, link_id: uuid.UUID) -> PayPage | None:
     return read_page(session.connection(), link_id)
 
 
-def _options(connection: Connection, link: PaymentLink, invoice: Invoice, payable_count: int, now: datetime) -> PayOptions:
+def _options(connection: Connection | None, link: PaymentLink, invoice: Invoice, payable_count: int, now: datetime) -> PayOptions:
     """Balance, part-payment window, what was paid so far, and the customer's other open invoices
-    (never on a colleague's link: payments/payers.py; listed only when there are two or more)."""
+    (never on a colleague's link: payments/payers.py; listed only when there are two or more).
+    `connection` is only used when `_needs_more_reads` says so (None: it says not)."""
     balance = balance_of(invoice.amount_due, invoice.amount_paid) if invoice.status in InvoiceStatus.UNSETTLED else 0
-    parts = _paid_parts(connection, invoice) if invoice.amount_paid > 0 else []
+    parts: list[PaidPart] = []
+    if invoice.amount_paid > 0:
+        assert connection is not None
+        parts = _paid_parts(connection, invoice)
     others: list[OpenInvoice] = []
     if payable_count >= 2 and invoice.status in InvoiceStatus.PAYABLE and may_pay_all(link):
+        assert connection is not None
         query = connection.execute(PAY_ALL, {"customer_id": invoice.customer_id, "currency": invoice.currency, "now": now})
         others = [OpenInvoice(number, balance_of(due, paid), due_date) for number, due, paid, due_date in query if due > paid]
         if invoice.number not in {o.number for o in others}:
             others = []  # this invoice is not among them (e.g. never emailed): no offer from its page
     allocation: list[tuple[str, int]] = []
     if invoice.status in InvoiceStatus.HAS_RECEIPT and parts and parts[0].total != parts[0].amount:
+        assert connection is not None
         allocation = _allocation_of(connection, invoice)
     return PayOptions(balance, allowed_for(invoice), others, parts, allocation)
 
 
 def pay_all_invoices(customer_id: uuid.UUID, currency: str) -> Select[uuid.UUID]:
     """The ids of the customer's invoices that pay-all pays (payments/checkout.py uses the same
-    rule, under the invoices' row locks): payable, in `currency`, with a live link that was emailed
-    to the customer (never one held for an unconfirmed address, never a void one)."""
-    now = utcnow()
-    sent_link = (
-        select(PaymentLink.id)
-        .where(
-            PaymentLink.invoice_id == Invoice.id,
-            PaymentLink.sent_at.is_not(None),
-            PaymentLink.revoked_at.is_(None),
-            PaymentLink.expires_at > now,
-            PaymentLink.recipient_email.is_(None),
-        )
-        .exists()
-    )
-    return select(Invoice.id).where(
-        Invoice.customer_id == customer_id, Invoice.currency == currency, Invoice.status.in_(InvoiceStatus.PAYABLE), sent_link
-    )
+    rule, under the invoices' row locks; the page's read counts them the same way): payable, in
+    `currency`, with a live link that was emailed to the customer (never one held for an unconfirmed
+    address, never a void one)."""
+    return _pay_all_set(customer_id, currency, utcnow())
 
 
-def _paid_parts(session: Session, invoice: Invoice) -> list[PaidPart]:
+def _paid_parts(session: Connection, invoice: Invoice) -> list[PaidPart]:
     """The payments that counted towards the invoice, newest first, with this invoice's share of each."""
     own = select(Payment.receipt_number, Payment.amount, Payment.succeeded_at, Payment.amount).where(
         Payment.invoice_id == invoice.id, Payment.scope != "all", Payment.status == PaymentStatus.SUCCEEDED,
@@ -303,7 +333,7 @@ def _paid_parts(session: Session, invoice: Invoice) -> list[PaidPart]:
     return sorted(parts, key=lambda p: p.paid_at or datetime.min.replace(tzinfo=UTC), reverse=True)
 
 
-def _allocation_of(session: Session, invoice: Invoice) -> list[tuple[str, int]]:
+def _allocation_of(session: Connection, invoice: Invoice) -> list[tuple[str, int]]:
     """Which invoice got what of the latest pay-all payment that paid this invoice."""
     latest = session.execute(
         select(Payment.id)
@@ -327,7 +357,7 @@ async def load_pay_page(session: AsyncSession, link_id: uuid.UUID) -> PayPage | 
     return await session.run_sync(pay_page_sync, link_id)
 
 
-def last_successful_payment_sync(session: Session, invoice_id: uuid.UUID) -> tuple[str | None, str | None, datetime | None]:
+def last_successful_payment_sync(session: Connection | Session, invoice_id: uuid.UUID) -> tuple[str | None, str | None, datetime | None]:
     """Brand, last4 and time of the payment that paid an invoice, for the receipt."""
 
     allocated = select(PaymentAllocation.payment_id).where(PaymentAllocation.invoice_id == invoice_id)
@@ -360,26 +390,141 @@ Receipt = tuple[str | None, str | None, datetime | None]
 
 
 class PageReader:
+    """The page's read: on SQLite a read-only connection used synchronously on the event loop; else one
+    async connection of the readers' engine per read (no ORM session)."""
+
     def __init__(self, database_url: str, readers: async_sessionmaker[AsyncSession]) -> None:
-        self._readers = readers
         self._engine = _read_only_sqlite(database_url) if is_sqlite(database_url) else None
+        bind = readers.kw.get("bind")
+        if self._engine is None and not isinstance(bind, AsyncEngine):
+            raise TypeError("the readers' session factory must be bound to an AsyncEngine")
+        self._async_engine: AsyncEngine | None = bind if self._engine is None else None
+        self._raw: _RawReads | None = None
+        self._pg: tuple[_Prepared, _Prepared] | None = None
 
     async def pay_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         if self._engine is not None:
-            with Session(self._engine) as session:
-                return _read(session, link_id)
-        async with self._readers() as session:
-            return await session.run_sync(_read, link_id)
+            return self._sqlite_page(link_id)
+        assert self._async_engine is not None
+        async with self._async_engine.connect() as connection:
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            if self._async_engine.dialect.driver != "asyncpg" or not _caches_statements(driver):
+                # Behind PgBouncer (DATABASE_STATEMENT_CACHE=off) every statement runs in SQLAlchemy's
+                # transaction, so that its prepare and execute reach the same server connection.
+                return await connection.run_sync(_read, link_id)
+            # asyncpg: PAGE and CARDS straight on the driver's connection (as on SQLite, see _sqlite_page).
+            if self._pg is None:
+                self._pg = (_Prepared(PAGE, self._async_engine.dialect), _Prepared(CARDS, self._async_engine.dialect))
+            page_statement, cards_statement = self._pg
+            now = utcnow()
+            record = await driver.fetchrow(page_statement.sql, *page_statement.args({"link_id": link_id, "now": now}))
+            if record is None:
+                return None, None
+            row = page_statement.row(record)
+            if _needs_more_reads(row):
+                return await connection.run_sync(_read, link_id)
+            page = _page_of(row, now, lambda _customer_id: (), None)
+            if _shows_cards(page.link, page.invoice):
+                records = await driver.fetch(cards_statement.sql, *cards_statement.args({"customer_id": page.customer.id}))
+                page = replace(page, cards=[SavedCard(*cards_statement.row(record)) for record in records])
+            return page, None
+
+    def _sqlite_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
+        """PAGE and CARDS straight on the DB-API connection (SQLAlchemy's own execution costs several
+        times the query); a page that needs more reads goes the general way."""
+        assert self._engine is not None
+        if self._raw is None:
+            self._raw = _RawReads(self._engine)
+        now = utcnow()
+        row = self._raw.page.first(self._raw.connection, {"link_id": link_id, "now": now})
+        if row is None:
+            return None, None
+        if _needs_more_reads(row):
+            with self._engine.connect() as connection:
+                return _read(connection, link_id)
+        raw = self._raw
+        return _page_of(row, now, lambda customer_id: raw.cards.all(raw.connection, {"customer_id": customer_id}), None), None
 
     def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
         if self._engine is not None:
             self._engine.dispose()
 
 
-def _read(session: Session, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
-    page = pay_page_sync(session, link_id)
-    receipt = last_successful_payment_sync(session, page.invoice.id) if page and page.invoice.status in InvoiceStatus.HAS_RECEIPT else None
+def _read(connection: Connection, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
+    page = read_page(connection, link_id)
+    paid = page is not None and page.invoice.status in InvoiceStatus.HAS_RECEIPT
+    receipt = last_successful_payment_sync(connection, page.invoice.id) if page is not None and paid else None
     return page, receipt
+
+
+class _Prepared:
+    """A statement compiled once for a dialect, run on the DB-API connection with SQLAlchemy's own
+    bind and result processors for its types: the same values SQLAlchemy's execution gives, without
+    its per-execution bookkeeping (parameter construction, execution context, result object)."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = compiled.string
+        names = list(compiled.positiontup or ())
+        defaults = compiled.construct_params({name: None for name in compiled.binds if compiled.binds[name].required})
+        self._binds = [
+            (name, defaults.get(name), compiled.binds[name].required, compiled.binds[name].type._cached_bind_processor(dialect))
+            for name in names
+        ]
+        processors = [column.type._cached_result_processor(dialect, None) for column in compiled._result_columns]
+        self._results = [(index, process) for index, process in enumerate(processors) if process is not None]
+
+    def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        args = []
+        for name, default, required, process in self._binds:
+            value = values[name] if required else default
+            args.append(process(value) if process is not None else value)
+        return tuple(args)
+
+    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
+        values = list(raw)
+        for index, process in self._results:
+            values[index] = process(values[index])
+        return tuple(values)
+
+    def first(self, connection: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        cursor = connection.execute(self.sql, self.args(values))
+        try:
+            raw = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if raw is None else self.row(raw)
+
+    def all(self, connection: Any, values: dict[str, Any]) -> list[tuple[Any, ...]]:
+        cursor = connection.execute(self.sql, self.args(values))
+        try:
+            return [self.row(raw) for raw in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+
+def _caches_statements(driver: Any) -> bool:
+    """Whether this asyncpg connection keeps prepared statements (off behind PgBouncer: plumbing/db.py)."""
+    cache = getattr(driver, "_stmt_cache", None)
+    size = getattr(cache, "get_max_size", lambda: 0)()
+    return isinstance(size, int) and size > 0
+
+
+class _RawReads:
+    """The read-only SQLite engine's one DB-API connection (the event loop's thread), with PAGE and CARDS."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._checked_out = engine.raw_connection()
+        self.connection: Any = self._checked_out.driver_connection
+        self.page = _Prepared(PAGE, engine.dialect)
+        self.cards = _Prepared(CARDS, engine.dialect)
+
+    def close(self) -> None:
+        self._checked_out.close()
 
 
 def _read_only_sqlite(database_url: str) -> Engine:

@@ -5,8 +5,8 @@ driver costs a thread hop. So events are queued to one writer that applies them 
 transaction per batch, flushed once, on a synchronous connection in a thread of its own. If any
 event of a batch fails, the batch is rolled back and applied again with a savepoint per event, so
 that only the failing event is refused (answered 500, so that Stripe delivers it again). A request
-is answered only after its batch has committed. On PostgreSQL, where writers run side by side,
-each request applies its own event in its own transaction (`payments.events.DirectEventWriter`).
+is answered only after its batch has committed. On PostgreSQL each web worker batches the same way
+(payments/pg_batches.py), and the workers' batches run side by side.
 """
 
 from __future__ import annotations

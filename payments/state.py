@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, select, update
@@ -34,7 +35,7 @@ from links.customers import customer_locale
 from links.hooks import append_flag, paused_reason, queue_customer_email
 from links.invoices import invoice_facts
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
-from payments.documents import next_receipt_number
+from payments.documents import give_receipt_number, number_later
 from payments.gateway import IntentSnapshot
 from payments.models import Payment, PaymentAllocation, PaymentStatus
 from plumbing import audit
@@ -165,6 +166,16 @@ def _reopen_allocated(session: Session, payment: Payment) -> None:
 
 
 PREFETCHED_PAYMENTS = "paylink.prefetched_payments"  # session.info key: intent id -> Payment
+PREFETCHED_LINKS = "paylink.prefetched_links"  # session.info key: invoice id -> its newest own link (id, expires_at), or None
+
+
+def newest_links(invoice_ids: Any) -> Select[uuid.UUID, uuid.UUID, datetime]:
+    """The customer's own unrevoked links of these invoices, newest first per invoice (what a receipt links to)."""
+    return (
+        select(PaymentLink.invoice_id, PaymentLink.id, PaymentLink.expires_at)
+        .where(PaymentLink.invoice_id.in_(invoice_ids), PaymentLink.revoked_at.is_(None), PaymentLink.recipient_email.is_(None))
+        .order_by(PaymentLink.invoice_id, PaymentLink.expires_at.desc())
+    )
 
 
 def payments_with_invoice(condition: Any) -> Select[Payment]:
@@ -265,7 +276,7 @@ def _payment_succeeded(
         flag_invoice(session, settings, invoice, f"payment {snapshot.id} received while the invoice was {invoice.status}", actor)
         return
     # The money counts: the payment gets its receipt's gap-free number in this transaction.
-    payment.receipt_number = payment.receipt_number or next_receipt_number(session)
+    give_receipt_number(session, payment)
     _count_towards(session, settings, invoice, snapshot.amount, f"payment {snapshot.id} of {received}", actor, was_live=was_live)
     if invoice.status != InvoiceStatus.REFUNDED:
         _queue_receipt(session, settings, invoice, payment, actor=actor)
@@ -307,7 +318,7 @@ def _pay_all_succeeded(
             _reopen(session, invoice, True)
         flag_invoice(session, settings, page_invoice, f"{reason}: not counted; refund it or settle by hand", actor)
         return
-    payment.receipt_number = payment.receipt_number or next_receipt_number(session)
+    give_receipt_number(session, payment)
     planned = sum(allocation.amount for allocation, _ in pairs)
     if snapshot.amount != planned:
         # Never expected (we asked Stripe for the total); if it happens, invoices are served in order.
@@ -349,13 +360,18 @@ def _queue_receipt(
     address is paused: the invoice is paid all the same, and its flag tells finance that no receipt went out."""
     customer = session.get_one(Customer, invoice.customer_id)
     # The receipt email links to the online receipt: the invoice's newest link shows it once paid.
-    newest = session.execute(
-        select(PaymentLink.id, PaymentLink.expires_at)
-        # Never a colleague's link (issue 13): the customer's receipt carries the customer's own link.
-        .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.recipient_email.is_(None))
-        .order_by(PaymentLink.expires_at.desc())
-        .limit(1)
-    ).first()
+    prefetched = session.info.get(PREFETCHED_LINKS, {})
+    newest = (
+        prefetched[invoice.id]
+        if invoice.id in prefetched
+        else session.execute(
+            select(PaymentLink.id, PaymentLink.expires_at)
+            # Never a colleague's link (issue 13): the customer's receipt carries the customer's own link.
+            .where(PaymentLink.invoice_id == invoice.id, PaymentLink.revoked_at.is_(None), PaymentLink.recipient_email.is_(None))
+            .order_by(PaymentLink.expires_at.desc())
+            .limit(1)
+        ).first()
+    )
     subject, payload = receipt_payload(
         invoice_facts(settings, invoice, customer),
         amount_paid=payment.amount,
@@ -368,6 +384,8 @@ def _queue_receipt(
         receipt_number=payment.receipt_number,
         allocation=[(number, amount, max(inv.amount_due - inv.amount_paid, 0)) for number, amount, inv in allocation or ()],
     )
+    if payment.receipt_number is None:
+        number_later(session, payment, payload)  # a batch numbers its receipts just before its commit
     content = EmailContent(Kind.RECEIPT, subject, "", "")
     if not queue_customer_email(session, settings, customer, content, actor=actor, payload=payload, invoice_id=invoice.id):
         append_flag(invoice, f"receipt not sent to {customer.email}: {paused_reason(customer)}")
