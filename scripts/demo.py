@@ -194,13 +194,41 @@ def main() -> int:
             "--send",
             "--json",
         )
+        # A second open invoice that may be paid in parts (a 30 % deposit first): either page then
+        # offers "pay in full", "pay another amount" and "pay all" (issue 13).
+        second = cli(
+            "invoice",
+            "create",
+            "--customer",
+            "ann@example.com",
+            "--item",
+            "Kitchen renovation|1|1200.00|19",
+            "--currency",
+            "eur",
+            "--description",
+            "Kitchen renovation",
+            "--allow-partial",
+            "--min-amount",
+            "100.00",
+            "--deposit-percent",
+            "30",
+            "--due",
+            (date.today() + timedelta(days=45)).isoformat(),
+            "--send",
+            "--json",
+        )
         import json
 
         invoice = json.loads(created)
+        deposit_invoice = json.loads(second)
         print("\n" + "=" * 72)
         print(f"Demo invoice {invoice['number']} for Ann Lee: {invoice['amount_due_formatted']}")
         print(f"Open the payment link:\n\n  {invoice['link']['url']}\n")
         print("Ann has two saved cards: Visa 4242 pays at once; the 3184 card asks for 3-D Secure.")
+        print(
+            f"Her second invoice {deposit_invoice['number']} ({deposit_invoice['amount_due_formatted']}) may be paid in parts, "
+            f"a 30 % deposit first:\n\n  {deposit_invoice['link']['url']}\n\nEither page also offers to pay both invoices in one charge."
+        )
         print(f"Emails (invoice, receipt) appear below and in {MAIL_DIR}")
         print(
             f"Finance CLI against this demo, in another terminal:  set -a; . {VAR / 'env'}; set +a; .venv/bin/python -m links invoice list"
