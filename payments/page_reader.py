@@ -1,7 +1,7 @@
 """What the pay page shows, read on the hot path as cheaply as the database allows.
 
-One indexed Core select (built once, at import) loads link, invoice, customer, the live payment and
-how many invoices pay-all would pay; a second the saved cards; more only for a page that shows more
+One indexed Core select (built once, at import) loads link, invoice, customer, the live payment, the
+saved cards and how many invoices pay-all would pay; more only for a page that shows more
 (part payments, a receipt, two or more open invoices). On SQLite the read runs on a read-only
 connection, synchronously, right on the event loop: a point read through an index takes tens of
 microseconds, WAL readers never wait for writers, and it skips the thread hop of every aiosqlite
@@ -11,13 +11,13 @@ call. On PostgreSQL it runs on one async connection (no ORM session).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Select, bindparam, create_engine, event, func, inspect, literal_column, or_, select
+from sqlalchemy import Connection, Engine, Select, and_, bindparam, create_engine, event, func, inspect, literal_column, or_, select
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -101,12 +101,12 @@ class PayPage:
 
 # --- the one read: every statement built once, at import, with the link's id as a bind parameter ---
 #
-# Link, invoice, customer, the live payment (its own, or a pay-all allocation holding the invoice) and
-# how many of the customer's invoices pay-all would pay, in one indexed Core select on a connection
-# (no Session, no unit of work, no identity map); the saved cards in a second (only when the page can
-# show them). The rows become instances of the mapped classes without the ORM: their loaded state is
-# exactly the selected columns (what `sqlalchemy.inspect(row).dict` would hold), so the templates,
-# payments/payers.py, links/partial.py and the page cache's key read them as they read ORM rows.
+# Link, invoice, customer, the live payment (its own, or a pay-all allocation holding the invoice),
+# how many of the customer's invoices pay-all would pay, and the saved cards (one row per card), in
+# one indexed Core select on a connection (no Session, no unit of work, no identity map). The rows
+# become instances of the mapped classes without the ORM: their loaded state is exactly the selected
+# columns (what `sqlalchemy.inspect(row).dict` would hold), so the templates, payments/payers.py,
+# links/partial.py and the page cache's key read them as they read ORM rows.
 
 _NOW = bindparam("now", type_=PaymentLink.__table__.c.expires_at.type)
 _LINK_ID = bindparam("link_id", type_=PaymentLink.__table__.c.id.type)
@@ -144,7 +144,7 @@ def _pay_all_set(customer_id: Any, currency: Any, now: Any) -> Select[uuid.UUID]
 
 def _page_statement() -> Select[Any]:
     links, invoices, customers = PaymentLink.__table__, Invoice.__table__, Customer.__table__
-    payments, allocations = Payment.__table__, PaymentAllocation.__table__
+    payments, allocations, profiles = Payment.__table__, PaymentAllocation.__table__, PaymentProfile.__table__
     held = payments.alias("held")
 
     def holding(column: Any) -> Any:
@@ -190,31 +190,25 @@ def _page_statement() -> Select[Any]:
             holding(held.c.id),
             holding(held.c.status),
             payable_others,
+            profiles.c.stripe_payment_method_id,
+            profiles.c.brand,
+            profiles.c.last4,
+            profiles.c.exp_month,
+            profiles.c.exp_year,
+            profiles.c.is_default,
         )
         .select_from(
             links.join(invoices, invoices.c.id == links.c.invoice_id)
             .join(customers, customers.c.id == invoices.c.customer_id)
-            .outerjoin(payments, payments.c.live_invoice_id == invoices.c.id)
+            .outerjoin(payments, payments.c.live_invoice_id == invoices.c.id)  # at most one (a unique key)
+            .outerjoin(profiles, and_(profiles.c.customer_id == customers.c.id, profiles.c.reusable.is_(True)))
         )
         .where(links.c.id == _LINK_ID)
-        .limit(1)
+        .order_by(profiles.c.is_default.desc(), profiles.c.created_at)
     )
 
 
 PAGE = _page_statement()
-CARDS = (
-    select(
-        PaymentProfile.stripe_payment_method_id,
-        PaymentProfile.brand,
-        PaymentProfile.last4,
-        PaymentProfile.exp_month,
-        PaymentProfile.exp_year,
-        PaymentProfile.is_default,
-    )
-    .where(PaymentProfile.customer_id == bindparam("customer_id", type_=PaymentProfile.__table__.c.customer_id.type))
-    .where(PaymentProfile.reusable.is_(True))
-    .order_by(PaymentProfile.is_default.desc(), PaymentProfile.created_at)
-)
 PAY_ALL = (
     select(Invoice.number, Invoice.amount_due, Invoice.amount_paid, Invoice.due_date)
     .where(
@@ -239,45 +233,44 @@ def _row_object(model: type[_M], keys: tuple[str, ...], values: Sequence[Any]) -
 
 
 def read_page(connection: Connection, link_id: uuid.UUID) -> PayPage | None:
-    """The page's data in one indexed read (and the saved cards in a second, when shown).
+    """The page's data in one indexed read (one row per saved card), and more reads for a page that needs them.
 
     Synchronous on purpose: on SQLite the page reader runs it on a read-only connection right on
     the event loop; on PostgreSQL on an async connection via run_sync."""
     now = utcnow()
-    row = connection.execute(PAGE, {"link_id": link_id, "now": now}).first()
-    if row is None:
-        return None
-    return _page_of(tuple(row), now, lambda customer_id: list(connection.execute(CARDS, {"customer_id": customer_id})), connection)
+    rows = connection.execute(PAGE, {"link_id": link_id, "now": now}).all()
+    return _page_of(rows, now, connection) if rows else None
 
 
 _A = len(_LINK_KEYS)
 _B = _A + len(_INVOICE_KEYS)
 _C = _B + len(_CUSTOMER_KEYS)
 _STATUS, _AMOUNT_PAID = _A + _INVOICE_KEYS.index("status"), _A + _INVOICE_KEYS.index("amount_paid")
+_PAYABLE_COUNT = _C + 4  # then the card's columns (one row per saved card, or one with none)
 
 
 def _needs_more_reads(row: Sequence[Any]) -> bool:
-    """Whether the page of PAGE's `row` needs more than PAGE and CARDS: what was paid (part payments,
+    """Whether the page of PAGE's `row` needs more than PAGE: what was paid (part payments,
     a receipt) or the list of invoices pay-all would pay."""
-    return bool(row[_AMOUNT_PAID]) or row[_STATUS] in InvoiceStatus.HAS_RECEIPT or (row[-1] or 0) >= 2
+    return bool(row[_AMOUNT_PAID]) or row[_STATUS] in InvoiceStatus.HAS_RECEIPT or (row[_PAYABLE_COUNT] or 0) >= 2
 
 
 def _shows_cards(link: PaymentLink, invoice: Invoice) -> bool:
     return invoice.status in InvoiceStatus.PAYABLE and uses_saved_cards(link)
 
 
-def _page_of(
-    row: Sequence[Any], now: datetime, cards_of: Callable[[uuid.UUID], Sequence[Sequence[Any]]], connection: Connection | None
-) -> PayPage:
+def _page_of(rows: Sequence[Sequence[Any]], now: datetime, connection: Connection | None) -> PayPage:
+    """The page of PAGE's `rows` (the same page, one row per saved card)."""
+    row = rows[0]
     link = _row_object(PaymentLink, _LINK_KEYS, row[:_A])
     invoice = _row_object(Invoice, _INVOICE_KEYS, row[_A:_B])
     customer = _row_object(Customer, _CUSTOMER_KEYS, row[_B:_C])
-    payment_id, payment_status, held_id, held_status, payable_count = row[_C:]
+    payment_id, payment_status, held_id, held_status, payable_count = row[_C : _PAYABLE_COUNT + 1]
     if payment_id is None and invoice.status in InvoiceStatus.UNSETTLED and held_id is not None:
         payment_id, payment_status = held_id, held_status  # a pay-all attempt holds this invoice's slot
     cards: list[SavedCard] = []
     if _shows_cards(link, invoice):
-        cards = [SavedCard(*card) for card in cards_of(customer.id)]
+        cards = [SavedCard(*card[_PAYABLE_COUNT + 1 :]) for card in rows if card[_PAYABLE_COUNT + 1] is not None]
     live = LivePayment(payment_id, payment_status) if payment_id is not None else None
     return PayPage(link, invoice, customer, cards, live, _options(connection, link, invoice, payable_count or 0, now))
 
@@ -400,7 +393,7 @@ class PageReader:
             raise TypeError("the readers' session factory must be bound to an AsyncEngine")
         self._async_engine: AsyncEngine | None = bind if self._engine is None else None
         self._raw: _RawReads | None = None
-        self._pg: tuple[_Prepared, _Prepared] | None = None
+        self._pg: _Prepared | None = None
 
     async def pay_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         if self._engine is not None:
@@ -412,38 +405,33 @@ class PageReader:
                 # Behind PgBouncer (DATABASE_STATEMENT_CACHE=off) every statement runs in SQLAlchemy's
                 # transaction, so that its prepare and execute reach the same server connection.
                 return await connection.run_sync(_read, link_id)
-            # asyncpg: PAGE and CARDS straight on the driver's connection (as on SQLite, see _sqlite_page).
+            # asyncpg: PAGE straight on the driver's connection (as on SQLite, see _sqlite_page).
             if self._pg is None:
-                self._pg = (_Prepared(PAGE, self._async_engine.dialect), _Prepared(CARDS, self._async_engine.dialect))
-            page_statement, cards_statement = self._pg
+                self._pg = _Prepared(PAGE, self._async_engine.dialect)
+            statement = self._pg
             now = utcnow()
-            record = await driver.fetchrow(page_statement.sql, *page_statement.args({"link_id": link_id, "now": now}))
-            if record is None:
+            records = await driver.fetch(statement.sql, *statement.args({"link_id": link_id, "now": now}))
+            if not records:
                 return None, None
-            row = page_statement.row(record)
-            if _needs_more_reads(row):
+            rows = [statement.row(record) for record in records]
+            if _needs_more_reads(rows[0]):
                 return await connection.run_sync(_read, link_id)
-            page = _page_of(row, now, lambda _customer_id: (), None)
-            if _shows_cards(page.link, page.invoice):
-                records = await driver.fetch(cards_statement.sql, *cards_statement.args({"customer_id": page.customer.id}))
-                page = replace(page, cards=[SavedCard(*cards_statement.row(record)) for record in records])
-            return page, None
+            return _page_of(rows, now, None), None
 
     def _sqlite_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
-        """PAGE and CARDS straight on the DB-API connection (SQLAlchemy's own execution costs several
-        times the query); a page that needs more reads goes the general way."""
+        """PAGE straight on the DB-API connection (SQLAlchemy's own execution costs several times the
+        query); a page that needs more reads goes the general way."""
         assert self._engine is not None
         if self._raw is None:
             self._raw = _RawReads(self._engine)
         now = utcnow()
-        row = self._raw.page.first(self._raw.connection, {"link_id": link_id, "now": now})
-        if row is None:
+        rows = self._raw.page.all(self._raw.connection, {"link_id": link_id, "now": now})
+        if not rows:
             return None, None
-        if _needs_more_reads(row):
+        if _needs_more_reads(rows[0]):
             with self._engine.connect() as connection:
                 return _read(connection, link_id)
-        raw = self._raw
-        return _page_of(row, now, lambda customer_id: raw.cards.all(raw.connection, {"customer_id": customer_id}), None), None
+        return _page_of(rows, now, None), None
 
     def close(self) -> None:
         if self._raw is not None:
@@ -491,14 +479,6 @@ class _Prepared:
             values[index] = process(values[index])
         return tuple(values)
 
-    def first(self, connection: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
-        cursor = connection.execute(self.sql, self.args(values))
-        try:
-            raw = cursor.fetchone()
-        finally:
-            cursor.close()
-        return None if raw is None else self.row(raw)
-
     def all(self, connection: Any, values: dict[str, Any]) -> list[tuple[Any, ...]]:
         cursor = connection.execute(self.sql, self.args(values))
         try:
@@ -515,13 +495,12 @@ def _caches_statements(driver: Any) -> bool:
 
 
 class _RawReads:
-    """The read-only SQLite engine's one DB-API connection (the event loop's thread), with PAGE and CARDS."""
+    """The read-only SQLite engine's one DB-API connection (the event loop's thread), with PAGE."""
 
     def __init__(self, engine: Engine) -> None:
         self._checked_out = engine.raw_connection()
         self.connection: Any = self._checked_out.driver_connection
         self.page = _Prepared(PAGE, engine.dialect)
-        self.cards = _Prepared(CARDS, engine.dialect)
 
     def close(self) -> None:
         self._checked_out.close()

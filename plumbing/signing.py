@@ -46,12 +46,18 @@ class TokenClaims:
     expires_at: datetime
 
 
+VERIFIED_MEMO = 4096  # genuine tokens remembered per signer (about 1 MB at most)
+
+
 class TokenSigner:
     def __init__(self, keys: Sequence[str], purpose: str) -> None:
         if not keys:
             raise ValueError("at least one signing key is required")
         # itsdangerous signs with the *last* key and verifies with all of them.
         self._serializer = URLSafeSerializer(list(reversed(keys)), salt=purpose, signer_kwargs={"digest_method": hashlib.sha256})
+        # Genuine tokens seen lately and what they say (the hot path verifies the same few again and
+        # again; the signature is a pure function of token and keys). Forged ones are never kept.
+        self._verified: dict[str, tuple[uuid.UUID, datetime]] = {}
 
     def sign(self, subject_id: uuid.UUID, expires_at: datetime) -> str:
         return self._serializer.dumps([subject_id.hex, int(expires_at.timestamp())])
@@ -60,13 +66,19 @@ class TokenSigner:
         """Return the claims of a valid token; raise TokenExpired or TokenInvalid otherwise."""
         if len(token) > 512:
             raise TokenInvalid("token too long")
-        try:
-            payload = self._serializer.loads(token)
-            subject_hex, expires_ts = payload
-            subject_id = uuid.UUID(hex=subject_hex)
-            expires_at = datetime.fromtimestamp(int(expires_ts), UTC)
-        except (BadSignature, ValueError, TypeError) as exc:
-            raise TokenInvalid(str(exc)) from None
+        known = self._verified.get(token)
+        if known is None:
+            try:
+                payload = self._serializer.loads(token)
+                subject_hex, expires_ts = payload
+                subject_id = uuid.UUID(hex=subject_hex)
+                expires_at = datetime.fromtimestamp(int(expires_ts), UTC)
+            except (BadSignature, ValueError, TypeError) as exc:
+                raise TokenInvalid(str(exc)) from None
+            if len(self._verified) >= VERIFIED_MEMO:
+                self._verified.clear()
+            known = self._verified[token] = (subject_id, expires_at)
+        subject_id, expires_at = known
         if (now or datetime.now(UTC)) >= expires_at:
             raise TokenExpired(subject_id, expires_at)
         return TokenClaims(subject_id, expires_at)

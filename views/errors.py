@@ -5,6 +5,7 @@ Views raise; they never return "a page or an error" for the caller to check.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ from links.models import InvoiceStatus
 from plumbing.i18n import N_
 from plumbing.rendering import pages
 from plumbing.web import request_locale
+from views.page_cache import page_cache_of
 from views.render import render_page, settings_of
 
 
@@ -129,6 +131,12 @@ async def render_page_error(request: Request, exc: Exception) -> Response:
             body["message"] = pages.gettext(locale, exc.json_message, merchant=settings.merchant_name)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     context = dict(exc.context)
+    if isinstance(exc, InvalidLink) and not exc.headers:
+        # The same page for every forged link (per language and reason): rendered once, filled per answer.
+        locale = request_locale(request, None, settings_of(request).default_locale)
+        data = (exc.template, exc.status_code, locale, *sorted(context.items()))
+        page = functools.partial(render_page, request, exc.template, locale=locale, status_code=exc.status_code, **context)
+        return page_cache_of(request).answer_fixed(request, data, page)
     if isinstance(exc, ExpiredLink) and "link_id" in context:
         # The expired page names the invoice and its amount (a read, off the hot path).
         page, receipt = await request.state.services.pages.pay_page(context["link_id"])

@@ -16,7 +16,7 @@ falls out of the LRU. Three bookkeeping columns of the link that no page shows (
 every second while a link is being opened) are left out of the key, so that a link opened often
 stays cached; `uncacheable_reason` refuses any template that names them.
 
-Bounded: at most `max_entries` pages and `max_bytes` of (compressed) page bodies, least recently used
+Bounded: at most `max_entries` pages and `max_bytes` of (compressed) page bodies (and `MAX_HOT` uncompressed), least recently used
 out first.
 Only answers that are pages of the link's state are kept (200, and 410 for a void invoice or a
 withdrawn link); an answer with cookies of its own or a template that reads the request itself is
@@ -55,6 +55,7 @@ from views.render import finish_page
 log = logging.getLogger("paylink.page_cache")
 MAX_ENTRIES = 12_000
 MAX_BYTES = 32 * 1024 * 1024  # compressed page bodies; a pay page keeps ~1.5 KB: 10,000 links' pages fit in ~20 MB
+MAX_HOT = 256  # pages kept uncompressed too (~2 MB)
 CACHEABLE_STATUS = frozenset({200, 410})  # a page of the link's state (410: void invoice, withdrawn link)
 # What a template may read that differs per request, besides the CSP nonce and the CSRF tokens (which
 # every answer fills in): a template that reads it is rendered for its request only.
@@ -62,6 +63,7 @@ PER_REQUEST = frozenset({"request"})
 # Columns written on every open (links/opens.py) that no page shows: not part of the key.
 NOT_SHOWN = {PaymentLink: frozenset({"open_count", "first_opened_at", "last_opened_at"})}
 NOT_SHOWN_NAMES = frozenset().union(*NOT_SHOWN.values())
+MAX_FIXED = 256  # answer_fixed's remembered keys (error pages: a few per language)
 
 
 class Uncacheable(Exception):
@@ -164,7 +166,7 @@ def fingerprint_of_files(*directories: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Page:
-    """A rendered page: its text without the placeholders, compressed (a pay page of ~5 KB keeps ~1.5 KB:
+    """A rendered page: its text without the placeholders, compressed (a pay page of ~8 KB keeps ~1.5 KB:
     10,000 links' pages in ~20 MB), and where each placeholder goes back in."""
 
     text: bytes  # zlib
@@ -182,6 +184,10 @@ class PageCache:
         self._pages: OrderedDict[bytes, _Page] = OrderedDict()
         self._bytes = 0
         self._verdicts: dict[str, str | None] = {}
+        self._fixed: dict[tuple[Hashable, ...], bytes] = {}
+        # The texts of the pages answered most lately, uncompressed (decompressing costs more than the rest
+        # of a hit): the same page for many answers (one link opened again and again, an error page).
+        self._hot: OrderedDict[bytes, bytes] = OrderedDict()  # answer_fixed's keys (a few per language)
         self._warned: set[str] = set()
         # Random per process: data on a page (an invoice's notes) cannot spell a placeholder.
         marker = secrets.token_hex(8)
@@ -220,11 +226,34 @@ class PageCache:
         except (Uncacheable, RecursionError) as exc:  # (RecursionError: rows that refer to each other)
             self._warn_once(str(exc) or type(exc).__name__)
             return render()
+        return self._answer(request, key, render, CACHEABLE_STATUS)
+
+    def answer_fixed(self, request: Request, data: tuple[Hashable, ...], render: Callable[[], Response]) -> Response:
+        """Like `answer`, for a page that `data` alone decides (not the path, not the query string: the
+        caller puts the language in `data`), of any status: "this link does not work" for every forged
+        link, rendered once per language. `data` is plain values (str, int, tuples of them)."""
+        try:
+            key = self._fixed.get(data)
+            remember = True
+        except TypeError:  # an unhashable value: keyed below, not remembered
+            key, remember = None, False
+        if key is None:
+            try:
+                tree = ("fixed", self._generation, fingerprint(data))
+            except (Uncacheable, RecursionError) as exc:
+                self._warn_once(str(exc) or type(exc).__name__)
+                return render()
+            key = hashlib.blake2b(repr(tree).encode(), digest_size=20).digest()
+            if remember and len(self._fixed) < MAX_FIXED:
+                self._fixed[data] = key
+        return self._answer(request, key, render, None)
+
+    def _answer(self, request: Request, key: bytes, render: Callable[[], Response], statuses: frozenset[int] | None) -> Response:
         page = self._pages.get(key)
         if page is not None:
             self._pages.move_to_end(key)
             self.hits += 1
-            return self._fill(request, page)
+            return self._fill(request, page, self._text(key, page))
         self.misses += 1
         placeholders = Placeholders(self._nonce, self._csrf)
         request.scope[RENDER_ONCE] = placeholders
@@ -235,14 +264,14 @@ class PageCache:
         body = getattr(response, "body", None)
         if not isinstance(body, bytes) or placeholders.template is None or placeholders.locale is None:
             return response  # not a rendered page (no placeholders in it either)
-        keep = self._keepable(response, placeholders.template)
+        keep = self._keepable(response, placeholders.template, statuses)
         page = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
         if keep:
             self._store(key, page)
-        return self._fill(request, page)
+        return self._fill(request, page, self._text(key, page) if keep else zlib.decompress(page.text))
 
-    def _keepable(self, response: Response, template: str) -> bool:
-        if response.status_code not in CACHEABLE_STATUS:
+    def _keepable(self, response: Response, template: str, statuses: frozenset[int] | None) -> bool:
+        if statuses is not None and response.status_code not in statuses:
             return False
         if any(name == b"set-cookie" for name, _ in response.raw_headers):
             return False  # something of this request's own
@@ -284,10 +313,19 @@ class PageCache:
             _, old = self._pages.popitem(last=False)
             self._bytes -= old.size
 
-    def _fill(self, request: Request, page: _Page) -> Response:
+    def _text(self, key: bytes, page: _Page) -> bytes:
+        text = self._hot.get(key)
+        if text is not None:
+            self._hot.move_to_end(key)
+            return text
+        text = self._hot[key] = zlib.decompress(page.text)
+        if len(self._hot) > MAX_HOT:
+            self._hot.popitem(last=False)
+        return text
+
+    def _fill(self, request: Request, page: _Page, text: bytes) -> Response:
         nonce = str(request.scope.get("csp_nonce", "")).encode()
         tokens: dict[uuid.UUID, bytes] = {}
-        text = zlib.decompress(page.text)
         chunks: list[bytes] = []
         at = 0
         for offset, subject in page.holes:

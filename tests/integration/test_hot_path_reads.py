@@ -1,0 +1,101 @@
+"""The pay page's hot read (payments/page_reader.py) and the forged link's page (rendered once per language).
+
+The reader has a fast way (the prebuilt statements straight on the driver's connection, for the common
+page) and the general one (the same statements through SQLAlchemy, and the reads a page with payments
+or several open invoices needs): both must give the same page data, field by field."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from payments.page_reader import PageReader, PayPage, read_page
+from plumbing.db import create_engine, create_session_factory, reader_engine
+from plumbing.settings import Settings
+from tests.harness import CARD_OK, LocalStripe, db_execute
+from tests.integration.helpers import another_invoice, issue_invoice, link_hex_of
+from views.page_cache import fingerprint
+
+pytestmark = pytest.mark.postgres
+NONCE = re.compile(r'nonce="([^"]+)"')
+CSP_NONCE = re.compile(r"'nonce-([^']+)'")
+
+
+def both_ways(settings: Settings, link_id: uuid.UUID) -> tuple[PayPage | None, PayPage | None]:
+    """The page data as the page reader reads it (its fast way where it applies) and through the general read."""
+
+    async def read() -> tuple[PayPage | None, PayPage | None]:
+        engine = create_engine(settings.database_url)
+        try:
+            reader = PageReader(settings.database_url, create_session_factory(reader_engine(engine)))
+            try:
+                fast, _ = await reader.pay_page(link_id)
+            finally:
+                reader.close()
+            async with engine.connect() as connection:
+                general = await connection.run_sync(read_page, link_id)
+            return fast, general
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def link_id_of(server: Any, url: str) -> uuid.UUID:
+    """The link id the emailed link hands over to (GET /pay/<token> answers 303 to /pay/l/<link id hex>)."""
+    handoff = httpx.get(f"{server.base}/pay/{url.split('/pay/', 1)[1]}", follow_redirects=False)
+    return uuid.UUID(hex=link_hex_of(handoff.headers["location"]))
+
+
+class TestTheReadGivesTheSamePageEitherWay:
+    def test_an_open_invoice_with_a_saved_card(self, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        fast, general = both_ways(settings, link_id_of(server, issued.url))
+        assert fast is not None and general is not None
+        assert [c.last4 for c in fast.cards] == ["4242"] and fast.live_payment is None
+        assert fast.options is not None and fast.options.open_invoices == []
+        assert fingerprint(fast) == fingerprint(general)
+        # what the templates read of the rows, properties included
+        assert fast.customer.is_verified and fast.customer.address_lines == general.customer.address_lines
+        assert fast.invoice.number == issued.number and fast.link.recipient_email is None
+
+    def test_two_open_invoices_and_a_part_paid_one(self, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK, amount="100.00")
+        another_invoice(cli, issued.email, "200.00")
+        fast, general = both_ways(settings, link_id_of(server, issued.url))
+        assert fast is not None and fast.options is not None
+        assert len(fast.options.open_invoices) == 2 and fast.options.pay_all_total == 30000
+        assert fingerprint(fast) == fingerprint(general)
+        db_execute(
+            settings.database_url, "UPDATE invoices SET amount_paid = 4000, status = 'partially_paid' WHERE number = :n", n=issued.number
+        )
+        fast, general = both_ways(settings, link_id_of(server, issued.url))
+        assert fast is not None and fast.options is not None and fast.options.balance == 6000
+        assert fingerprint(fast) == fingerprint(general)
+
+    def test_an_unknown_link(self, settings: Settings, server: Any) -> None:
+        assert both_ways(settings, uuid.uuid4()) == (None, None)
+
+
+class TestTheForgedLinksPage:
+    def test_rendered_once_per_language_with_its_own_nonce(self, server: Any) -> None:
+        with httpx.Client(base_url=server.base) as client:
+            answers = [client.get(f"/pay/forged{i}.token{i}") for i in range(3)]
+            german = client.get("/pay/forged.de", headers={"Accept-Language": "de"})
+            handoff = client.get(f"/pay/l/{uuid.uuid4().hex}")
+        for answer in [*answers, german, handoff]:
+            assert answer.status_code == 404
+            assert "plnonce" not in answer.text and "plcsrf" not in answer.text
+            assert set(NONCE.findall(answer.text)) <= {CSP_NONCE.search(answer.headers["content-security-policy"]).group(1)}  # type: ignore[union-attr]
+        assert len({a.headers["content-security-policy"] for a in answers}) == 3  # a nonce of its own
+        assert [a.text for a in answers[1:]] == [answers[0].text] * 2
+        assert "This link does not work" in answers[0].text
+        assert "This link does not work" not in german.text and 'lang="de"' in german.text
+        assert "Please open the link from your email" in handoff.text
+        cache = server.server.config.app.state.page_cache
+        assert len(cache._fixed) == 3  # (en, de, the handoff's page)
