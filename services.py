@@ -68,6 +68,22 @@ class Services:
         self.outbox_gauges = DatabaseGauges(functools.partial(outbox_reading, self.readers))
 
 
+def _page_engine(stack: contextlib.AsyncExitStack, settings: Settings, url: str) -> AsyncEngine:
+    """The pay page's own small pool on PostgreSQL, without the pre-ping round trip before every
+    checkout (the page reader retries once on a connection found dead instead)."""
+    engine = create_engine(url, statement_cache=settings.database_statement_cache, pool_pre_ping=False, pool_size=4, max_overflow=4)
+    stack.push_async_callback(engine.dispose)
+    return engine
+
+
+def _page_readers(
+    stack: contextlib.AsyncExitStack, settings: Settings, url: str, readers: async_sessionmaker[AsyncSession]
+) -> async_sessionmaker[AsyncSession]:
+    if is_sqlite(url):
+        return readers  # the page reader opens its own read-only connection
+    return create_session_factory(reader_engine(_page_engine(stack, settings, url)))
+
+
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, *, background: bool = False) -> AsyncIterator[Services]:
     """Open everything; on exit (or if a constructor fails) close what was opened, newest first."""
@@ -76,13 +92,12 @@ async def open_services(settings: Settings, *, background: bool = False) -> Asyn
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
         readers = create_session_factory(reader_engine(engine))
-        pages = PageReader(settings.database_url, readers)
+        pages = PageReader(settings.database_url, _page_readers(stack, settings, settings.database_url, readers))
         stack.callback(pages.close)
         replica_pages = pages
         if settings.database_read_url:
-            replica = create_engine(settings.database_read_url, statement_cache=settings.database_statement_cache)
-            stack.push_async_callback(replica.dispose)
-            replica_pages = PageReader(settings.database_read_url, create_session_factory(reader_engine(replica)))
+            replica = create_session_factory(reader_engine(_page_engine(stack, settings, settings.database_read_url)))
+            replica_pages = PageReader(settings.database_read_url, replica)
             stack.callback(replica_pages.close)
         events: EventWriter = SqliteBatchWriter(settings) if is_sqlite(settings.database_url) else PgBatchWriter(settings, sessions)
         stack.push_async_callback(events.close)

@@ -382,6 +382,16 @@ async def latest_payment_id(session: AsyncSession, link_id: uuid.UUID) -> uuid.U
 Receipt = tuple[str | None, str | None, datetime | None]
 
 
+class _DeadConnection(Exception):
+    """The pooled connection was closed by the server; it has been invalidated."""
+
+
+def _asyncpg_connection_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
 class PageReader:
     """The page's read: on SQLite a read-only connection used synchronously on the event loop; else one
     async connection of the readers' engine per read (no ORM session)."""
@@ -398,6 +408,14 @@ class PageReader:
     async def pay_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         if self._engine is not None:
             return self._sqlite_page(link_id)
+        try:
+            return await self._async_page(link_id)
+        except _DeadConnection:
+            # The page's pool skips the pre-ping round trip (services._page_engine): a connection the
+            # server closed (a restart, a failover) is found here, invalidated, and the read tried once more.
+            return await self._async_page(link_id)
+
+    async def _async_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         assert self._async_engine is not None
         async with self._async_engine.connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
@@ -410,7 +428,12 @@ class PageReader:
                 self._pg = _Prepared(PAGE, self._async_engine.dialect)
             statement = self._pg
             now = utcnow()
-            records = await driver.fetch(statement.sql, *statement.args({"link_id": link_id, "now": now}))
+            dead: tuple[type[BaseException], ...] = (*_asyncpg_connection_errors(), ConnectionError, OSError)
+            try:
+                records = await driver.fetch(statement.sql, *statement.args({"link_id": link_id, "now": now}))
+            except dead as exc:
+                await connection.invalidate(exc)
+                raise _DeadConnection() from exc
             if not records:
                 return None, None
             rows = [statement.row(record) for record in records]

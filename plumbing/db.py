@@ -81,7 +81,8 @@ def create_engine(url: str, *, statement_cache: bool = True, **kwargs: Any) -> A
             connect_args = dict(kwargs.pop("connect_args", {}))
             connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0, prepared_statement_name_func=_statement_name)
             kwargs["connect_args"] = connect_args
-        return create_async_engine(url, pool_pre_ping=True, **kwargs)
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_async_engine(url, **kwargs)
     _ensure_sqlite_dir(url)
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
     _tune_sqlite(engine.sync_engine)
