@@ -34,6 +34,7 @@ the link and to this browser (400). Brakes on SetupIntents and failed payments a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import re
@@ -355,6 +356,8 @@ def render_pay_state(
         return render_page(request, "void.html", locale=locale, status_code=410, **context)
     if invoice.status in InvoiceStatus.HAS_RECEIPT:  # before "revoked": the receipt outlives the link
         brand, last4, paid_at = receipt or (None, None, None)
+        if page.link.recipient_email is not None:  # a colleague's link never shows which card the customer paid with
+            brand = last4 = None
         return render_page(request, "paid.html", locale=locale, brand=brand, last4=last4, paid_at=paid_at or invoice.paid_at, **context)
     if page.link.revoked_at is not None:
         return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
@@ -612,6 +615,9 @@ async def _document(request: Request, access: LinkAccess, kind: documents.Docume
             return render_pay_state(request, access, page, receipt=receipt)
     if kind == "receipt" and (invoice.status not in InvoiceStatus.HAS_RECEIPT or document.receipt is None):
         raise NoReceipt(pay_path=access.path, invoice=invoice)
+    if document.link.recipient_email is not None and document.receipt is not None:
+        # A colleague's link never shows which card the customer paid with (the receipt's "Paid with").
+        document = dataclasses.replace(document, receipt=dataclasses.replace(document.receipt, brand=None, last4=None))
     locale = request_locale(request, document.customer.locale, app.settings.default_locale)
     pdf = await documents.render_document(app.settings, kind, document, locale)
     name = documents.filename(kind, document)

@@ -143,6 +143,27 @@ class TestFinanceSendsToAccountsPayable:
         everything = cli("link", "revoke", issued.number, "--json")
         assert everything.json()["revoked"] == 2  # the customer's and the boss's
 
+    def test_a_colleague_never_sees_the_card_the_customer_paid_with(self, cli, localstripe: LocalStripe, smtp: SmtpServer, server) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        assert cli("link", "issue", issued.number, "--to", AP).code == 0
+        [message] = mail_to(smtp, AP)
+        with httpx.Client(timeout=30, follow_redirects=True) as customer:
+            page = customer.get(issued.url).text
+            paid = customer.post(issued.url, data={"csrf": csrf_of(page), "payment_method": issued.cards[0]}).text
+            assert "Payment received" in paid and "•••• 4242" in paid  # the customer sees their card
+        with httpx.Client(timeout=30, follow_redirects=True) as colleague:
+            receipt = colleague.get(pay_link_in(message))
+            assert receipt.status_code == 200 and "Payment received" in receipt.text
+            assert "4242" not in receipt.text and "Paid with" not in receipt.text
+            pdf = colleague.get(str(receipt.url) + "/receipt.pdf")
+            assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+            from io import BytesIO
+
+            from pypdf import PdfReader
+
+            text = "".join(p.extract_text() for p in PdfReader(BytesIO(pdf.content)).pages)
+            assert issued.number in text and "4242" not in text
+
     def test_revoke_on_a_paid_invoice_says_what_it_did(self, cli, localstripe: LocalStripe, server, browser_client) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK)
         page = browser_client.get(issued.url).text
