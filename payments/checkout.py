@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -236,14 +236,17 @@ async def _pay_with_new_card(
             expected_total=expected_total,
         )
     async with sessions.begin() as session:
-        has_default = (
+        # A new card never silently becomes the default: only a customer's first and only saved card is
+        # (the same card entered again keeps the marks of its saved profile, see cards.upsert_profile).
+        same_card = PaymentProfile.stripe_payment_method_id == card.payment_method_id
+        if card.fingerprint:
+            same_card = or_(same_card, func.coalesce(PaymentProfile.fingerprint, "") == card.fingerprint)  # NULL-safe under NOT
+        other_saved = (
             await session.execute(
-                select(PaymentProfile.id).where(
-                    PaymentProfile.customer_id == customer.id, PaymentProfile.is_default.is_(True), PaymentProfile.reusable.is_(True)
-                )
+                select(PaymentProfile.id).where(PaymentProfile.customer_id == customer.id, PaymentProfile.reusable.is_(True), ~same_card)
             )
         ).first() is not None
-        await session.run_sync(upsert_profile, customer.id, card, reusable=save, is_default=True if save and not has_default else None)
+        await session.run_sync(upsert_profile, customer.id, card, reusable=save, is_default=True if save and not other_saved else None)
         audit.record(session, "link", "card.added", f"customer:{customer.email}", saved=save, last4=card.last4)
     outcome = await _pay(
         sessions,

@@ -99,6 +99,16 @@ class TestSavingIsAskedFor:
         cards = {c["last4"]: c for c in cards_of(cli, issued.email)}
         assert cards["4242"]["default"] is True and cards["4444"]["default"] is False and cards["4444"]["saved"] is True
 
+    def test_after_the_default_was_removed_a_new_card_still_does_not_take_it(
+        self, cli, localstripe: LocalStripe, server, browser_client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OTHER)
+        visa, _ = issued.cards
+        assert post_card_form(browser_client, issued.url, "remove", visa).status_code == 200  # the default goes
+        assert "Payment received" in pay_with_new_card(browser_client, localstripe, issued.url, CARD_OK, save=True).text
+        cards = {c["last4"]: c for c in cards_of(cli, issued.email)}
+        assert cards["4242"]["saved"] is True and cards["4242"]["default"] is False  # entered anew: not made the default
+
 
 @pytest.mark.postgres
 class TestCustomerManagesCards:
