@@ -13,9 +13,10 @@ hit reserved before the attempt, given back unless the attempt failed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,7 +33,7 @@ from payments.cards import forget_one_time_card, upsert_profile
 from payments.gateway import CardDeclined, CardSummary, GatewayError, GatewayUnavailable, IntentSnapshot, StripeGateway
 from payments.models import Payment, PaymentAllocation, PaymentProfile, PaymentStatus
 from payments.page_reader import pay_all_invoices
-from payments.payers import may_pay_all, stripe_customer_for, uses_saved_cards
+from payments.payers import known_stripe_customer, may_pay_all, stripe_customer_for, uses_saved_cards
 from payments.state import apply_intent, release_attempt
 from plumbing import audit
 from plumbing.db import utcnow
@@ -174,25 +175,25 @@ async def pay_with_new_card(
 
     Card data went from the browser to Stripe only; we see the SetupIntent and its payment method.
     `amount` and `scope` as for `pay_with_saved_profile`."""
-    try:
-        async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
-            outcome = await _pay_with_new_card(
-                sessions,
-                gateway,
-                settings,
-                link_id=link_id,
-                setup_intent_id=setup_intent_id,
-                save=save,
-                amount=amount,
-                scope=scope,
-                expected_total=expected_total,
-            )
-            outcomes.append(outcome)
-            PAY_ATTEMPTS.labels("new", outcome.status).inc()
-            return outcome
-    except Exception as exc:
-        PAY_ATTEMPTS.labels("new", _attempt_failure(exc)).inc()
-        raise
+    return await _counted_attempt(
+        "new",
+        sessions,
+        settings,
+        link_id,
+        client,
+        functools.partial(
+            _pay_with_new_card,
+            sessions,
+            gateway,
+            settings,
+            link_id=link_id,
+            setup_intent_id=setup_intent_id,
+            save=save,
+            amount=amount,
+            scope=scope,
+            expected_total=expected_total,
+        ),
+    )
 
 
 async def _pay_with_new_card(
@@ -210,7 +211,7 @@ async def _pay_with_new_card(
     async with sessions() as session:
         link, invoice, customer = await _payable_link(session, link_id)
     _check_payable(invoice)
-    payer = await stripe_customer_for(sessions, gateway, link, customer) if _known_payer(link, customer) else None
+    payer = known_stripe_customer(link, customer)  # made by start_new_card, for the customer or a colleague
     if payer is None:
         raise PaymentRefused(NOT_SET_UP)
     setup = await gateway.retrieve_setup_intent(setup_intent_id)
@@ -262,12 +263,6 @@ async def _pay_with_new_card(
     return outcome
 
 
-def _known_payer(link: PaymentLink, customer: Customer) -> bool:
-    """Whether this link's payer has (or, for a colleague, may get) a Stripe customer. The customer's
-    own is made by `start_new_card`; a colleague's too, so either exists once a card was entered."""
-    return link.stripe_customer_id is not None if not uses_saved_cards(link) else customer.stripe_customer_id is not None
-
-
 async def pay_with_saved_profile(
     sessions: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
@@ -297,23 +292,44 @@ async def pay_with_saved_profile(
     Past PAY_FAILED_ATTEMPTS_PER_INVOICE_HOUR failed attempts for the invoice, or from the client
     address (`client`, a keyed hash), it raises brakes.TooManyAttempts before calling Stripe.
     """
+    return await _counted_attempt(
+        "saved",
+        sessions,
+        settings,
+        link_id,
+        client,
+        functools.partial(
+            _pay,
+            sessions,
+            gateway,
+            settings,
+            link_id=link_id,
+            payment_method_id=payment_method_id,
+            amount=amount,
+            scope=scope,
+            expected_total=expected_total,
+        ),
+    )
+
+
+async def _counted_attempt(
+    kind: str,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    link_id: uuid.UUID,
+    client: str | None,
+    attempt: Callable[[], Awaitable[PayOutcome]],
+) -> PayOutcome:
+    """Run one pay attempt (`kind`: "saved" or "new" card) inside the failed-attempt brakes, and count
+    its outcome (metrics)."""
     try:
         async with _failure_brakes(sessions, settings, link_id, client) as outcomes:
-            outcome = await _pay(
-                sessions,
-                gateway,
-                settings,
-                link_id=link_id,
-                payment_method_id=payment_method_id,
-                amount=amount,
-                scope=scope,
-                expected_total=expected_total,
-            )
+            outcome = await attempt()
             outcomes.append(outcome)
-            PAY_ATTEMPTS.labels("saved", outcome.status).inc()
+            PAY_ATTEMPTS.labels(kind, outcome.status).inc()
             return outcome
     except Exception as exc:
-        PAY_ATTEMPTS.labels("saved", _attempt_failure(exc)).inc()
+        PAY_ATTEMPTS.labels(kind, _attempt_failure(exc)).inc()
         raise
 
 
@@ -495,7 +511,7 @@ async def _card_for(
     """The Stripe customer, brand and last4 to charge: the card just entered (checked by the caller
     against the link's payer), or one of the customer's saved cards (never on a colleague's link)."""
     if card is not None:
-        payer = link.stripe_customer_id if not uses_saved_cards(link) else customer.stripe_customer_id
+        payer = known_stripe_customer(link, customer)
         if not payer or card.payment_method_id != payment_method_id:
             raise PaymentRefused(NOT_SET_UP)
         return payer, card.brand, card.last4
