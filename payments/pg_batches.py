@@ -28,16 +28,12 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from payments.batch_queue import BatchQueue, Pending, WriterStopped, deliver, stopped
 from payments.events import Applied, DirectEventWriter, EventRefused, record_and_apply_batch
-from payments.sqlite_batches import WriterStopped
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.webhooks")
-MAX_BATCH = 200
 IN_FLIGHT = 1  # batches of one worker applied at once (2 measured slower: smaller batches, meeting at the receipt row)
-MAX_QUEUED = 10_000  # beyond this, answer 500 at once: Stripe delivers again later
-
-Pending = tuple[dict[str, Any], "asyncio.Future[bool]"]
 
 
 class PgBatchWriter:
@@ -47,7 +43,7 @@ class PgBatchWriter:
         self._settings = settings
         self._sessions = sessions
         self._direct = DirectEventWriter(settings, sessions)
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=MAX_QUEUED)
+        self._queue = BatchQueue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -60,22 +56,14 @@ class PgBatchWriter:
             return await self._direct.apply(event)  # not started (a CLI or a test container): one transaction each
         if self._task is None or self._task.done():
             raise WriterStopped()
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((event, future))
-        except asyncio.QueueFull:
-            raise WriterStopped() from None
-        return await future
+        return await self._queue.submit(event)
 
     async def close(self) -> None:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(WriterStopped())
+        self._queue.stop()
 
     async def _run(self) -> None:
         # Up to IN_FLIGHT batches at once: while one waits for the database, the next is gathered and
@@ -86,9 +74,7 @@ class PgBatchWriter:
         try:
             while True:
                 await slots.acquire()
-                batch = [await self._queue.get()]
-                while len(batch) < MAX_BATCH and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
+                batch = await self._queue.next_batch()
                 task = asyncio.create_task(self._finish(batch, slots))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -101,24 +87,14 @@ class PgBatchWriter:
         try:
             results = await self.apply_batch([event for event, _ in batch])
         except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(WriterStopped())
+            stopped(batch)
             raise
         except Exception as exc:  # never leave a request waiting, whatever happened
             log.exception("webhooks.batch_failed events=%d", len(batch))
             results = [exc] * len(batch)
         finally:
             slots.release()
-        if len(results) != len(batch):
-            results = [RuntimeError("webhook batch results do not match its events")] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        deliver(batch, results)
 
     async def apply_batch(self, events: list[dict[str, Any]]) -> list[Applied | Exception]:
         """All events in one transaction with one flush at the commit; if anything in it fails

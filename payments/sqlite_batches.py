@@ -20,19 +20,12 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from payments.batch_queue import BatchQueue, WriterStopped, deliver, stopped
 from payments.events import Applied, record_and_apply_batch, record_and_apply_outcome
 from plumbing.db import create_sync_sqlite_engine
 from plumbing.settings import Settings
 
 log = logging.getLogger("paylink.webhooks")
-MAX_BATCH = 200
-MAX_QUEUED = 10_000  # beyond this, answer 500 at once: Stripe delivers again later
-
-Pending = tuple[dict[str, Any], "asyncio.Future[bool]"]
-
-
-class WriterStopped(Exception):
-    """The app is shutting down; the event was not applied (Stripe delivers it again)."""
 
 
 class SqliteBatchWriter:
@@ -41,7 +34,7 @@ class SqliteBatchWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._engine: Engine = create_sync_sqlite_engine(settings.database_url)
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=MAX_QUEUED)
+        self._queue = BatchQueue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-writer")
         self._task: asyncio.Task[None] | None = None
 
@@ -52,49 +45,29 @@ class SqliteBatchWriter:
         """Record and apply one verified event; True if it was new, False for a duplicate."""
         if self._task is None or self._task.done():
             raise WriterStopped()
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait((event, future))
-        except asyncio.QueueFull:
-            raise WriterStopped() from None
-        return await future
+        return await self._queue.submit(event)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(WriterStopped())
+        self._queue.stop()
         await asyncio.to_thread(self._executor.shutdown, True)  # waits for a batch in flight, off the event loop
         self._engine.dispose()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            batch = await self._queue.next_batch()
             try:
                 results = await loop.run_in_executor(self._executor, self.apply_batch, [event for event, _ in batch])
             except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(WriterStopped())
+                stopped(batch)
                 raise
             except Exception as exc:  # the batch's commit failed: none of its events is applied
                 log.exception("webhooks.batch_failed events=%d", len(batch))
                 results = [exc] * len(batch)
-            if len(results) != len(batch):  # never leave a request waiting, whatever happened
-                results = [RuntimeError("webhook batch results do not match its events")] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            deliver(batch, results)
 
     def apply_batch(self, events: list[dict[str, Any]]) -> list[Applied | Exception]:
         """All events in one transaction with one flush at the commit; if anything in it fails,
