@@ -240,6 +240,19 @@ class AppServer:
 # --- a real network fault between us and Stripe ---------------------------------------------------------
 
 
+def relay(handler: Any, target: str, body: bytes) -> None:
+    """Forward the request a proxy's handler (http.server) received to `target`, and its answer back."""
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")}
+    upstream = httpx.request(handler.command, target + handler.path, content=body, headers=headers, timeout=30)
+    handler.send_response(upstream.status_code)
+    for key, value in upstream.headers.items():
+        if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+            handler.send_header(key, value)
+    handler.send_header("content-length", str(len(upstream.content)))
+    handler.end_headers()
+    handler.wfile.write(upstream.content)
+
+
 class StallingProxy:
     """An HTTP proxy in front of localstripe that never answers requests whose path matches `stall`.
 
@@ -264,15 +277,7 @@ class StallingProxy:
                     proxy.stalled.append(self.path)
                     time.sleep(5)  # longer than the client's timeout; the request is dropped
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                upstream = httpx.request(self.command, target + self.path, content=body, headers=headers, timeout=30)
-                self.send_response(upstream.status_code)
-                for key, value in upstream.headers.items():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                        self.send_header(key, value)
-                self.send_header("content-length", str(len(upstream.content)))
-                self.end_headers()
-                self.wfile.write(upstream.content)
+                relay(self, target, body)
 
             do_GET = do_POST = do_DELETE = _forward
 

@@ -16,7 +16,7 @@ import httpx
 
 from payments.gateway import RateLimitBackoff
 from plumbing.settings import Settings
-from tests.harness import CARD_OK, LocalStripe, StallingProxy, free_port
+from tests.harness import CARD_OK, LocalStripe, StallingProxy, free_port, relay
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice
 
 RATE_LIMITED = {
@@ -59,15 +59,7 @@ class RateLimitingProxy:
                     self.wfile.write(payload)
                     return
                 proxy.forwarded.append(f"{self.command} {self.path}")
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-                upstream = httpx.request(self.command, target + self.path, content=body, headers=headers, timeout=30)
-                self.send_response(upstream.status_code)
-                for key, value in upstream.headers.items():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
-                        self.send_header(key, value)
-                self.send_header("content-length", str(len(upstream.content)))
-                self.end_headers()
-                self.wfile.write(upstream.content)
+                relay(self, target, body)
 
             do_GET = do_POST = do_DELETE = _forward
 
