@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from links import issuing, verification
+from links import fresh_links, verification
 from links.lines import lines_of, totals
 from links.models import InvoiceStatus
 from links.opens import OpenRecorder
@@ -581,7 +581,7 @@ async def request_fresh_link(request: Request, access: LinkAccess) -> Response:
     app = services_of(request)
     await checked_form(request, access.link_id)
     async with app.sessions.begin() as session:
-        await issuing.request_fresh_link(session, app.settings, access.link_id)
+        await fresh_links.request_fresh_link(session, app.settings, access.link_id)
     app.outbox_wakeup.set()
     return render_page(request, "renewed.html", pay_path=access.path)
 
