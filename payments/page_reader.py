@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, create_engine, event, func, inspect, literal_column, or_, select
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -382,14 +383,12 @@ async def latest_payment_id(session: AsyncSession, link_id: uuid.UUID) -> uuid.U
 Receipt = tuple[str | None, str | None, datetime | None]
 
 
+# What a pooled asyncpg connection the server closed raises on use (a restart, a failover).
+DEAD_CONNECTION = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)
+
+
 class _DeadConnection(Exception):
     """The pooled connection was closed by the server; it has been invalidated."""
-
-
-def _asyncpg_connection_errors() -> tuple[type[BaseException], ...]:
-    import asyncpg
-
-    return (asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 class PageReader:
@@ -428,10 +427,9 @@ class PageReader:
                 self._pg = _Prepared(PAGE, self._async_engine.dialect)
             statement = self._pg
             now = utcnow()
-            dead: tuple[type[BaseException], ...] = (*_asyncpg_connection_errors(), ConnectionError, OSError)
             try:
                 records = await driver.fetch(statement.sql, *statement.args({"link_id": link_id, "now": now}))
-            except dead as exc:
+            except DEAD_CONNECTION as exc:
                 await connection.invalidate(exc)
                 raise _DeadConnection() from exc
             if not records:
