@@ -30,9 +30,19 @@ from plumbing.db import is_sqlite, migrate
 from plumbing.logs import configure_logging
 from plumbing.rendering import emails, pages
 from plumbing.settings import ConfigError, Settings
-from plumbing.web import REQUEST_ID_SCOPE, SECURITY_HEADERS, AccessLog, BodySizeLimit, SecurityHeaders, origin_of, templated_path
+from plumbing.web import (
+    REQUEST_ID_SCOPE,
+    SECURITY_HEADERS,
+    AccessLog,
+    BodySizeLimit,
+    SecurityHeaders,
+    SecurityPolicy,
+    origin_of,
+    templated_path,
+)
 from services import Services, open_services, readiness, run_worker
 from views.errors import PageError, render_page_error
+from views.hot_path import HotPath
 from views.page_cache import PageCache
 from views.pages import routes as page_routes
 from views.render import render_page
@@ -121,6 +131,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         stripe_origins.append(origin_of(configured.stripe_api_base))
     else:
         stripe_origins += ["https://api.stripe.com", "https://hooks.stripe.com"]
+    policy = SecurityPolicy(stripe_origins=stripe_origins, hsts=configured.base_url.startswith("https://"))
     app = Starlette(
         routes=[
             *page_routes,
@@ -133,9 +144,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Mount("/static", app=StaticFiles(directory=ROOT / "static"), name="static"),
         ],
         middleware=[
+            # Payday's two requests, answered from the page cache before the rest (views/hot_path.py).
+            Middleware(HotPath, settings=configured, policy=policy),
             Middleware(AccessLog),
             # Outside the size limit, so that its 413 carries the security headers too.
-            Middleware(SecurityHeaders, stripe_origins=stripe_origins, hsts=configured.base_url.startswith("https://")),
+            Middleware(SecurityHeaders, policy=policy),
             Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES),
         ],
         exception_handlers={

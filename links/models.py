@@ -133,6 +133,10 @@ class PaymentLink(Base):
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
     created_by: Mapped[str | None] = mapped_column(String(200))  # the actor that issued it (audit)
 
+    # Written on every open (links/opens.py), shown on no page: the pay page's cache leaves them out of
+    # its keys, so that a link opened often stays cached (views/page_cache.py).
+    OPEN_COUNTERS: ClassVar[frozenset[str]] = frozenset({"open_count", "first_opened_at", "last_opened_at"})
+
 
 class LinkOpen(Base):
     """The access log behind the usage report: one row per page open (no token, no IP address)."""

@@ -250,6 +250,30 @@ _STATUS, _AMOUNT_PAID = _A + _INVOICE_KEYS.index("status"), _A + _INVOICE_KEYS.i
 _PAYABLE_COUNT = _C + 4  # then the card's columns (one row per saved card, or one with none)
 
 
+_UNSHOWN = tuple(i for i, key in enumerate(_LINK_KEYS) if key in PaymentLink.OPEN_COUNTERS)
+_CUSTOMER_LOCALE = _B + _CUSTOMER_KEYS.index("locale")
+
+
+@dataclass(frozen=True, slots=True)
+class PageRows:
+    """PAGE's rows for a link as the driver returned them (no type processing), with the open counters
+    blanked: what the page shows, as cheap as it can be read. For the pay page's hot path
+    (views/hot_path.py), which keys its cache by them; a page that needs more than PAGE has none."""
+
+    rows: tuple[tuple[Any, ...], ...]
+    locale: str | None  # the customer's stored locale
+
+
+def _page_rows(rows: Sequence[Sequence[Any]]) -> PageRows | None:
+    if not rows or _needs_more_reads(rows[0]):
+        return None
+    first = list(rows[0])
+    for index in _UNSHOWN:
+        first[index] = None
+    locale = first[_CUSTOMER_LOCALE]
+    return PageRows((tuple(first), *map(tuple, rows[1:])), locale if isinstance(locale, str) else None)
+
+
 def _needs_more_reads(row: Sequence[Any]) -> bool:
     """Whether the page of PAGE's `row` needs more than PAGE: what was paid (part payments,
     a receipt) or the list of invoices pay-all would pay."""
@@ -414,6 +438,34 @@ class PageReader:
             # server closed (a restart, a failover) is found here, invalidated, and the read tried once more.
             return await self._async_page(link_id)
 
+    async def page_rows(self, link_id: uuid.UUID) -> PageRows | None:
+        """PAGE's raw rows for the link (`PageRows`), or None: no such link, a page that needs more reads
+        than PAGE, or a database where the raw read does not apply (then `pay_page` is the way)."""
+        now = utcnow()
+        if self._engine is not None:
+            if self._raw is None:
+                self._raw = _RawReads(self._engine)
+            return _page_rows(self._raw.page.raw(self._raw.connection, {"link_id": link_id, "now": now}))
+        assert self._async_engine is not None
+        if self._async_engine.dialect.driver != "asyncpg":
+            return None
+        for attempt in (1, 2):
+            async with self._async_engine.connect() as connection:
+                driver: Any = (await connection.get_raw_connection()).driver_connection
+                if not _caches_statements(driver):
+                    return None  # behind PgBouncer: the general way (see _async_page)
+                if self._pg is None:
+                    self._pg = _Prepared(PAGE, self._async_engine.dialect)
+                try:
+                    records = await driver.fetch(self._pg.sql, *self._pg.args({"link_id": link_id, "now": now}))
+                except DEAD_CONNECTION as exc:
+                    await connection.invalidate(exc)
+                    if attempt == 2:
+                        raise
+                    continue  # a connection the server closed: once more, on another
+                return _page_rows(records)
+        raise AssertionError("unreachable")
+
     async def _async_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         assert self._async_engine is not None
         async with self._async_engine.connect() as connection:
@@ -501,9 +553,13 @@ class _Prepared:
         return tuple(values)
 
     def all(self, connection: Any, values: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [self.row(raw) for raw in self.raw(connection, values)]
+
+    def raw(self, connection: Any, values: dict[str, Any]) -> list[Any]:
+        """The DB-API rows, as the driver returns them."""
         cursor = connection.execute(self.sql, self.args(values))
         try:
-            return [self.row(raw) for raw in cursor.fetchall()]
+            return cursor.fetchall()  # type: ignore[no-any-return]
         finally:
             cursor.close()
 

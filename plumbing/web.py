@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 from urllib.parse import urlsplit
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -25,7 +26,7 @@ from plumbing.i18n import SUPPORTED_LOCALES, negotiate_locale, normalize_locale
 from plumbing.logs import FIELDS, new_request_id, request_id
 from plumbing.metrics import REQUEST_SECONDS, REQUESTS
 from plumbing.settings import Settings
-from plumbing.signing import csrf_serializer
+from plumbing.signing import csrf_dumps, csrf_serializer
 from plumbing.usage import latency
 
 CSRF_MAX_AGE_SECONDS = 24 * 3600
@@ -85,7 +86,11 @@ LANGUAGE_COOKIE = "paylink_lang"
 
 def chosen_language(request: Request) -> str | None:
     """A language the visitor picked with the switcher: this request's ?lang=, else the remembered one."""
-    for chosen in (request.query_params.get("lang"), request.cookies.get(LANGUAGE_COOKIE)):
+    return _chosen(request.query_params.get("lang"), request.cookies.get(LANGUAGE_COOKIE))
+
+
+def _chosen(*picked: str | None) -> str | None:
+    for chosen in picked:
         if chosen and normalize_locale(chosen, default="") in SUPPORTED_LOCALES:
             return normalize_locale(chosen)
     return None
@@ -93,12 +98,24 @@ def chosen_language(request: Request) -> str | None:
 
 def request_locale(request: Request, stored: str | None, default: str) -> str:
     """The visitor's own choice (switcher), then the customer's stored locale, then Accept-Language."""
-    chosen = chosen_language(request)
+    accept = request.headers.get("accept-language")
+    return locale_of(request.query_params.get("lang"), request.cookies.get(LANGUAGE_COOKIE), stored, accept, default)
+
+
+def locale_of(query_lang: str | None, cookie_lang: str | None, stored: str | None, accept_language: str | None, default: str) -> str:
+    """`request_locale` from the request's parts (the raw ASGI hot path has no Request)."""
+    chosen = _chosen(query_lang, cookie_lang)
     if chosen:
         return chosen
     if stored:
         return normalize_locale(stored, default)
-    return negotiate_locale(request.headers.get("accept-language"), normalize_locale(default))
+    return _negotiated(accept_language, default)
+
+
+@lru_cache(maxsize=1024)
+def _negotiated(accept_language: str | None, default: str) -> str:
+    # Browsers send a handful of distinct headers; parsing one costs more than the rest of a cached page.
+    return negotiate_locale(accept_language, normalize_locale(default))
 
 
 async def small_form(request: Request) -> dict[str, str] | None:
@@ -135,8 +152,16 @@ def csrf_cookie_name(settings: Settings) -> str:
 
 
 def _browser_id(request: Request, settings: Settings) -> str | None:
-    value = request.cookies.get(csrf_cookie_name(settings))
+    return sane_browser_id(request.cookies.get(csrf_cookie_name(settings)))
+
+
+def sane_browser_id(value: str | None) -> str | None:
+    """The browser cookie's value if it is one we could have minted, else None (a new one is minted)."""
     return value if value is not None and _BROWSER_ID.fullmatch(value) else None
+
+
+def new_browser_id() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def _browser_digest(browser_id: str) -> str:
@@ -176,15 +201,27 @@ def csrf_token(request: Request, settings: Settings, subject_id: uuid.UUID) -> s
         return f"{placeholders.csrf}{subject_id.hex}-"
     browser_id = _browser_id(request, settings) or request.scope.get(_NEW_BROWSER_ID)
     if browser_id is None:
-        browser_id = request.scope[_NEW_BROWSER_ID] = secrets.token_urlsafe(32)
-    return _csrf_serializer(settings).dumps([subject_id.hex, _browser_digest(browser_id)])
+        browser_id = request.scope[_NEW_BROWSER_ID] = new_browser_id()
+    return csrf_token_for(settings, subject_id, browser_id)
+
+
+def csrf_token_for(settings: Settings, subject_id: uuid.UUID, browser_id: str) -> str:
+    """The form token for `subject_id` in the browser whose cookie is `browser_id`."""
+    return csrf_dumps(settings).dumps([subject_id.hex, _browser_digest(browser_id)])
 
 
 def remember_browser(request: Request, response: Response, settings: Settings) -> None:
     """Set the browser cookie minted while rendering this answer (a session cookie, HttpOnly, Lax)."""
     browser_id = request.scope.get(_NEW_BROWSER_ID)
     if browser_id is not None:
-        response.set_cookie(csrf_cookie_name(settings), browser_id, path="/", secure=is_https(settings), httponly=True, samesite="lax")
+        response.raw_headers.append((b"set-cookie", browser_cookie(settings, browser_id)))
+
+
+def browser_cookie(settings: Settings, browser_id: str) -> bytes:
+    """The Set-Cookie value of the browser cookie: what Starlette's `set_cookie(name, value, path="/",
+    secure=…, httponly=True, samesite="lax")` writes, without building a SimpleCookie per answer."""
+    secure = "; Secure" if is_https(settings) else ""
+    return f"{csrf_cookie_name(settings)}={browser_id}; HttpOnly; Path=/; SameSite=lax{secure}".encode("latin-1")
 
 
 def csrf_valid(request: Request, settings: Settings, subject_id: uuid.UUID, token: str | None) -> bool:
@@ -352,25 +389,33 @@ class AccessLog:
             await self.app(scope, receive, record_status)
         finally:
             elapsed = time.perf_counter() - started
-            method = scope.get("method", "")
-            path = templated_path(scope.get("path", ""))
-            route = route_template(scope)
-            if route != "/metrics":
-                REQUEST_SECONDS.labels(method, route).observe(elapsed)
-                REQUESTS.labels(method, route, str(status)).inc()
-                latency.observe(elapsed)
-            fields = {
-                "event": "request",
-                "request_id": rid,
-                "method": method,
-                "path": path,
-                "route": route,
-                "status": status,
-                "ms": round(elapsed * 1000, 1),
-            }
-            line = "request method=%s path=%s status=%d ms=%.1f request_id=%s"
-            access_log.info(line, method, path, status, elapsed * 1000, rid, extra={FIELDS: fields})
+            record_request(scope.get("method", ""), scope.get("path", ""), route_template(scope), status, elapsed, rid)
             request_id.reset(reset)
+
+
+# The metrics' children by label values (a route template, a method, a status: a bounded set), looked
+# up once instead of on every request.
+@lru_cache(maxsize=1024)
+def _seconds(method: str, route: str) -> Any:
+    return REQUEST_SECONDS.labels(method, route)
+
+
+@lru_cache(maxsize=4096)
+def _requests(method: str, route: str, status: int) -> Any:
+    return REQUESTS.labels(method, route, str(status))
+
+
+def record_request(method: str, path: str, route: str, status: int, elapsed: float, rid: str) -> None:
+    """A request's metrics and its access-log line (the path with tokens templated, never a token)."""
+    if route != "/metrics":
+        _seconds(method, route).observe(elapsed)
+        _requests(method, route, status).inc()
+        latency.observe(elapsed)
+    templated = templated_path(path)
+    ms = round(elapsed * 1000, 1)
+    fields = {"event": "request", "request_id": rid, "method": method, "path": templated, "route": route, "status": status, "ms": ms}
+    line = "request method=%s path=%s status=%d ms=%.1f request_id=%s"
+    access_log.info(line, method, templated, status, elapsed * 1000, rid, extra={FIELDS: fields})
 
 
 # --- security headers --------------------------------------------------------------------------------
@@ -379,37 +424,49 @@ class AccessLog:
 SECURITY_HEADERS = "paylink.security_headers"  # scope key: the headers every answer carries
 
 
-class SecurityHeaders:
-    """Pure ASGI middleware: CSP with a per-request nonce, and the other strict headers."""
+class SecurityPolicy:
+    """The headers every answer carries: CSP with the answer's nonce, and the other strict headers."""
 
-    def __init__(self, app: ASGIApp, *, stripe_origins: list[str], hsts: bool) -> None:
-        self.app = app
-        self.stripe = " ".join(dict.fromkeys(stripe_origins))
-        self.hsts = hsts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        nonce = secrets.token_urlsafe(16)
-        scope["csp_nonce"] = nonce
-        csp = (
-            f"default-src 'self'; script-src 'self' 'nonce-{nonce}' {self.stripe}; frame-src {self.stripe}; "
-            f"connect-src 'self' {self.stripe}; img-src 'self' data:; style-src 'self' 'nonce-{nonce}'; "
+    def __init__(self, *, stripe_origins: list[str], hsts: bool) -> None:
+        stripe = " ".join(dict.fromkeys(stripe_origins))
+        self._csp = (
+            f"default-src 'self'; script-src 'self' 'nonce-{{nonce}}' {stripe}; frame-src {stripe}; "
+            f"connect-src 'self' {stripe}; img-src 'self' data:; style-src 'self' 'nonce-{{nonce}}'; "
             "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
         )
-        path: str = scope.get("path", "")
-        strict = [
-            (b"content-security-policy", csp.encode()),
+        self._fixed = [
             (b"referrer-policy", b"no-referrer"),
             (b"x-content-type-options", b"nosniff"),
             (b"x-frame-options", b"DENY"),
             (b"permissions-policy", b"camera=(), microphone=(), geolocation=(), payment=(self)"),
         ]
-        if self.hsts:
-            strict.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+        if hsts:
+            self._fixed.append((b"strict-transport-security", b"max-age=63072000; includeSubDomains"))
+
+    @staticmethod
+    def new_nonce() -> str:
+        return secrets.token_urlsafe(16)
+
+    def headers(self, nonce: str, path: str) -> list[tuple[bytes, bytes]]:
+        strict = [(b"content-security-policy", self._csp.replace("{nonce}", nonce).encode()), *self._fixed]
         if not path.startswith(("/static/", "/brand/")) and path != "/favicon.ico":
             strict.append((b"cache-control", b"no-store"))
+        return strict
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: the security policy's headers on every answer, with a per-request nonce."""
+
+    def __init__(self, app: ASGIApp, *, policy: SecurityPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        nonce = scope["csp_nonce"] = self.policy.new_nonce()
+        strict = self.policy.headers(nonce, scope.get("path", ""))
         # Starlette answers an unhandled error outside every middleware: its handler adds these itself.
         scope[SECURITY_HEADERS] = strict
 

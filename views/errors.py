@@ -117,6 +117,11 @@ class VerificationGone(PageError):
         super().__init__(state=state)
 
 
+def fixed_page_data(exc: InvalidLink, locale: str) -> tuple[Any, ...]:
+    """What decides the page of an InvalidLink (for `PageCache.answer_fixed`; views/hot_path.py asks too)."""
+    return (exc.template, exc.status_code, locale, *sorted(exc.context.items()))
+
+
 JSON_ERROR = "paylink.json"  # scope key: this route answers errors in JSON, with this error code
 
 
@@ -134,7 +139,7 @@ async def render_page_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, InvalidLink) and not exc.headers:
         # The same page for every forged link (per language and reason): rendered once, filled per answer.
         locale = request_locale(request, None, settings_of(request).default_locale)
-        data = (exc.template, exc.status_code, locale, *sorted(context.items()))
+        data = fixed_page_data(exc, locale)
         page = functools.partial(render_page, request, exc.template, locale=locale, status_code=exc.status_code, **context)
         return page_cache_of(request).answer_fixed(request, data, page)
     if isinstance(exc, ExpiredLink) and "link_id" in context:

@@ -29,6 +29,7 @@ import dataclasses
 import enum
 import hashlib
 import logging
+import pickle
 import re
 import secrets
 import uuid
@@ -61,9 +62,13 @@ CACHEABLE_STATUS = frozenset({200, 410})  # a page of the link's state (410: voi
 # every answer fills in): a template that reads it is rendered for its request only.
 PER_REQUEST = frozenset({"request"})
 # Columns written on every open (links/opens.py) that no page shows: not part of the key.
-NOT_SHOWN = {PaymentLink: frozenset({"open_count", "first_opened_at", "last_opened_at"})}
+NOT_SHOWN = {PaymentLink: PaymentLink.OPEN_COUNTERS}
 NOT_SHOWN_NAMES = frozenset().union(*NOT_SHOWN.values())
 MAX_FIXED = 256  # answer_fixed's remembered keys (error pages: a few per language)
+# Scope keys: the raw hot path (views/hot_path.py) missed its key; the render it falls back to is kept
+# under that key too, if it is the page of that path in that language.
+FAST_KEY = "paylink.page_cache.fast_key"
+FAST_LOCALE = "paylink.page_cache.fast_locale"
 
 
 class Uncacheable(Exception):
@@ -165,7 +170,7 @@ def fingerprint_of_files(*directories: Path) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Page:
+class CachedPage:
     """A rendered page: its text without the placeholders, compressed (a pay page of ~8 KB keeps ~1.5 KB:
     10,000 links' pages in ~20 MB), and where each placeholder goes back in."""
 
@@ -181,7 +186,7 @@ class PageCache:
     def __init__(self, settings: Settings, *, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._pages: OrderedDict[bytes, _Page] = OrderedDict()
+        self._pages: OrderedDict[bytes, CachedPage] = OrderedDict()
         self._bytes = 0
         self._verdicts: dict[str, str | None] = {}
         self._fixed: dict[tuple[Hashable, ...], bytes] = {}
@@ -218,6 +223,24 @@ class PageCache:
         )
         return hashlib.blake2b(repr(tree).encode(), digest_size=20).digest()
 
+    def fast_key(self, path: str, locale: str, rows: Hashable) -> bytes:
+        """The hot path's key (views/hot_path.py): the page's rows exactly as the database driver gave
+        them (payments/page_reader.PageRows: str, int, float, bytes, None, datetime, UUID, Decimal,
+        pickled with their types), the path, the language, the day and the generation. Its own
+        namespace: never equal to a `key`."""
+        material = pickle.dumps(("fast", self._generation, datetime.now(UTC).date(), path, locale, rows), protocol=5)
+        return hashlib.blake2b(material, digest_size=20).digest()
+
+    def lookup(self, key: bytes) -> tuple[CachedPage, bytes] | None:
+        """The page kept under `key` and its text, or None. A hit is counted; a miss is not (the app
+        answers the request then, and counts it)."""
+        page = self._pages.get(key)
+        if page is None:
+            return None
+        self._pages.move_to_end(key)
+        self.hits += 1
+        return page, self._text(key, page)
+
     def answer(self, request: Request, data: Iterable[Any], render: Callable[[], Response]) -> Response:
         """The page `render()` makes of `data` (with the language the caller chose among it), from the
         cache or rendered now and kept; filled with this answer's nonce, form tokens and cookies."""
@@ -233,20 +256,26 @@ class PageCache:
         caller puts the language in `data`), of any status: "this link does not work" for every forged
         link, rendered once per language. `data` is plain values (str, int, tuples of them)."""
         try:
+            key = self.fixed_key(data)
+        except (Uncacheable, RecursionError) as exc:
+            self._warn_once(str(exc) or type(exc).__name__)
+            return render()
+        return self._answer(request, key, render, None)
+
+    def fixed_key(self, data: tuple[Hashable, ...]) -> bytes:
+        """`answer_fixed`'s key of `data` (remembered for hashable data: the hot path asks for it on every
+        forged link)."""
+        try:
             key = self._fixed.get(data)
             remember = True
         except TypeError:  # an unhashable value: keyed below, not remembered
             key, remember = None, False
         if key is None:
-            try:
-                tree = ("fixed", self._generation, fingerprint(data))
-            except (Uncacheable, RecursionError) as exc:
-                self._warn_once(str(exc) or type(exc).__name__)
-                return render()
+            tree = ("fixed", self._generation, fingerprint(data))
             key = hashlib.blake2b(repr(tree).encode(), digest_size=20).digest()
             if remember and len(self._fixed) < MAX_FIXED:
                 self._fixed[data] = key
-        return self._answer(request, key, render, None)
+        return key
 
     def _answer(self, request: Request, key: bytes, render: Callable[[], Response], statuses: frozenset[int] | None) -> Response:
         page = self._pages.get(key)
@@ -267,6 +296,10 @@ class PageCache:
         keep = self._keepable(response, placeholders.template, statuses)
         page = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
         if keep:
+            # Under the hot path's key if it asked for this page (it answers that page's next requests),
+            # else under this one.
+            fast_key = request.scope.get(FAST_KEY)
+            key = fast_key if fast_key is not None and request.scope.get(FAST_LOCALE) == placeholders.locale else key
             self._store(key, page)
         return self._fill(request, page, self._text(key, page) if keep else zlib.decompress(page.text))
 
@@ -287,7 +320,7 @@ class PageCache:
             self._warned.add(reason)
             log.warning("page_cache.not_cached reason=%s", reason)
 
-    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> _Page:
+    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> CachedPage:
         pieces: list[bytes] = []
         holes: list[tuple[int, uuid.UUID | None]] = []
         at = offset = 0
@@ -302,9 +335,9 @@ class PageCache:
         headers = tuple(
             (name, value) for name, value in response.raw_headers if name != b"content-length" and (keep_cookies or name != b"set-cookie")
         )
-        return _Page(text, tuple(holes), response.status_code, headers, locale, len(text) + 64 * len(holes) + 256)
+        return CachedPage(text, tuple(holes), response.status_code, headers, locale, len(text) + 64 * len(holes) + 256)
 
-    def _store(self, key: bytes, page: _Page) -> None:
+    def _store(self, key: bytes, page: CachedPage) -> None:
         if page.size > self.max_bytes:
             return
         self._pages[key] = page
@@ -313,7 +346,7 @@ class PageCache:
             _, old = self._pages.popitem(last=False)
             self._bytes -= old.size
 
-    def _text(self, key: bytes, page: _Page) -> bytes:
+    def _text(self, key: bytes, page: CachedPage) -> bytes:
         text = self._hot.get(key)
         if text is not None:
             self._hot.move_to_end(key)
@@ -323,26 +356,32 @@ class PageCache:
             self._hot.popitem(last=False)
         return text
 
-    def _fill(self, request: Request, page: _Page, text: bytes) -> Response:
-        nonce = str(request.scope.get("csp_nonce", "")).encode()
-        tokens: dict[uuid.UUID, bytes] = {}
-        chunks: list[bytes] = []
-        at = 0
-        for offset, subject in page.holes:
-            chunks.append(text[at:offset])
-            if subject is None:
-                chunks.append(nonce)
-            else:
-                token = tokens.get(subject)
-                if token is None:
-                    token = tokens[subject] = csrf_token(request, request.app.state.settings, subject).encode()
-                chunks.append(token)
-            at = offset
-        chunks.append(text[at:])
-        response = Response(b"".join(chunks), status_code=page.status)
+    def _fill(self, request: Request, page: CachedPage, text: bytes) -> Response:
+        settings = request.app.state.settings
+        body = fill(page, text, str(request.scope.get("csp_nonce", "")).encode(), lambda subject: csrf_token(request, settings, subject))
+        response = Response(body, status_code=page.status)
         response.raw_headers.extend(page.headers)
         finish_page(request, response, page.locale)
         return response
+
+
+def fill(page: CachedPage, text: bytes, nonce: bytes, token_for: Callable[[uuid.UUID], str]) -> bytes:
+    """The page's text with this answer's nonce and form tokens (`token_for(subject)`) in its holes."""
+    tokens: dict[uuid.UUID, bytes] = {}
+    chunks: list[bytes] = []
+    at = 0
+    for offset, subject in page.holes:
+        chunks.append(text[at:offset])
+        if subject is None:
+            chunks.append(nonce)
+        else:
+            token = tokens.get(subject)
+            if token is None:
+                token = tokens[subject] = token_for(subject).encode()
+            chunks.append(token)
+        at = offset
+    chunks.append(text[at:])
+    return b"".join(chunks)
 
 
 def page_cache_of(request: Request) -> PageCache:
