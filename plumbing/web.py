@@ -228,6 +228,11 @@ def csrf_valid(request: Request, settings: Settings, subject_id: uuid.UUID, toke
     browser_id = _browser_id(request, settings)
     if not token or browser_id is None:
         return False
+    return csrf_valid_token(settings, subject_id, browser_id, token)
+
+
+def csrf_valid_token(settings: Settings, subject_id: uuid.UUID, browser_id: str, token: str) -> bool:
+    """Whether `token` is a form token for `subject_id` in the browser whose cookie is `browser_id`."""
     try:
         signed = _csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
     except BadSignature:

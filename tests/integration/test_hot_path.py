@@ -1,0 +1,181 @@
+"""The raw hot path (views/hot_path.py) answers payday's two requests exactly as the app would: the same
+page, headers and cookies, a form token the app accepts, the open counted, the access line and metrics
+written, and never a stale state. The real app under uvicorn, real localstripe."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from itsdangerous import URLSafeTimedSerializer
+from starlette.responses import Response
+
+from plumbing.settings import Settings
+from plumbing.signing import QuickTimedDumps, csrf_serializer
+from plumbing.web import browser_cookie, csrf_cookie_name, csrf_token_for, csrf_valid_token
+from tests.harness import CARD_OK, LocalStripe, wait_until
+from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, link_hex_of
+from tests.integration.test_observability import METRICS_TOKEN, scrape, value
+from views.hot_path import PAGE_ROUTE, TOKEN_ROUTE
+from views.page_cache import PageCache
+from views.pages import routes
+
+NONCE = re.compile(r'nonce="[^"]+"')
+CSRF = re.compile(r'name="csrf" value="[^"]+"')
+PER_ANSWER = {"content-security-policy", "x-request-id", "set-cookie", "date"}
+
+
+def cache_of(server: Any) -> PageCache:
+    cache: PageCache = server.server.config.app.state.page_cache
+    return cache
+
+
+def normalised(response: httpx.Response) -> tuple[str, list[tuple[str, str]]]:
+    """The body and headers without what differs per answer (nonce, form tokens, request id, cookie value)."""
+    body = CSRF.sub('name="csrf" value="T"', NONCE.sub('nonce="N"', response.text))
+    headers = sorted((k, v) for k, v in response.headers.multi_items() if k not in PER_ANSWER)
+    return body, headers
+
+
+def opened(server: Any, url: str) -> tuple[httpx.Client, str]:
+    """A browser that opened the emailed link (the handoff set the link's cookie); the page's path."""
+    browser = httpx.Client(base_url=server.base, timeout=30)
+    handoff = browser.get(url.replace(url.split("/pay/", 1)[0], server.base))
+    assert handoff.status_code == 303
+    return browser, handoff.headers["location"]
+
+
+class TestSameAnswerAsTheApp:
+    def test_a_kept_page_is_the_apps_page(self, cli: Any, localstripe: LocalStripe, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(server, issued.url)
+        with contextlib.closing(browser):
+            cache = cache_of(server)
+            first = browser.get(path)  # rendered by the app, kept under the hot path's key
+            hits = cache.hits
+            hot = browser.get(path)
+            assert cache.hits == hits + 1  # answered from the cache by the hot path
+            general = browser.get(f"{path}?via=app")  # a query string: the app's own way
+            assert first.status_code == hot.status_code == general.status_code == 200
+            assert normalised(hot) == normalised(first) == normalised(general)
+            assert "4242" in hot.text and issued.number in hot.text
+            # Its own nonce, in the CSP header and in the page; its own request id.
+            nonce = re.search(r"'nonce-([^']+)'", hot.headers["content-security-policy"])
+            assert nonce and f'nonce="{nonce.group(1)}"' in hot.text
+            assert nonce.group(1) not in first.text
+            assert hot.headers["x-request-id"] != first.headers["x-request-id"]
+            assert hot.headers["cache-control"] == "no-store"
+
+    def test_a_new_browser_gets_its_cookie_and_its_token_pays(self, cli: Any, localstripe: LocalStripe, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        warm, path = opened(server, issued.url)
+        warm.get(path)  # the page is kept now
+        warm.close()
+        browser, path = opened(server, issued.url)  # another browser: no CSRF cookie yet
+        with contextlib.closing(browser):
+            hits = cache_of(server).hits
+            page = browser.get(path)
+            assert cache_of(server).hits == hits + 1
+            minted = [v for k, v in page.headers.multi_items() if k == "set-cookie"]
+            assert len(minted) == 1 and minted[0].startswith("paylink_csrf=") and "HttpOnly" in minted[0]
+            # The token the hot path signed is one the app accepts: the payment goes through.
+            paid = browser.post(path, data={"csrf": csrf_of(page.text), "payment_method": issued.cards[0]})
+            assert paid.status_code == 303, paid.text
+            wait_until(lambda: invoice_status(cli, issued.number)["status"] == "paid", what="the webhook to mark it paid")
+            # Never stale: the next GET (the hot path's key is the rows, which changed) shows the receipt.
+            after = browser.get(path)
+            assert after.status_code == 200 and "Pay €" not in after.text and "4242" in after.text
+
+    def test_a_forged_link_is_the_apps_page_without_a_query(self, server: Any) -> None:
+        with httpx.Client(base_url=server.base, timeout=30) as browser:
+            forged = "/pay/" + "A" * 40 + "." + "B" * 43
+            first = browser.get(forged, headers={"accept-language": "de"})
+            hits = cache_of(server).hits
+            hot = browser.get(forged, headers={"accept-language": "de"})
+            assert cache_of(server).hits == hits + 1
+            general = browser.get(forged + "?via=app", headers={"accept-language": "de"})
+            assert hot.status_code == first.status_code == general.status_code == 404
+            assert normalised(hot) == normalised(first) == normalised(general)
+            assert 'lang="de"' in hot.text
+            english = browser.get(forged, headers={"accept-language": "en"})
+            assert 'lang="en"' in english.text
+
+    def test_what_it_leaves_to_the_app(self, cli: Any, localstripe: LocalStripe, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(server, issued.url)
+        with contextlib.closing(browser):
+            browser.get(path)
+            hex_ = link_hex_of(path)
+            token = browser.cookies[f"pl_{hex_}"]
+            # No cookie, a cookie of another link, a forged cookie: "open the link from your email".
+            for cookie in ("", f"pl_{uuid.uuid4().hex}={token}", f"pl_{hex_}={token[:-3]}AAA"):
+                answer = httpx.get(f"{server.base}{path}", headers={"cookie": cookie} if cookie else {})
+                assert answer.status_code == 404 and "email" in answer.text
+            assert browser.head(path).status_code == 200
+            assert browser.get(path.upper()).status_code == 404
+
+
+def shown_opens(cli: Any, number: str) -> int:
+    links = invoice_status(cli, number)["links"]
+    return sum(int(link["open_count"]) for link in links)
+
+
+class TestBookkeeping:
+    def test_opens_access_lines_and_metrics(self, cli: Any, localstripe: LocalStripe, start_server: Any, caplog: Any) -> None:
+        app = start_server(METRICS_TOKEN=METRICS_TOKEN)
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(app, issued.url)
+        before = scrape(app.base)
+        with contextlib.closing(browser), caplog.at_level("INFO", logger="paylink.access"):
+            for _ in range(5):
+                assert browser.get(path).status_code == 200
+            assert httpx.get(f"{app.base}/pay/{'A' * 40}.{'B' * 43}").status_code == 404
+            assert httpx.get(f"{app.base}/pay/{'A' * 40}.{'B' * 43}").status_code == 404
+        lines = [r.getMessage() for r in caplog.records if r.name == "paylink.access"]
+        assert sum("path=/pay/l/{link} status=200" in line for line in lines) == 5
+        assert sum("path=/pay/{token} status=404" in line for line in lines) == 2
+        assert not [line for line in lines if link_hex_of(path) in line or "AAAAAAAA" in line]
+        after = scrape(app.base)
+        for name, labels, count in (
+            ("paylink_http_requests_total", {"route": PAGE_ROUTE, "status": "200"}, 5),
+            ("paylink_http_requests_total", {"route": TOKEN_ROUTE, "status": "404"}, 2),
+            ("paylink_http_request_duration_seconds_count", {"route": PAGE_ROUTE}, 5),
+        ):
+            assert value(after, name, method="GET", **labels) - value(before, name, method="GET", **labels) == count, (name, labels)
+        # Counted as the app counts them (written each second): the 5 pages, and the handoff's page is not one.
+        wait_until(lambda: shown_opens(cli, issued.number) >= 5, what="the opens to be written")
+        assert shown_opens(cli, issued.number) == 5
+
+    def test_route_templates_are_the_apps(self) -> None:
+        paths = {getattr(route, "path", None) for route in routes}
+        assert PAGE_ROUTE in paths and TOKEN_ROUTE in paths
+
+
+class TestCookieAndTokens:
+    def test_the_browser_cookie_is_starlettes(self, settings: Settings) -> None:
+        response = Response()
+        response.set_cookie(csrf_cookie_name(settings), "x" * 43, path="/", secure=False, httponly=True, samesite="lax")
+        assert dict(response.raw_headers)[b"set-cookie"] == browser_cookie(settings, "x" * 43)
+
+    @pytest.mark.parametrize("value", [["a" * 32, "b" * 32], ["0123456789abcdef" * 2, "é-not-hex"]])
+    def test_quick_tokens_are_itsdangerous_tokens(self, settings: Settings, value: list[str]) -> None:
+        serializer = csrf_serializer(settings)
+        token = QuickTimedDumps(serializer).dumps(value)
+        assert serializer.loads(token, max_age=60) == value
+        signer = serializer.make_signer()
+        signed, signature = token.rsplit(".", 1)
+        assert signer.get_signature(signed.encode()).decode() == signature
+        other = URLSafeTimedSerializer("another key", salt=serializer.salt)
+        with pytest.raises(Exception, match=r"[Ss]ignature"):
+            other.loads(token)
+
+    def test_a_form_token_is_bound_to_link_and_browser(self, settings: Settings) -> None:
+        link, browser = uuid.uuid4(), "b" * 43
+        token = csrf_token_for(settings, link, browser)
+        assert csrf_valid_token(settings, link, browser, token)
+        assert not csrf_valid_token(settings, uuid.uuid4(), browser, token)
+        assert not csrf_valid_token(settings, link, "c" * 43, token)
