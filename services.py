@@ -92,13 +92,14 @@ async def open_services(settings: Settings, *, background: bool = False) -> Asyn
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
         readers = create_session_factory(reader_engine(engine))
-        pages = PageReader(settings.database_url, _page_readers(stack, settings, settings.database_url, readers))
-        stack.callback(pages.close)
+        cache = settings.database_statement_cache
+        pages = PageReader(settings.database_url, _page_readers(stack, settings, settings.database_url, readers), statement_cache=cache)
+        stack.push_async_callback(pages.aclose)
         replica_pages = pages
         if settings.database_read_url:
             replica = create_session_factory(reader_engine(_page_engine(stack, settings, settings.database_read_url)))
-            replica_pages = PageReader(settings.database_read_url, replica)
-            stack.callback(replica_pages.close)
+            replica_pages = PageReader(settings.database_read_url, replica, statement_cache=cache)
+            stack.push_async_callback(replica_pages.aclose)
         events: EventWriter = SqliteBatchWriter(settings) if is_sqlite(settings.database_url) else PgBatchWriter(settings, sessions)
         stack.push_async_callback(events.close)
         services = Services(
