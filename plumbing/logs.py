@@ -21,6 +21,7 @@ import os
 import random
 import re
 import threading
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -226,6 +227,33 @@ class BatchStream(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _writer: _BatchWriter | None = None
+_handler: logging.Handler | None = None
+
+
+class _Line(logging.LogRecord):
+    """A record built with only what our formatters read (logging's own constructor looks up the
+    time, thread, process and more: most of a log call's cost)."""
+
+    def __init__(self, name: str, msg: str, args: tuple[Any, ...], fields: dict[str, Any], rid: str | None) -> None:
+        self.name, self.msg, self.args = name, msg, args
+        self.levelno, self.levelname = logging.INFO, "INFO"
+        self.created = time.time()
+        self.exc_info = self.exc_text = self.stack_info = None
+        self.request_id = rid
+        setattr(self, FIELDS, fields)
+
+
+def info_line(logger: logging.Logger, msg: str, args: tuple[Any, ...], fields: dict[str, Any], rid: str | None) -> None:
+    """`logger.info(msg, *args, extra={FIELDS: fields})` for a line logged on every request: when the
+    pipeline is configure_logging's and nothing else listens (the web app in production), the record
+    goes straight to the writer's queue; otherwise (tests capturing logs, another handler) through
+    logging as usual."""
+    if _writer is not None and logger.isEnabledFor(logging.INFO):
+        root = logging.getLogger()
+        if logger.propagate and not logger.handlers and root.handlers == [_handler]:
+            _writer.put(_Line(logger.name, msg, args, fields, rid))
+            return
+    logger.info(msg, *args, extra={FIELDS: fields, "request_id": rid})
 
 
 def log_pipeline(output: logging.Handler, fmt: str = "text") -> tuple[logging.Handler, _BatchWriter]:
@@ -240,7 +268,7 @@ def log_pipeline(output: logging.Handler, fmt: str = "text") -> tuple[logging.Ha
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Root logger -> deque -> one writer thread -> stderr, formatted as `fmt` ("text" or "json")."""
-    global _writer
+    global _writer, _handler
     if _writer is not None:
         return
     # What a log call records on the caller's thread: no thread or process names (nobody reads them).
@@ -255,14 +283,17 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    _writer = writer
+    _writer, _handler = writer, handler
     writer.start()
     atexit.register(stop_logging)
 
 
 def stop_logging() -> None:
     """Write what is still queued and stop the writer thread (at exit)."""
-    global _writer
+    global _writer, _handler
     if _writer is not None:
         _writer.stop()
         _writer = None
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None

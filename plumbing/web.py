@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plumbing.i18n import SUPPORTED_LOCALES, negotiate_locale, normalize_locale
-from plumbing.logs import FIELDS, new_request_id, request_id
+from plumbing.logs import info_line, new_request_id, request_id
 from plumbing.metrics import REQUEST_SECONDS, REQUESTS
 from plumbing.settings import Settings
 from plumbing.signing import csrf_dumps, csrf_serializer
@@ -420,7 +420,7 @@ def record_request(method: str, path: str, route: str, status: int, elapsed: flo
     ms = round(elapsed * 1000, 1)
     fields = {"event": "request", "request_id": rid, "method": method, "path": templated, "route": route, "status": status, "ms": ms}
     line = "request method=%s path=%s status=%d ms=%.1f request_id=%s"
-    access_log.info(line, method, templated, status, elapsed * 1000, rid, extra={FIELDS: fields})
+    info_line(access_log, line, (method, templated, status, elapsed * 1000, rid), fields, rid)
 
 
 # --- security headers --------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from plumbing.logs import BatchStream, log_pipeline, redact
+from plumbing import logs
+from plumbing.logs import BatchStream, configure_logging, log_pipeline, redact, stop_logging
+from plumbing.web import record_request
 from tests.harness import CARD_OK, LocalStripe, wait_until
 from tests.integration.helpers import csrf_of, issue_invoice
 
@@ -142,3 +144,49 @@ class TestRedaction:
             logger.propagate = True
         lines = stream.getvalue().splitlines()
         assert len(lines) == 101 and "logs.dropped count=150" in lines[-1]
+
+
+FORGED_PATH = "/pay/AAAAAAAAAAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+
+
+class TestTheDirectWay:
+    """With configure_logging's pipeline and nothing else listening (the web app in production), an access
+    line skips logging's machinery; it is written exactly as the same line through logging, in both formats."""
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    def test_same_line_either_way(self, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        root = logging.getLogger()
+        others = list(root.handlers)
+        for handler in others:  # a test runner's capture handlers: "nothing else listens"
+            root.removeHandler(handler)
+        try:
+            configure_logging("INFO", fmt)
+            writer = logs._writer
+            assert writer is not None
+            stream = io.StringIO()
+            monkeypatch.setattr(writer.handlers[0], "stream", stream)
+            record_request(
+                "GET", "/pay/AAAAAAAAAAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", "/pay/{token}", 404, 0.0004, "rid-0123456789"
+            )
+            assert len(writer.pending) == 1 and isinstance(writer.pending[0], logs._Line)  # straight to the queue
+            root.addHandler(logging.NullHandler())  # someone else listens now: the usual way
+            record_request(
+                "GET", "/pay/AAAAAAAAAAAAAAAAAAAAAAAA.BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", "/pay/{token}", 404, 0.0004, "rid-0123456789"
+            )
+            assert len(writer.pending) == 2 and not isinstance(writer.pending[1], logs._Line)
+            writer.drain()
+        finally:
+            stop_logging()
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+            for handler in others:
+                root.addHandler(handler)
+        direct, usual = stream.getvalue().splitlines()
+        if fmt == "json":
+            direct_fields, usual_fields = json.loads(direct), json.loads(usual)
+            direct_fields.pop("ts"), usual_fields.pop("ts")  # (a few microseconds apart)
+            assert direct_fields == usual_fields
+            assert direct_fields["path"] == "/pay/{token}" and direct_fields["request_id"] == "rid-0123456789"
+        else:
+            assert direct.split(" ", 1)[1] == usual.split(" ", 1)[1]
+            assert "path=/pay/{token} status=404" in direct and "AAAAAAAA" not in direct

@@ -6,6 +6,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from plumbing.signing import Purpose, TokenExpired, TokenInvalid, TokenSigner
 
@@ -112,3 +114,45 @@ class TestKeyRotation:
         old_token = TokenSigner([OLD_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
         with pytest.raises(TokenInvalid):
             TokenSigner([NEW_KEY], Purpose.PAY).verify(old_token)
+
+
+class TestForgedAgreesWithVerify:
+    """`forged` (the hot path's quick check) says "forged" exactly when `verify` raises TokenInvalid."""
+
+    @staticmethod
+    def agree(signer: TokenSigner, token: str) -> None:
+        try:
+            signer.verify(token)
+            invalid = False
+        except TokenExpired:
+            invalid = False
+        except TokenInvalid:
+            invalid = True
+        assert signer.forged(token) is invalid, token
+
+    def test_known_shapes(self) -> None:
+        rotated = TokenSigner([NEW_KEY, OLD_KEY], Purpose.PAY)
+        genuine = rotated.sign(uuid.uuid4(), in_days(30))
+        by_old_key = TokenSigner([OLD_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        expired = rotated.sign(uuid.uuid4(), in_days(-1))
+        other_purpose = TokenSigner([NEW_KEY], Purpose.VERIFY_EMAIL).sign(uuid.uuid4(), in_days(30))
+        head, _, signature = genuine.rpartition(".")
+        for token in (
+            genuine, by_old_key, expired, other_purpose, "", ".", "a.b", "no-dot", head, head + ".", "." + signature,
+            head + "." + signature[:-1], head + "." + signature + "A", head[1:] + "." + signature, genuine + "." + signature,
+            head + "." + signature.replace(signature[0], "A" if signature[0] != "A" else "B"), "é." + signature, "x" * 600,
+        ):  # fmt: skip
+            self.agree(rotated, token)
+        assert not rotated.forged(genuine) and not rotated.forged(by_old_key) and not rotated.forged(expired)
+        assert rotated.forged(other_purpose)
+
+    @given(st.text(max_size=200))
+    def test_any_text(self, token: str) -> None:
+        self.agree(TokenSigner([NEW_KEY, OLD_KEY], Purpose.PAY), token)
+
+    @given(st.integers(min_value=0, max_value=200), st.characters(codec="ascii"))
+    def test_any_one_character_changed(self, at: int, character: str) -> None:
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        genuine = signer.sign(uuid.UUID(int=at), in_days(30))
+        position = at % len(genuine)
+        self.agree(signer, genuine[:position] + character + genuine[position + 1 :])
