@@ -244,6 +244,10 @@ class PageCache:
     def answer(self, request: Request, data: Iterable[Any], render: Callable[[], Response]) -> Response:
         """The page `render()` makes of `data` (with the language the caller chose among it), from the
         cache or rendered now and kept; filled with this answer's nonce, form tokens and cookies."""
+        if request.scope.get(FAST_KEY) is not None:
+            # The hot path has just looked for this page under its own key and missed: render it and
+            # keep it there (no key of this kind to work out: it would go unused).
+            return self._answer(request, None, render, CACHEABLE_STATUS)
         try:
             key = self.key(request, data)
         except (Uncacheable, RecursionError) as exc:  # (RecursionError: rows that refer to each other)
@@ -277,9 +281,9 @@ class PageCache:
                 self._fixed[data] = key
         return key
 
-    def _answer(self, request: Request, key: bytes, render: Callable[[], Response], statuses: frozenset[int] | None) -> Response:
-        page = self._pages.get(key)
-        if page is not None:
+    def _answer(self, request: Request, key: bytes | None, render: Callable[[], Response], statuses: frozenset[int] | None) -> Response:
+        page = self._pages.get(key) if key is not None else None
+        if key is not None and page is not None:
             self._pages.move_to_end(key)
             self.hits += 1
             return self._fill(request, page, self._text(key, page))
@@ -294,14 +298,17 @@ class PageCache:
         if not isinstance(body, bytes) or placeholders.template is None or placeholders.locale is None:
             return response  # not a rendered page (no placeholders in it either)
         keep = self._keepable(response, placeholders.template, statuses)
-        page = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
+        page, text = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
         if keep:
             # Under the hot path's key if it asked for this page (it answers that page's next requests),
             # else under this one.
             fast_key = request.scope.get(FAST_KEY)
-            key = fast_key if fast_key is not None and request.scope.get(FAST_LOCALE) == placeholders.locale else key
-            self._store(key, page)
-        return self._fill(request, page, self._text(key, page) if keep else zlib.decompress(page.text))
+            if fast_key is not None and request.scope.get(FAST_LOCALE) == placeholders.locale:
+                key = fast_key
+            if key is not None:
+                self._store(key, page)
+                self._keep_hot(key, text)
+        return self._fill(request, page, text)
 
     def _keepable(self, response: Response, template: str, statuses: frozenset[int] | None) -> bool:
         if statuses is not None and response.status_code not in statuses:
@@ -320,7 +327,8 @@ class PageCache:
             self._warned.add(reason)
             log.warning("page_cache.not_cached reason=%s", reason)
 
-    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> CachedPage:
+    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> tuple[CachedPage, bytes]:
+        """The page as kept, and its text (without the placeholders) uncompressed."""
         pieces: list[bytes] = []
         holes: list[tuple[int, uuid.UUID | None]] = []
         at = offset = 0
@@ -331,11 +339,12 @@ class PageCache:
             holes.append((offset, uuid.UUID(subject.decode()) if subject else None))
             at = match.end()
         pieces.append(body[at:])
-        text = zlib.compress(b"".join(pieces), 1)
+        text = b"".join(pieces)
+        packed = zlib.compress(text, 1)
         headers = tuple(
             (name, value) for name, value in response.raw_headers if name != b"content-length" and (keep_cookies or name != b"set-cookie")
         )
-        return CachedPage(text, tuple(holes), response.status_code, headers, locale, len(text) + 64 * len(holes) + 256)
+        return CachedPage(packed, tuple(holes), response.status_code, headers, locale, len(packed) + 64 * len(holes) + 256), text
 
     def _store(self, key: bytes, page: CachedPage) -> None:
         if page.size > self.max_bytes:
@@ -351,10 +360,15 @@ class PageCache:
         if text is not None:
             self._hot.move_to_end(key)
             return text
-        text = self._hot[key] = zlib.decompress(page.text)
+        text = zlib.decompress(page.text)
+        self._keep_hot(key, text)
+        return text
+
+    def _keep_hot(self, key: bytes, text: bytes) -> None:
+        self._hot[key] = text
+        self._hot.move_to_end(key)
         if len(self._hot) > MAX_HOT:
             self._hot.popitem(last=False)
-        return text
 
     def _fill(self, request: Request, page: CachedPage, text: bytes) -> Response:
         settings = request.app.state.settings
