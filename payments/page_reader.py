@@ -11,7 +11,9 @@ call. On PostgreSQL it runs on one async connection (no ORM session).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -416,6 +418,8 @@ class _DeadConnection(Exception):
     """The pooled connection was closed by the server; it has been invalidated."""
 
 
+ROWS_MEMO_LINKS = 256  # SQLite: the links whose latest rows are remembered (~1 MB), see _RawReads
+ROWS_MEMO_SECONDS = 1.0
 ROWS_POOL_SIZE = 6  # per process: with 4 workers, 24 of PostgreSQL's (default) 100 connections
 
 
@@ -452,7 +456,7 @@ class PageReader:
         if self._engine is not None:
             if self._raw is None:
                 self._raw = _RawReads(self._engine)
-            return _page_rows(self._raw.page.raw(self._raw.connection, {"link_id": link_id, "now": now}))
+            return self._raw.page_rows(link_id, now)
         pool = self._rows_pool or await self._open_rows_pool()
         if pool is None:
             return None
@@ -595,12 +599,37 @@ def _caches_statements(driver: Any) -> bool:
 
 
 class _RawReads:
-    """The read-only SQLite engine's one DB-API connection (the event loop's thread), with PAGE."""
+    """The read-only SQLite engine's one DB-API connection (the event loop's thread), with PAGE.
+
+    `page_rows` remembers the latest rows of the links read lately, with SQLite's `PRAGMA data_version`
+    of the read: that number changes on this connection whenever any other connection (any process)
+    has committed since, so while it is unchanged the rows are too, and a link opened again and again
+    (payday's refreshes) costs one read per commit, not one per request. Also at most ROWS_MEMO_SECONDS
+    old: PAGE compares with the time (another link's expiry), not only with the data."""
 
     def __init__(self, engine: Engine) -> None:
         self._checked_out = engine.raw_connection()
         self.connection: Any = self._checked_out.driver_connection
         self.page = _Prepared(PAGE, engine.dialect)
+        self._memo: OrderedDict[uuid.UUID, tuple[int, float, PageRows | None]] = OrderedDict()
+
+    def page_rows(self, link_id: uuid.UUID, now: datetime) -> PageRows | None:
+        cursor = self.connection.execute("PRAGMA data_version")
+        try:
+            version = cursor.fetchone()[0]
+        finally:
+            cursor.close()
+        seen = self._memo.get(link_id)
+        moment = time.monotonic()
+        if seen is not None and seen[0] == version and moment - seen[1] < ROWS_MEMO_SECONDS:
+            self._memo.move_to_end(link_id)
+            return seen[2]
+        rows = _page_rows(self.page.raw(self.connection, {"link_id": link_id, "now": now}))
+        self._memo[link_id] = (version, moment, rows)
+        self._memo.move_to_end(link_id)
+        if len(self._memo) > ROWS_MEMO_LINKS:
+            self._memo.popitem(last=False)
+        return rows
 
     def close(self) -> None:
         self._checked_out.close()

@@ -99,3 +99,34 @@ class TestTheForgedLinksPage:
         assert "Please open the link from your email" in handoff.text
         cache = server.server.config.app.state.page_cache
         assert len(cache._fixed) == 3  # (en, de, the handoff's page)
+
+
+class TestTheHotPathsRows:
+    """`page_rows` (views/hot_path.py keys the page by them): another connection's commit shows at once,
+    and on SQLite a link read again with nothing committed in between is not read again."""
+
+    def test_a_commit_shows_at_once(self, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        link_id = link_id_of(server, issued.url)
+
+        async def read() -> list[Any]:
+            engine = create_engine(settings.database_url)
+            reader = PageReader(settings.database_url, create_session_factory(reader_engine(engine)))
+            try:
+                seen = []
+                for name in ("Test Customer", "Test Customer", "Renamed Once", "Renamed Twice"):
+                    if name != "Test Customer":  # another connection commits, then the very next read
+                        db_execute(settings.database_url, "UPDATE customers SET name = :n WHERE email = :e", n=name, e=issued.email)
+                    rows = await reader.page_rows(link_id)
+                    assert rows is not None
+                    seen.append(rows)
+                return seen
+            finally:
+                await reader.aclose()
+                await engine.dispose()
+
+        first, again, once, twice = asyncio.run(read())
+        assert "Test Customer" in first.rows[0] and first == again
+        assert "Renamed Once" in once.rows[0] and "Renamed Twice" in twice.rows[0]
+        if settings.database_url.startswith("sqlite"):
+            assert again is first  # remembered: nothing was committed in between
