@@ -611,25 +611,34 @@ class _RawReads:
         self._checked_out = engine.raw_connection()
         self.connection: Any = self._checked_out.driver_connection
         self.page = _Prepared(PAGE, engine.dialect)
-        self._memo: OrderedDict[uuid.UUID, tuple[int, float, PageRows | None]] = OrderedDict()
+        # link -> (data version of the read, or None: read once, not remembered; when; the rows)
+        self._memo: OrderedDict[uuid.UUID, tuple[int | None, float, PageRows | None]] = OrderedDict()
 
     def page_rows(self, link_id: uuid.UUID, now: datetime) -> PageRows | None:
-        cursor = self.connection.execute("PRAGMA data_version")
+        moment = time.monotonic()
+        seen = self._memo.get(link_id)
+        if seen is None or moment - seen[1] >= ROWS_MEMO_SECONDS:
+            # Not read in the last second: read, and only note that it was (most links on payday are
+            # opened once; asking for the data version costs about as much as what it would save).
+            self._remember(link_id, (None, moment, None))
+            return _page_rows(self.page.raw(self.connection, {"link_id": link_id, "now": now}))
+        cursor = self.connection.execute("PRAGMA data_version")  # before the read: a commit after it shows next time
         try:
             version = cursor.fetchone()[0]
         finally:
             cursor.close()
-        seen = self._memo.get(link_id)
-        moment = time.monotonic()
-        if seen is not None and seen[0] == version and moment - seen[1] < ROWS_MEMO_SECONDS:
+        if seen[0] == version:
             self._memo.move_to_end(link_id)
             return seen[2]
         rows = _page_rows(self.page.raw(self.connection, {"link_id": link_id, "now": now}))
-        self._memo[link_id] = (version, moment, rows)
+        self._remember(link_id, (version, moment, rows))
+        return rows
+
+    def _remember(self, link_id: uuid.UUID, entry: tuple[int | None, float, PageRows | None]) -> None:
+        self._memo[link_id] = entry
         self._memo.move_to_end(link_id)
         if len(self._memo) > ROWS_MEMO_LINKS:
             self._memo.popitem(last=False)
-        return rows
 
     def close(self) -> None:
         self._checked_out.close()
