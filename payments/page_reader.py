@@ -22,18 +22,16 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, create_engine, event, func, inspect, literal_column, or_, select
-from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ClauseElement
 
 from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from links.partial import Allowed, allowed_for, balance_of
 from payments.models import Payment, PaymentAllocation, PaymentProfile, PaymentStatus
 from payments.payers import may_pay_all, uses_saved_cards
-from plumbing.db import is_sqlite, utcnow
+from plumbing.db import Prepared, is_sqlite, utcnow
 
 _M = TypeVar("_M")
 
@@ -437,7 +435,7 @@ class PageReader:
             raise TypeError("the readers' session factory must be bound to an AsyncEngine")
         self._async_engine: AsyncEngine | None = bind if self._engine is None else None
         self._raw: _RawReads | None = None
-        self._pg: _Prepared | None = None
+        self._pg: Prepared | None = None
 
     async def pay_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         if self._engine is not None:
@@ -478,7 +476,7 @@ class PageReader:
         async with self._rows_lock:
             if self._rows_pool is None:
                 if self._pg is None:
-                    self._pg = _Prepared(PAGE, self._async_engine.dialect)
+                    self._pg = Prepared(PAGE, self._async_engine.dialect)
                 dsn = self._async_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
                 # One plan for every link, made once per connection: PostgreSQL's default ("auto") went
                 # on planning PAGE anew for many executions (~0.7 ms each); measured with 16 concurrent
@@ -497,7 +495,7 @@ class PageReader:
                 return await connection.run_sync(_read, link_id)
             # asyncpg: PAGE straight on the driver's connection (as on SQLite, see _sqlite_page).
             if self._pg is None:
-                self._pg = _Prepared(PAGE, self._async_engine.dialect)
+                self._pg = Prepared(PAGE, self._async_engine.dialect)
             statement = self._pg
             now = utcnow()
             try:
@@ -548,49 +546,6 @@ def _read(connection: Connection, link_id: uuid.UUID) -> tuple[PayPage | None, R
     return page, receipt
 
 
-class _Prepared:
-    """A statement compiled once for a dialect, run on the DB-API connection with SQLAlchemy's own
-    bind and result processors for its types: the same values SQLAlchemy's execution gives, without
-    its per-execution bookkeeping (parameter construction, execution context, result object)."""
-
-    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
-        compiled = statement.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        self.sql = compiled.string
-        names = list(compiled.positiontup or ())
-        defaults = compiled.construct_params({name: None for name in compiled.binds if compiled.binds[name].required})
-        self._binds = [
-            (name, defaults.get(name), compiled.binds[name].required, compiled.binds[name].type._cached_bind_processor(dialect))
-            for name in names
-        ]
-        processors = [column.type._cached_result_processor(dialect, None) for column in compiled._result_columns]
-        self._results = [(index, process) for index, process in enumerate(processors) if process is not None]
-
-    def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
-        args = []
-        for name, default, required, process in self._binds:
-            value = values[name] if required else default
-            args.append(process(value) if process is not None else value)
-        return tuple(args)
-
-    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
-        values = list(raw)
-        for index, process in self._results:
-            values[index] = process(values[index])
-        return tuple(values)
-
-    def all(self, connection: Any, values: dict[str, Any]) -> list[tuple[Any, ...]]:
-        return [self.row(raw) for raw in self.raw(connection, values)]
-
-    def raw(self, connection: Any, values: dict[str, Any]) -> list[Any]:
-        """The DB-API rows, as the driver returns them."""
-        cursor = connection.execute(self.sql, self.args(values))
-        try:
-            return cursor.fetchall()  # type: ignore[no-any-return]
-        finally:
-            cursor.close()
-
-
 def _caches_statements(driver: Any) -> bool:
     """Whether this asyncpg connection keeps prepared statements (off behind PgBouncer: plumbing/db.py)."""
     cache = getattr(driver, "_stmt_cache", None)
@@ -610,7 +565,7 @@ class _RawReads:
     def __init__(self, engine: Engine) -> None:
         self._checked_out = engine.raw_connection()
         self.connection: Any = self._checked_out.driver_connection
-        self.page = _Prepared(PAGE, engine.dialect)
+        self.page = Prepared(PAGE, engine.dialect)
         # link -> (data version of the read, or None: read once, not remembered; when; the rows)
         self._memo: OrderedDict[uuid.UUID, tuple[int | None, float, PageRows | None]] = OrderedDict()
 

@@ -17,6 +17,8 @@ from sqlalchemy.engine import Dialect, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session
 from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 ROOT = Path(__file__).resolve().parent.parent
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -143,6 +145,53 @@ def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Slices for `IN (...)` lists that stay under every driver's parameter limit."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+class Prepared:
+    """A statement compiled once for a dialect, run on the DB-API connection with SQLAlchemy's own
+    bind and result processors for its types: the same values SQLAlchemy's execution gives, without
+    its per-execution bookkeeping (parameter construction, execution context, result object)."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = compiled.string
+        names = list(compiled.positiontup or ())
+        defaults = compiled.construct_params({name: None for name in compiled.binds if compiled.binds[name].required})
+        self._binds = [
+            (name, defaults.get(name), compiled.binds[name].required, compiled.binds[name].type._cached_bind_processor(dialect))
+            for name in names
+        ]
+        processors = [column.type._cached_result_processor(dialect, None) for column in compiled._result_columns]
+        self._results = [(index, process) for index, process in enumerate(processors) if process is not None]
+
+    def args(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        args = []
+        for name, default, required, process in self._binds:
+            value = values[name] if required else default
+            args.append(process(value) if process is not None else value)
+        return tuple(args)
+
+    def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
+        values = list(raw)
+        for index, process in self._results:
+            values[index] = process(values[index])
+        return tuple(values)
+
+    def all(self, connection: Any, values: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [self.row(raw) for raw in self.raw(connection, values)]
+
+    def many(self, values: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        """The positional parameters of an executemany of `values` (`exec_driver_sql(prepared.sql, ...)`)."""
+        return [self.args(v) for v in values]
+
+    def raw(self, connection: Any, values: dict[str, Any]) -> list[Any]:
+        """The DB-API rows, as the driver returns them."""
+        cursor = connection.execute(self.sql, self.args(values))
+        try:
+            return cursor.fetchall()  # type: ignore[no-any-return]
+        finally:
+            cursor.close()
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
