@@ -70,8 +70,9 @@ class Services:
 
 def _page_engine(stack: contextlib.AsyncExitStack, settings: Settings, url: str) -> AsyncEngine:
     """The pay page's own small pool on PostgreSQL, without the pre-ping round trip before every
-    checkout (the page reader retries once on a connection found dead instead)."""
-    engine = create_engine(url, statement_cache=settings.database_statement_cache, pool_pre_ping=False, pool_size=4, max_overflow=4)
+    checkout (the page reader retries once on a connection found dead instead). Small: the hot path
+    reads on asyncpg's own pool (payments/page_reader.py); this one serves the pages that need more."""
+    engine = create_engine(url, statement_cache=settings.database_statement_cache, pool_pre_ping=False, pool_size=2, max_overflow=2)
     stack.push_async_callback(engine.dispose)
     return engine
 

@@ -418,7 +418,7 @@ class _DeadConnection(Exception):
 
 ROWS_MEMO_LINKS = 256  # SQLite: the links whose latest rows are remembered (~1 MB), see _RawReads
 ROWS_MEMO_SECONDS = 1.0
-ROWS_POOL_SIZE = 6  # per process: with 4 workers, 24 of PostgreSQL's (default) 100 connections
+ROWS_POOL_SIZE = 4  # connections per process at most (opened as needed, then kept): README, Operations
 
 
 class PageReader:
@@ -482,7 +482,7 @@ class PageReader:
                 # on planning PAGE anew for many executions (~0.7 ms each); measured with 16 concurrent
                 # readers, PostgreSQL's CPU per read fell from ~223 to ~155 us (load/README.md).
                 settings = {"plan_cache_mode": "force_generic_plan"}
-                self._rows_pool = await asyncpg.create_pool(dsn, min_size=ROWS_POOL_SIZE, max_size=ROWS_POOL_SIZE, server_settings=settings)
+                self._rows_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=ROWS_POOL_SIZE, server_settings=settings)
         return self._rows_pool
 
     async def _async_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
