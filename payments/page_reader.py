@@ -11,10 +11,11 @@ call. On PostgreSQL it runs on one async connection (no ORM session).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import Connection, Engine, Select, and_, bindparam, create_engine, event, func, inspect, literal_column, or_, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool
@@ -34,6 +35,7 @@ from payments.payers import may_pay_all, uses_saved_cards
 from plumbing.db import Prepared, is_sqlite, utcnow
 
 _M = TypeVar("_M")
+log = logging.getLogger("paylink.page_reader")
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ class PageRows:
 
     rows: tuple[tuple[Any, ...], ...]
     locale: str | None  # the customer's stored locale
+    read: tuple[Sequence[Any], ...] = field(compare=False, repr=False)  # as read (counters too): `PageReader.page_of`
 
 
 def _page_rows(rows: Sequence[Sequence[Any]]) -> PageRows | None:
@@ -272,7 +275,7 @@ def _page_rows(rows: Sequence[Sequence[Any]]) -> PageRows | None:
     for index in _UNSHOWN:
         first[index] = None
     locale = first[_CUSTOMER_LOCALE]
-    return PageRows((tuple(first), *map(tuple, rows[1:])), locale if isinstance(locale, str) else None)
+    return PageRows((tuple(first), *map(tuple, rows[1:])), locale if isinstance(locale, str) else None, tuple(rows))
 
 
 def _needs_more_reads(row: Sequence[Any]) -> bool:
@@ -419,6 +422,8 @@ class _DeadConnection(Exception):
 ROWS_MEMO_LINKS = 256  # SQLite: the links whose latest rows are remembered (~1 MB), see _RawReads
 ROWS_MEMO_SECONDS = 1.0
 ROWS_POOL_SIZE = 4  # connections per process at most (opened as needed, then kept): README, Operations
+ROWS_POOL_RETRY_SECONDS = 60  # after the pool could not be opened (the general read serves meanwhile)
+ROWS_TIMEOUT_SECONDS = 5.0  # a read that takes longer gives up (the general read then answers)
 
 
 class PageReader:
@@ -429,6 +434,7 @@ class PageReader:
         self._engine = _read_only_sqlite(database_url) if is_sqlite(database_url) else None
         self._statement_cache = statement_cache  # off behind PgBouncer (DATABASE_STATEMENT_CACHE=off)
         self._rows_pool: asyncpg.Pool | None = None
+        self._rows_pool_retry_at = 0.0
         self._rows_lock = asyncio.Lock()
         bind = readers.kw.get("bind")
         if self._engine is None and not isinstance(bind, AsyncEngine):
@@ -461,28 +467,40 @@ class PageReader:
         assert self._pg is not None
         args = self._pg.args({"link_id": link_id, "now": now})
         try:
-            return _page_rows(await pool.fetch(self._pg.sql, *args))
+            return _page_rows(await pool.fetch(self._pg.sql, *args, timeout=ROWS_TIMEOUT_SECONDS))
         except DEAD_CONNECTION:
             # A connection the server closed (a restart, a failover): the pool replaces it; once more.
-            return _page_rows(await pool.fetch(self._pg.sql, *args))
+            return _page_rows(await pool.fetch(self._pg.sql, *args, timeout=ROWS_TIMEOUT_SECONDS))
+
+    def page_of(self, rows: PageRows) -> PayPage:
+        """The page data of `rows` as `page_rows` read them (the page the hot path keyed by them)."""
+        statement = self._raw.page if self._raw is not None else self._pg
+        assert statement is not None
+        return _page_of([statement.row(row) for row in rows.read], utcnow(), None)
 
     async def _open_rows_pool(self) -> asyncpg.Pool | None:
         """asyncpg's own pool for the raw read (no SQLAlchemy checkout, no greenlet: the read is most of a
-        cached page's cost), of a fixed size (connections are opened once, never per request). None
-        where the raw read does not apply: another driver, or no statement cache (behind PgBouncer)."""
+        cached page's cost), opened once (connections as needed, up to ROWS_POOL_SIZE, then kept). None
+        where the raw read does not apply: another driver, no statement cache (behind PgBouncer), or the
+        pool could not be opened lately (then the general read serves, and it is tried again later)."""
         assert self._async_engine is not None
         if self._async_engine.dialect.driver != "asyncpg" or not self._statement_cache:
             return None
+        if time.monotonic() < self._rows_pool_retry_at:
+            return None
         async with self._rows_lock:
-            if self._rows_pool is None:
+            if self._rows_pool is None and time.monotonic() >= self._rows_pool_retry_at:
+                dialect: Any = self._async_engine.dialect
                 if self._pg is None:
-                    self._pg = Prepared(PAGE, self._async_engine.dialect)
-                dsn = self._async_engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-                # One plan for every link, made once per connection: PostgreSQL's default ("auto") went
-                # on planning PAGE anew for many executions (~0.7 ms each); measured with 16 concurrent
-                # readers, PostgreSQL's CPU per read fell from ~223 to ~155 us (load/README.md).
-                settings = {"plan_cache_mode": "force_generic_plan"}
-                self._rows_pool = await asyncpg.create_pool(dsn, min_size=1, max_size=ROWS_POOL_SIZE, server_settings=settings)
+                    self._pg = Prepared(PAGE, dialect)
+                try:
+                    params = _connect_params(dialect, self._async_engine.url)
+                    init = _rows_connection(dialect)
+                    self._rows_pool = await asyncpg.create_pool(**params, min_size=1, max_size=ROWS_POOL_SIZE, init=init)
+                except Exception as exc:
+                    self._rows_pool_retry_at = time.monotonic() + ROWS_POOL_RETRY_SECONDS
+                    log.warning("page_reader.rows_pool_failed retry_in_s=%d error=%s", ROWS_POOL_RETRY_SECONDS, type(exc).__name__)
+                    return None
         return self._rows_pool
 
     async def _async_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
@@ -544,6 +562,36 @@ def _read(connection: Connection, link_id: uuid.UUID) -> tuple[PayPage | None, R
     paid = page is not None and page.invoice.status in InvoiceStatus.HAS_RECEIPT
     receipt = last_successful_payment_sync(connection, page.invoice.id) if page is not None and paid else None
     return page, receipt
+
+
+def _connect_params(dialect: Any, url: URL) -> dict[str, Any]:
+    """What SQLAlchemy's asyncpg dialect passes to `asyncpg.connect` for `url` (host, port, user,
+    password, database and the URL's query options such as `ssl`), without its own adapter options."""
+    _, params = dialect.create_connect_args(url)
+    for adapter_option in ("async_creator_fn", "prepared_statement_cache_size", "prepared_statement_name_func"):
+        params.pop(adapter_option, None)
+    return dict(params)
+
+
+class _Adapted:
+    """What the dialect's codec set-up expects of a connection (SQLAlchemy's adapter around asyncpg's)."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+
+def _rows_connection(dialect: Any) -> Callable[[asyncpg.Connection], Awaitable[None]]:
+    """Each connection of the hot read's pool as SQLAlchemy's would be (the same JSON codecs: the same
+    values come back), with one plan for every link: PostgreSQL's default ("auto") went on planning
+    PAGE anew on many executions (~0.7 ms each); with 16 concurrent readers its CPU per read fell from
+    ~223 to ~155 us (measured in this session, /tmp scripts; README, Operations)."""
+
+    async def init(connection: asyncpg.Connection) -> None:
+        await dialect.setup_asyncpg_json_codec(_Adapted(connection))
+        await dialect.setup_asyncpg_jsonb_codec(_Adapted(connection))
+        await connection.execute("SET plan_cache_mode = force_generic_plan")
+
+    return init
 
 
 def _caches_statements(driver: Any) -> bool:

@@ -155,6 +155,9 @@ class Prepared:
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            # Columns whose defaults SQLAlchemy works out in Python per execution: not done here.
+            raise ValueError("Prepared cannot run a statement with Python-side column defaults")
         self.sql = compiled.string
         names = list(compiled.positiontup or ())
         defaults = compiled.construct_params({name: None for name in compiled.binds if compiled.binds[name].required})

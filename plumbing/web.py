@@ -109,7 +109,12 @@ def locale_of(query_lang: str | None, cookie_lang: str | None, stored: str | Non
         return chosen
     if stored:
         return normalize_locale(stored, default)
+    if accept_language is not None and len(accept_language) > MAX_REMEMBERED_ACCEPT_LANGUAGE:
+        return negotiate_locale(accept_language, normalize_locale(default))
     return _negotiated(accept_language, default)
+
+
+MAX_REMEMBERED_ACCEPT_LANGUAGE = 256  # browsers send far less; a longer header is parsed, not remembered
 
 
 @lru_cache(maxsize=1024)
@@ -349,6 +354,7 @@ def templated_path(path: str) -> str:
 access_log = logging.getLogger("paylink.access")
 REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID_SCOPE = "paylink.request_id"
+STARTED = "paylink.started"  # scope key: when the request's handling began (the hot path, before it handed over)
 
 
 def route_template(scope: Scope) -> str:
@@ -376,7 +382,7 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = scope.get(STARTED) or time.perf_counter()
         status = 500
         incoming = _header(scope, REQUEST_ID_HEADER)
         rid = new_request_id(incoming.decode("latin-1") if incoming else None)

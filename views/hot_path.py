@@ -37,6 +37,7 @@ from plumbing.signing import TokenExpired, TokenInvalid, pay_signer
 from plumbing.web import (
     LANGUAGE_COOKIE,
     REQUEST_ID_HEADER,
+    STARTED,
     SecurityPolicy,
     browser_cookie,
     csrf_cookie_name,
@@ -47,7 +48,7 @@ from plumbing.web import (
     sane_browser_id,
 )
 from views.errors import InvalidLink, fixed_page_data
-from views.page_cache import FAST_KEY, FAST_LOCALE, CachedPage, PageCache, fill
+from views.page_cache import FAST_KEY, FAST_LOCALE, FAST_ROWS, CachedPage, PageCache, fill
 from views.pages import LINK_COOKIE_PREFIX, LINK_HEX, PRIMARY_COOKIE, PageServices
 
 log = logging.getLogger("paylink.hot_path")
@@ -110,7 +111,8 @@ class HotPath:
         key = cache.fast_key(path, locale, rows.rows)
         found = cache.lookup(key)
         if found is None:
-            scope[FAST_KEY], scope[FAST_LOCALE] = key, locale  # the app's render is kept under this key too
+            # The app renders the page of these very rows and keeps it under this key (views/pages.py).
+            scope[FAST_KEY], scope[FAST_LOCALE], scope[FAST_ROWS], scope[STARTED] = key, locale, rows, started
             return False
         services.opens.record(claims.subject_id)
         await self._send(scope, send, headers, cookies, *found, path, PAGE_ROUTE, started)

@@ -69,6 +69,7 @@ MAX_FIXED = 256  # answer_fixed's remembered keys (error pages: a few per langua
 # under that key too, if it is the page of that path in that language.
 FAST_KEY = "paylink.page_cache.fast_key"
 FAST_LOCALE = "paylink.page_cache.fast_locale"
+FAST_ROWS = "paylink.page_cache.fast_rows"  # the rows the key was made of: the app renders the page of these
 
 
 class Uncacheable(Exception):
@@ -244,10 +245,12 @@ class PageCache:
     def answer(self, request: Request, data: Iterable[Any], render: Callable[[], Response]) -> Response:
         """The page `render()` makes of `data` (with the language the caller chose among it), from the
         cache or rendered now and kept; filled with this answer's nonce, form tokens and cookies."""
-        if request.scope.get(FAST_KEY) is not None:
-            # The hot path has just looked for this page under its own key and missed: render it and
-            # keep it there (no key of this kind to work out: it would go unused).
-            return self._answer(request, None, render, CACHEABLE_STATUS)
+        fast_key = request.scope.get(FAST_KEY)
+        if fast_key is not None:
+            # The hot path has just looked for this page under its own key and missed: render it (the
+            # view renders the very rows that key was made of, views/pages.py) and keep it there, if it
+            # is the page of that language (no key of this kind to work out: it would go unused).
+            return self._answer(request, None, render, CACHEABLE_STATUS, fast_key=fast_key, fast_locale=request.scope.get(FAST_LOCALE))
         try:
             key = self.key(request, data)
         except (Uncacheable, RecursionError) as exc:  # (RecursionError: rows that refer to each other)
@@ -281,7 +284,16 @@ class PageCache:
                 self._fixed[data] = key
         return key
 
-    def _answer(self, request: Request, key: bytes | None, render: Callable[[], Response], statuses: frozenset[int] | None) -> Response:
+    def _answer(
+        self,
+        request: Request,
+        key: bytes | None,
+        render: Callable[[], Response],
+        statuses: frozenset[int] | None,
+        *,
+        fast_key: bytes | None = None,
+        fast_locale: str | None = None,
+    ) -> Response:
         page = self._pages.get(key) if key is not None else None
         if key is not None and page is not None:
             self._pages.move_to_end(key)
@@ -302,8 +314,7 @@ class PageCache:
         if keep:
             # Under the hot path's key if it asked for this page (it answers that page's next requests),
             # else under this one.
-            fast_key = request.scope.get(FAST_KEY)
-            if fast_key is not None and request.scope.get(FAST_LOCALE) == placeholders.locale:
+            if fast_key is not None and fast_locale == placeholders.locale:
                 key = fast_key
             if key is not None:
                 self._store(key, page)

@@ -56,7 +56,7 @@ from links.opens import OpenRecorder
 from payments import abandon, brakes, checkout, documents, payers
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
 from payments.models import Payment, PaymentStatus
-from payments.page_reader import PageReader, PayPage, Receipt, latest_payment_id, load_pay_page
+from payments.page_reader import PageReader, PageRows, PayPage, Receipt, latest_payment_id, load_pay_page
 from plumbing.i18n import N_, format_money
 from plumbing.rendering import pages, read_logo
 from plumbing.settings import Settings
@@ -78,7 +78,7 @@ from views.errors import (
     VerificationGone,
     card_failure_message,
 )
-from views.page_cache import page_cache_of
+from views.page_cache import FAST_ROWS, page_cache_of
 from views.render import render_page
 
 log = logging.getLogger("paylink.pages")
@@ -310,7 +310,15 @@ async def hand_off(request: Request, access: LinkAccess) -> Response:
 async def pay_page(request: Request, access: LinkAccess) -> Response:
     """The hot path: one read, then the page this data renders to, rendered once per state and
     language (views/page_cache.py: the key is the data just read, so it is never stale)."""
-    page, receipt = await _read_page(request, access.link_id)
+    rows: PageRows | None = request.scope.get(FAST_ROWS)
+    if rows is not None:
+        # The hot path read these rows for this link and keys the page by them: render the page of
+        # these very rows (a read now could see a later state: its page would be kept under their key).
+        page, receipt = _page_reader(request).page_of(rows), None
+        if page.link.id != access.link_id:
+            raise InvalidLink()
+    else:
+        page, receipt = await _read_page(request, access.link_id)
     if request.method == "GET":
         services_of(request).opens.record(page.link.id)
     locale = request_locale(request, page.customer.locale, services_of(request).settings.default_locale)

@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 from starlette.responses import Response
 
+from payments.page_reader import PageReader
 from plumbing.settings import Settings
 from plumbing.signing import QuickTimedDumps, csrf_serializer
 from plumbing.web import browser_cookie, csrf_cookie_name, csrf_token_for, csrf_valid_token
-from tests.harness import CARD_OK, LocalStripe, wait_until
+from tests.harness import CARD_OK, LocalStripe, db_execute, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, link_hex_of
 from tests.integration.test_observability import METRICS_TOKEN, scrape, value
+from views.errors import InvalidLink
 from views.hot_path import PAGE_ROUTE, TOKEN_ROUTE
 from views.page_cache import PageCache
 from views.pages import routes
 
+pytestmark = pytest.mark.postgres
 NONCE = re.compile(r'nonce="[^"]+"')
 CSRF = re.compile(r'name="csrf" value="[^"]+"')
 PER_ANSWER = {"content-security-policy", "x-request-id", "set-cookie", "date"}
@@ -122,6 +127,102 @@ class TestSameAnswerAsTheApp:
 def shown_opens(cli: Any, number: str) -> int:
     links = invoice_status(cli, number)["links"]
     return sum(int(link["open_count"]) for link in links)
+
+
+class TestNeverAnotherStatesPage:
+    """The page kept under the hot path's key is the page of the rows that key was made of."""
+
+    def test_a_commit_right_after_the_read(
+        self, cli: Any, localstripe: LocalStripe, server: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(server, issued.url)
+        link_id = uuid.UUID(hex=link_hex_of(path))
+        ident = link_id.hex if settings.database_url.startswith("sqlite") else str(link_id)
+        revoke = "UPDATE payment_links SET revoked_at = created_at WHERE id = :i"
+        original, fired = PageReader.page_rows, []
+
+        async def then_commit(self: PageReader, read: uuid.UUID) -> Any:
+            rows = await original(self, read)
+            if read == link_id and not fired:  # finance revokes the link right after the hot path's read
+                fired.append(True)
+                db_execute(settings.database_url, revoke, i=ident)
+            return rows
+
+        monkeypatch.setattr(PageReader, "page_rows", then_commit)
+        with contextlib.closing(browser):
+            assert browser.get(path).status_code == 200  # the page of what was read: live
+            time.sleep(1.1)  # (past SQLite's one-second memo of the rows)
+            revoked = browser.get(path)  # the next read sees the revocation
+            assert revoked.status_code == 410, (revoked.status_code, revoked.text[:400])
+            db_execute(settings.database_url, "UPDATE payment_links SET revoked_at = NULL WHERE id = :i", i=ident)
+            time.sleep(1.1)
+            # Back exactly to the first rows: their key holds the live page, never the revoked one.
+            assert browser.get(path).status_code == 200
+            assert browser.get(f"{path}?via=app").status_code == 200
+
+    def test_an_error_page_is_never_kept_under_the_pages_key(
+        self, cli: Any, localstripe: LocalStripe, server: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(server, issued.url)
+        original, failed = PageReader.page_of, []
+
+        def once_unknown(self: PageReader, rows: Any) -> Any:
+            if not failed:  # the app finds no such link, this once
+                failed.append(True)
+                raise InvalidLink()
+            return original(self, rows)
+
+        monkeypatch.setattr(PageReader, "page_of", once_unknown)
+        with contextlib.closing(browser):
+            assert browser.get(path, headers={"accept-language": "fr"}).status_code == 404
+            assert browser.get(path, headers={"accept-language": "fr"}).status_code == 200
+
+
+class TestThePostgresPool:
+    def test_a_url_with_driver_options_and_a_pool_that_cannot_open(
+        self, cli: Any, localstripe: LocalStripe, start_server: Any, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        if not env["DATABASE_URL"].startswith("postgresql"):
+            pytest.skip("the hot read's own pool is PostgreSQL's")
+        attempts: list[dict[str, Any]] = []
+        real = asyncpg.create_pool
+
+        async def counted(**params: Any) -> Any:
+            attempts.append(params)
+            return await real(**params)
+
+        monkeypatch.setattr(asyncpg, "create_pool", counted)
+        app = start_server(DATABASE_URL=env["DATABASE_URL"] + "?ssl=disable&command_timeout=5")  # SQLAlchemy's own URL options
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(app, issued.url)
+        with contextlib.closing(browser):
+            for _ in range(5):
+                assert browser.get(path).status_code == 200
+            assert len(attempts) == 1 and attempts[0]["ssl"] == "disable"
+            assert cache_of(app).hits >= 4  # served by the hot path: the pool works with those options
+
+    def test_a_pool_that_cannot_open_is_not_retried_per_request(
+        self, cli: Any, localstripe: LocalStripe, start_server: Any, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        if not env["DATABASE_URL"].startswith("postgresql"):
+            pytest.skip("the hot read's own pool is PostgreSQL's")
+        attempts: list[int] = []
+
+        async def refused(**params: Any) -> Any:
+            attempts.append(1)
+            raise OSError("connection refused")
+
+        monkeypatch.setattr(asyncpg, "create_pool", refused)
+        app = start_server()
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(app, issued.url)
+        with contextlib.closing(browser):
+            for _ in range(10):
+                page = browser.get(path)
+                assert page.status_code == 200 and "4242" in page.text  # the general read serves
+        assert len(attempts) == 1
 
 
 class TestBookkeeping:
