@@ -60,7 +60,9 @@ class OpenRecorder:
         pending, self._pending = self._pending, {}
         if not pending:
             return 0
-        counters = [{"link": k, "count": len(p.times), "first": min(p.times), "last": max(p.times)} for k, p in pending.items()]
+        # In the links' order: every worker locks the rows it updates in the same order, so two workers
+        # flushing the same links at once wait for each other instead of deadlocking.
+        counters = [{"link": k, "count": len(p.times), "first": min(p.times), "last": max(p.times)} for k, p in sorted(pending.items())]
         rows = [{"link_id": link_id, "opened_at": at} for link_id, entry in pending.items() for at in entry.times]
         try:
             async with self._sessions.begin() as session:

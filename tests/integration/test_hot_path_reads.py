@@ -14,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
+from links.opens import OpenRecorder
 from payments.page_reader import PageReader, PayPage, read_page
 from plumbing.db import create_engine, create_session_factory, reader_engine
 from plumbing.settings import Settings
-from tests.harness import CARD_OK, LocalStripe, db_execute
+from tests.harness import CARD_OK, LocalStripe, db_execute, db_query
 from tests.integration.helpers import another_invoice, issue_invoice, link_hex_of
 from views.page_cache import fingerprint
 
@@ -131,3 +132,30 @@ class TestTheHotPathsRows:
         if settings.database_url.startswith("sqlite"):
             # Read once (noted), read again (remembered with the data version), then not read: nothing was committed.
             assert third is second and second is not first
+
+
+class TestOpensFromManyWorkers:
+    """Workers flush the opens they counted each second; two flushing the same links at once never deadlock."""
+
+    def test_concurrent_flushes_of_the_same_links(self, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any) -> None:
+        links = [link_id_of(server, issue_invoice(cli, localstripe, CARD_OK).url) for _ in range(4)]
+
+        async def flush_together() -> list[int]:
+            engines = [create_engine(settings.database_url) for _ in range(2)]
+            try:
+                recorders = [OpenRecorder(create_session_factory(engine)) for engine in engines]
+                for _ in range(15):
+                    for link in links:  # each worker saw the links in its own order
+                        recorders[0].record(link)
+                    for link in reversed(links):
+                        recorders[1].record(link)
+                    written = await asyncio.gather(*(r.flush() for r in recorders))
+                    assert written == [4, 4]  # none failed (a deadlock would fail one and keep its opens)
+                return [len(r._pending) for r in recorders]
+            finally:
+                for engine in engines:
+                    await engine.dispose()
+
+        assert asyncio.run(flush_together()) == [0, 0]
+        total = db_query(settings.database_url, "SELECT sum(open_count) FROM payment_links")[0][0]
+        assert total == 2 * 15 * 4
