@@ -132,7 +132,8 @@ class _Redacting(logging.Formatter):
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(self.inner.format(record))
+        line = self.inner.format(record)
+        return line if getattr(record, "token_free", False) else redact(line)
 
 
 class _Queued(logging.handlers.QueueHandler):
@@ -247,7 +248,9 @@ def info_line(logger: logging.Logger, msg: str, args: tuple[Any, ...], fields: d
     """`logger.info(msg, *args, extra={FIELDS: fields})` for a line logged on every request: when the
     pipeline is configure_logging's and nothing else listens (the web app in production), the record
     goes straight to the writer's queue; otherwise (tests capturing logs, another handler) through
-    logging as usual."""
+    logging as usual. Only for lines whose parts cannot hold a token (the access line: a templated path,
+    the method, status, time and a request id of at most 64 characters, shorter than any signed token):
+    the writer does not search them for one (it does for every other line)."""
     if _writer is not None and logger.isEnabledFor(logging.INFO):
         root = logging.getLogger()
         if logger.propagate and not logger.handlers and root.handlers == [_handler]:
