@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def bare_app(page: Path | None, forged_page: Path | None = None, forged_status: int = 404) -> Any:
+def bare_app(page: Path | None, forged_page: Path | None = None, forged_status: int = 404, forged_headers: Path | None = None) -> Any:
     """Starlette with the app's route shapes and no database: the pay page (/pay/l/{link_hex}) answers with a
     prebuilt body, /pay/{token} with another (what the app answers a forged token: --forged-page), the
     webhook endpoint verifies the signature exactly as the app does (stripe SDK) and acknowledges."""
@@ -35,6 +35,10 @@ def bare_app(page: Path | None, forged_page: Path | None = None, forged_status: 
     from starlette.routing import Route
 
     body = page.read_bytes() if page else b"<!doctype html><title>bare</title>"
+    # --forged-headers: the app's own answer headers (a JSON list of [name, value]) on the forged page too,
+    # to tell what those headers cost from what the app's code costs.
+    extra = [(k.encode(), v.encode()) for k, v in json.loads(forged_headers.read_text())] if forged_headers else []
+    extra = [(k, v) for k, v in extra if k not in (b"content-length", b"content-type", b"date", b"server")]
     forged_body = forged_page.read_bytes() if forged_page else body
     token_status = forged_status if forged_page else 200
     secret = os.environ.get("STRIPE_WEBHOOK_SECRET", "")
@@ -43,7 +47,9 @@ def bare_app(page: Path | None, forged_page: Path | None = None, forged_status: 
         return HTMLResponse(body)
 
     async def token_page(request: Request) -> Response:
-        return HTMLResponse(forged_body, status_code=token_status)
+        response = HTMLResponse(forged_body, status_code=token_status)
+        response.raw_headers.extend(extra)
+        return response
 
     async def webhook(request: Request) -> Response:
         payload = await request.body()
@@ -89,6 +95,7 @@ def main() -> None:
     parser.add_argument("--page", type=Path, help="with --bare: the prebuilt page served at /pay/l/{link_hex}")
     parser.add_argument("--forged-page", type=Path, help="with --bare: the prebuilt page served at /pay/{token}")
     parser.add_argument("--forged-status", type=int, default=404, help="with --bare: the status of --forged-page (default 404)")
+    parser.add_argument("--forged-headers", type=Path, help="with --bare: JSON [[name, value], ...] sent with --forged-page too")
     parser.add_argument(
         "--cached-read",
         action="store_true",
@@ -97,7 +104,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write cProfile stats of the server's event loop thread here")
     args = parser.parse_args()
     if args.bare:
-        app = bare_app(args.page, args.forged_page, args.forged_status)
+        app = bare_app(args.page, args.forged_page, args.forged_status, args.forged_headers)
     else:
         from app import create_app
 

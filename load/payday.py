@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class Captured:
     page: Path  # what the app sent for a valid link, kept for the bare app
     forged: Path
     forged_status: int
+    forged_headers: Path  # the app's answer headers for it (JSON): bare sends them too, in a second measurement
 
 
 def open_sum(url: str) -> int:
@@ -110,9 +112,10 @@ def check_app(base: str, link: SeededLink, forged: str, work: Path) -> Captured:
     bad = httpx.get(f"{base}/pay/{forged}", timeout=10)
     if bad.status_code != 404:
         raise SystemExit(f"a forged link answered {bad.status_code}, not 404")
-    captured = Captured(work / "page.html", work / "forged.html", bad.status_code)
+    captured = Captured(work / "page.html", work / "forged.html", bad.status_code, work / "forged-headers.json")
     captured.page.write_bytes(page.content)
     captured.forged.write_bytes(bad.content)
+    captured.forged_headers.write_text(json.dumps(list(bad.headers.multi_items())))
     return captured
 
 
@@ -197,7 +200,17 @@ def measure_bare(captured: Captured, backend: Backend, work: Path, duration: flo
         run_wrk(bare.base, backend.distinct, WARMUP_SECONDS, CONNECTIONS)
         page = run_wrk(bare.base, backend.distinct, duration, CONNECTIONS)
         forged = run_wrk(bare.base, backend.forged, duration, CONNECTIONS)
-    return {"bare page req/s": page.rps, "bare page p99 ms": page.p99_ms, "bare forged req/s": forged.rps}
+    port = free_port()
+    with Server(serve_command(port, *args, "--forged-headers", str(captured.forged_headers)), {}, port, work / f"bare-h-{run}.log") as bare:
+        bare.wait_ready()
+        run_wrk(bare.base, backend.forged, WARMUP_SECONDS, CONNECTIONS)
+        headed = run_wrk(bare.base, backend.forged, duration, CONNECTIONS)
+    return {
+        "bare page req/s": page.rps,
+        "bare page p99 ms": page.p99_ms,
+        "bare forged req/s": forged.rps,
+        "bare forged with the app's headers req/s": headed.rps,
+    }
 
 
 def prepare(name: str, url: str, n: int, work: Path) -> Backend:
@@ -251,6 +264,8 @@ def main() -> int:
                     for kind in ("distinct", "one link"):
                         figures[f"{backend.name} {kind} / bare"] = figures[f"{backend.name} {kind} req/s"] / bare["bare page req/s"]
                     figures[f"{backend.name} forged / bare"] = figures[f"{backend.name} forged req/s"] / bare["bare forged req/s"]
+                    headed = bare["bare forged with the app's headers req/s"]
+                    figures[f"{backend.name} forged / bare with the app's headers"] = figures[f"{backend.name} forged req/s"] / headed
                 figures["page bytes"] = float(captured.page.stat().st_size)
                 return figures
 
@@ -268,6 +283,8 @@ def main() -> int:
         goals,
         notes=[
             "bare = Starlette serving the app's own page (and its forged-link answer) byte for byte, same routes, same run",
+            "bare with the app's headers = the same forged answer with the app's security and request-id headers too "
+            "(what the headers cost, apart from the app's code; no goal)",
             "opens recorded - pages counted >= 0: every page wrk counted left an open in the database (wrk leaves out requests "
             "in flight when it stops, so a few more is normal)",
         ],
