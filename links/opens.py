@@ -50,7 +50,7 @@ class OpenRecorder:
         self._interval = interval_seconds
         self._pending: dict[uuid.UUID, _Pending] = {}
         self._stopping = asyncio.Event()
-        self._statements: dict[str, tuple[Prepared, Prepared]] = {}  # by dialect name
+        self._statements: tuple[Prepared, Prepared] | None = None
 
     def record(self, link_id: uuid.UUID) -> None:
         self._pending.setdefault(link_id, _Pending()).times.append(utcnow())
@@ -67,13 +67,9 @@ class OpenRecorder:
         try:
             async with self._sessions.begin() as session:
                 connection = await session.connection()
-                statements = self._statements.get(connection.dialect.name)
-                if statements is None:
-                    statements = self._statements[connection.dialect.name] = (
-                        Prepared(_COUNTERS, connection.dialect),
-                        Prepared(_OPENS, connection.dialect),
-                    )
-                counters_sql, opens_sql = statements
+                if self._statements is None:  # compiled for the engine's dialect, on the first flush
+                    self._statements = (Prepared(_COUNTERS, connection.dialect), Prepared(_OPENS, connection.dialect))
+                counters_sql, opens_sql = self._statements
                 # In chunks: the parameters of each statement are prepared on the event loop (with the
                 # columns' own bind processors, as SQLAlchemy's execution would, without its per-row
                 # bookkeeping), and a second of payday holds thousands of opens; between chunks the

@@ -142,7 +142,7 @@ class QuickTimedDumps:
     instead of ~16: the key is derived and the HMAC keyed once (itsdangerous derives it per token, and
     hashes through a Python-level SHA-1 wrapper), and the payload is not zlib-compressed (`loads`
     takes an uncompressed payload as well: the same serializer verifies these tokens unchanged).
-    tests/unit/test_signing.py checks that its tokens are exactly what itsdangerous signs."""
+    tests/integration/test_hot_path.py checks that its tokens are exactly what itsdangerous signs."""
 
     def __init__(self, serializer: URLSafeTimedSerializer) -> None:
         signer = serializer.make_signer()

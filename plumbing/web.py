@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -84,12 +84,8 @@ def posted_from_our_pages(request: Request, base_url: str) -> bool:
 LANGUAGE_COOKIE = "paylink_lang"
 
 
-def chosen_language(request: Request) -> str | None:
-    """A language the visitor picked with the switcher: this request's ?lang=, else the remembered one."""
-    return _chosen(request.query_params.get("lang"), request.cookies.get(LANGUAGE_COOKIE))
-
-
 def _chosen(*picked: str | None) -> str | None:
+    """A language the visitor picked with the switcher: this request's ?lang=, else the remembered one."""
     for chosen in picked:
         if chosen and normalize_locale(chosen, default="") in SUPPORTED_LOCALES:
             return normalize_locale(chosen)
@@ -193,11 +189,6 @@ def render_once(request: Request) -> Placeholders | None:
     return request.scope.get(RENDER_ONCE)
 
 
-@lru_cache(maxsize=8)
-def _csrf_serializer(settings: Settings) -> URLSafeTimedSerializer:
-    return csrf_serializer(settings)  # built once per settings, not on every page
-
-
 def csrf_token(request: Request, settings: Settings, subject_id: uuid.UUID) -> str:
     """A form token for `subject_id` in this browser (a new browser cookie is minted if needed;
     `remember_browser` sets it on the answer, and `views.render.render_page` calls that)."""
@@ -239,7 +230,7 @@ def csrf_valid(request: Request, settings: Settings, subject_id: uuid.UUID, toke
 def csrf_valid_token(settings: Settings, subject_id: uuid.UUID, browser_id: str, token: str) -> bool:
     """Whether `token` is a form token for `subject_id` in the browser whose cookie is `browser_id`."""
     try:
-        signed = _csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
+        signed = csrf_serializer(settings).loads(token, max_age=CSRF_MAX_AGE_SECONDS)
     except BadSignature:
         return False
     expected = [subject_id.hex, _browser_digest(browser_id)]

@@ -294,11 +294,9 @@ class PageCache:
         fast_key: bytes | None = None,
         fast_locale: str | None = None,
     ) -> Response:
-        page = self._pages.get(key) if key is not None else None
-        if key is not None and page is not None:
-            self._pages.move_to_end(key)
-            self.hits += 1
-            return self._fill(request, page, self._text(key, page))
+        found = self.lookup(key) if key is not None else None
+        if found is not None:
+            return self._fill(request, *found)
         self.misses += 1
         placeholders = Placeholders(self._nonce, self._csrf)
         request.scope[RENDER_ONCE] = placeholders
