@@ -22,7 +22,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy import Connection, Engine, Select, and_, bindparam, create_engine, event, func, inspect, literal_column, or_, select
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    any_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    inspect,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -146,7 +161,8 @@ def _pay_all_set(customer_id: Any, currency: Any, now: Any) -> Select[uuid.UUID]
     )
 
 
-def _page_statement() -> Select[Any]:
+def _page_statement(which: Any = None) -> Select[Any]:
+    """PAGE: the rows of the link `_LINK_ID` (or of every link `which` selects: PAGE_MANY)."""
     links, invoices, customers = PaymentLink.__table__, Invoice.__table__, Customer.__table__
     payments, allocations, profiles = Payment.__table__, PaymentAllocation.__table__, PaymentProfile.__table__
     held = payments.alias("held")
@@ -207,12 +223,15 @@ def _page_statement() -> Select[Any]:
             .outerjoin(payments, payments.c.live_invoice_id == invoices.c.id)  # at most one (a unique key)
             .outerjoin(profiles, and_(profiles.c.customer_id == customers.c.id, profiles.c.reusable.is_(True)))
         )
-        .where(links.c.id == _LINK_ID)
+        .where(links.c.id == _LINK_ID if which is None else which)
         .order_by(profiles.c.is_default.desc(), profiles.c.created_at)
     )
 
 
 PAGE = _page_statement()
+# PostgreSQL: PAGE of several links in one statement (views/hot_path.py's reads gathered: _Gathered).
+_LINK_IDS = bindparam("link_ids", type_=ARRAY(PaymentLink.__table__.c.id.type))
+PAGE_MANY = _page_statement(PaymentLink.__table__.c.id == any_(_LINK_IDS))
 PAY_ALL = (
     select(Invoice.number, Invoice.amount_due, Invoice.amount_paid, Invoice.due_date)
     .where(
@@ -442,6 +461,8 @@ class PageReader:
         self._async_engine: AsyncEngine | None = bind if self._engine is None else None
         self._raw: _RawReads | None = None
         self._pg: Prepared | None = None
+        self._pg_many: Prepared | None = None
+        self._gathered: _Gathered | None = None
 
     async def pay_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         if self._engine is not None:
@@ -461,24 +482,18 @@ class PageReader:
             if self._raw is None:
                 self._raw = _RawReads(self._engine)
             return self._raw.page_rows(link_id, now)
-        pool = self._rows_pool or await self._open_rows_pool()
-        if pool is None:
+        gathered = self._gathered or await self._open_rows_pool()
+        if gathered is None:
             return None
-        assert self._pg is not None
-        args = self._pg.args({"link_id": link_id, "now": now})
-        try:
-            return _page_rows(await pool.fetch(self._pg.sql, *args, timeout=ROWS_TIMEOUT_SECONDS))
-        except DEAD_CONNECTION:
-            # A connection the server closed (a restart, a failover): the pool replaces it; once more.
-            return _page_rows(await pool.fetch(self._pg.sql, *args, timeout=ROWS_TIMEOUT_SECONDS))
+        return _page_rows(await gathered.rows(link_id))
 
     def page_of(self, rows: PageRows) -> PayPage:
         """The page data of `rows` as `page_rows` read them (the page the hot path keyed by them)."""
-        statement = self._raw.page if self._raw is not None else self._pg
+        statement = self._raw.page if self._raw is not None else self._pg_many
         assert statement is not None
         return _page_of([statement.row(row) for row in rows.read], utcnow(), None)
 
-    async def _open_rows_pool(self) -> asyncpg.Pool | None:
+    async def _open_rows_pool(self) -> _Gathered | None:
         """asyncpg's own pool for the raw read (no SQLAlchemy checkout, no greenlet: the read is most of a
         cached page's cost), opened once (connections as needed, up to ROWS_POOL_SIZE, then kept). None
         where the raw read does not apply: another driver, no statement cache (behind PgBouncer), or the
@@ -491,8 +506,8 @@ class PageReader:
         async with self._rows_lock:
             if self._rows_pool is None and time.monotonic() >= self._rows_pool_retry_at:
                 dialect: Any = self._async_engine.dialect
-                if self._pg is None:
-                    self._pg = Prepared(PAGE, dialect)
+                if self._pg_many is None:
+                    self._pg_many = Prepared(PAGE_MANY, dialect)
                 try:
                     params = _connect_params(dialect, self._async_engine.url)
                     init = _rows_connection(dialect)
@@ -501,7 +516,8 @@ class PageReader:
                     self._rows_pool_retry_at = time.monotonic() + ROWS_POOL_RETRY_SECONDS
                     log.warning("page_reader.rows_pool_failed retry_in_s=%d error=%s", ROWS_POOL_RETRY_SECONDS, type(exc).__name__)
                     return None
-        return self._rows_pool
+                self._gathered = _Gathered(self._rows_pool, self._pg_many)
+        return self._gathered
 
     async def _async_page(self, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:
         assert self._async_engine is not None
@@ -545,7 +561,7 @@ class PageReader:
 
     async def aclose(self) -> None:
         if self._rows_pool is not None:
-            pool, self._rows_pool = self._rows_pool, None
+            pool, self._rows_pool, self._gathered = self._rows_pool, None, None
             await pool.close()
         self.close()
 
@@ -555,6 +571,80 @@ class PageReader:
             self._raw = None
         if self._engine is not None:
             self._engine.dispose()
+
+
+_LINK_ID_INDEX = _LINK_KEYS.index("id")
+GATHERED_IN_FLIGHT = 2  # statements of gathered reads running at once, per process (each on a pool connection)
+
+
+class _Gathered:
+    """PostgreSQL: the hot path's reads asked for at about the same time, run as one statement (PAGE_MANY).
+
+    A read joins the batch that is still being gathered (not yet sent) and shares its link's rows with
+    any other read of the same link in it; a batch is sent on the event loop's next turn when fewer
+    than GATHERED_IN_FLIGHT are running, else as soon as one finishes. A batch is only ever sent after
+    every read in it was asked for, so each read still sees every commit made before its request came
+    (never the answer of a statement that had already started). On payday this turns 32 concurrent
+    opens of one link into one statement, and of 32 links into a few: PostgreSQL's cost per statement
+    (parse, bind, a round trip: most of a point read's cost) is paid once per batch."""
+
+    def __init__(self, pool: asyncpg.Pool, statement: Prepared) -> None:
+        self._pool = pool
+        self._statement = statement
+        self._waiting: dict[uuid.UUID, asyncio.Future[list[Any]]] = {}  # the batch being gathered
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def rows(self, link_id: uuid.UUID) -> list[Any]:
+        """PAGE's rows of the link, as the driver returned them (none: no such link)."""
+        future = self._waiting.get(link_id)
+        if future is None:
+            future = self._waiting[link_id] = asyncio.get_running_loop().create_future()
+            self._schedule()
+        # Shielded: one request given up (a client gone) must not cancel the others waiting for this link.
+        return await asyncio.shield(future)
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self._in_flight < GATHERED_IN_FLIGHT:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if not self._waiting or self._in_flight >= GATHERED_IN_FLIGHT:
+            return
+        batch, self._waiting = self._waiting, {}
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: dict[uuid.UUID, asyncio.Future[list[Any]]]) -> None:
+        try:
+            args = self._statement.args({"link_ids": list(batch), "now": utcnow()})
+            try:
+                records = await self._pool.fetch(self._statement.sql, *args, timeout=ROWS_TIMEOUT_SECONDS)
+            except DEAD_CONNECTION:
+                # A connection the server closed (a restart, a failover): the pool replaces it; once more.
+                records = await self._pool.fetch(self._statement.sql, *args, timeout=ROWS_TIMEOUT_SECONDS)
+        except BaseException as exc:  # every read of the batch fails with it (the general way answers them)
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("page read cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            by_link: dict[str, list[Any]] = {}
+            for record in records:
+                by_link.setdefault(record[_LINK_ID_INDEX].hex, []).append(record)
+            for link_id, future in batch.items():
+                if not future.done():
+                    future.set_result(by_link.get(link_id.hex, []))
+        finally:
+            self._in_flight -= 1
+            if self._waiting:
+                self._schedule()
 
 
 def _read(connection: Connection, link_id: uuid.UUID) -> tuple[PayPage | None, Receipt | None]:

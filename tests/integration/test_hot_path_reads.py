@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from links.opens import OpenRecorder
+from payments import page_reader
 from payments.page_reader import PageReader, PayPage, read_page
 from plumbing.db import create_engine, create_session_factory, reader_engine
 from plumbing.settings import Settings
@@ -132,6 +133,100 @@ class TestTheHotPathsRows:
         if settings.database_url.startswith("sqlite"):
             # Read once (noted), read again (remembered with the data version), then not read: nothing was committed.
             assert third is second and second is not first
+
+
+class TestGatheredReads:
+    """PostgreSQL: the hot path's reads asked for together run as one statement (payments/page_reader._Gathered),
+    each with its own link's rows; a read never shares a statement that was sent before it was asked for."""
+
+    @pytest.fixture
+    def postgres(self, settings: Settings) -> None:
+        if settings.database_url.startswith("sqlite"):
+            pytest.skip("reads are gathered on PostgreSQL (SQLite reads on the event loop's thread)")
+
+    def test_many_at_once(
+        self, postgres: None, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any, monkeypatch: Any
+    ) -> None:
+        links = [link_id_of(server, issue_invoice(cli, localstripe, CARD_OK).url) for _ in range(3)]
+        asked = [*links * 10, uuid.uuid4()]  # ten reads of each link, and one of a link that does not exist
+        batches: list[int] = []
+        run = page_reader._Gathered._run
+
+        async def counted(self: Any, batch: dict[uuid.UUID, Any]) -> None:
+            batches.append(len(batch))
+            await run(self, batch)
+
+        monkeypatch.setattr(page_reader._Gathered, "_run", counted)
+
+        async def read() -> tuple[list[Any], list[Any]]:
+            engine = create_engine(settings.database_url)
+            reader = PageReader(settings.database_url, create_session_factory(reader_engine(engine)))
+            try:
+                one_by_one = [await reader.page_rows(link) for link in links]
+                together = await asyncio.gather(*(reader.page_rows(link) for link in asked))
+                return one_by_one, list(together)
+            finally:
+                await reader.aclose()
+                await engine.dispose()
+
+        one_by_one, together = asyncio.run(read())
+        assert batches[:3] == [1, 1, 1]  # one by one: a statement each
+        assert sum(batches[3:]) == 4 and len(batches) - 3 <= 2  # 31 reads of 4 links: at most two statements
+        assert together[-1] is None
+        for index, link in enumerate(asked[:-1]):
+            rows = together[index]
+            assert rows is not None and rows == one_by_one[links.index(link)]
+            assert rows.rows[0][0] == link and "4242" in rows.rows[0]
+
+    def test_a_commit_before_the_read_shows_even_while_another_read_runs(
+        self, postgres: None, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        link_id = link_id_of(server, issued.url)
+
+        async def read() -> tuple[Any, Any, int]:
+            engine = create_engine(settings.database_url)
+            reader = PageReader(settings.database_url, create_session_factory(reader_engine(engine)))
+            try:
+                await reader.page_rows(link_id)  # the pool is open
+                earlier = asyncio.create_task(reader.page_rows(link_id))
+                for _ in range(3):
+                    await asyncio.sleep(0)  # its statement is sent
+                assert reader._gathered is not None
+                in_flight = reader._gathered._in_flight
+                db_execute(settings.database_url, "UPDATE customers SET name = 'Renamed' WHERE email = :e", e=issued.email)
+                later = await reader.page_rows(link_id)  # asked for after the commit: must not share the earlier statement
+                return await earlier, later, in_flight
+            finally:
+                await reader.aclose()
+                await engine.dispose()
+
+        earlier, later, in_flight = asyncio.run(read())
+        assert in_flight == 1
+        assert earlier is not None and later is not None
+        assert "Renamed" in later.rows[0]
+
+    def test_one_reader_given_up_leaves_the_others_their_rows(
+        self, postgres: None, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any
+    ) -> None:
+        link_id = link_id_of(server, issue_invoice(cli, localstripe, CARD_OK).url)
+
+        async def read() -> list[Any]:
+            engine = create_engine(settings.database_url)
+            reader = PageReader(settings.database_url, create_session_factory(reader_engine(engine)))
+            try:
+                await reader.page_rows(link_id)
+                tasks = [asyncio.create_task(reader.page_rows(link_id)) for _ in range(3)]
+                await asyncio.sleep(0)
+                tasks[0].cancel()  # a client gone while its read waits
+                return await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await reader.aclose()
+                await engine.dispose()
+
+        cancelled, *others = asyncio.run(read())
+        assert isinstance(cancelled, asyncio.CancelledError)
+        assert all(rows is not None and rows.rows[0][0] == link_id for rows in others)
 
 
 class TestOpensFromManyWorkers:
