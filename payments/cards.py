@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -26,6 +27,7 @@ from links.models import Customer
 from payments.gateway import CardSummary, GatewayError, GatewayUnavailable, StripeGateway, card_summary
 from payments.models import Payment, PaymentProfile, PaymentStatus
 from plumbing import audit
+from plumbing.db import utcnow
 
 log = logging.getLogger("paylink.payments")
 
@@ -46,6 +48,7 @@ def upsert_profile(
     is_default: bool | None = None,
     reusable: bool | None = None,
     merge: bool = True,
+    decided_at: datetime | None = None,
 ) -> PaymentProfile:
     """Create or update the profile of `card`. With `merge` (every caller but the webhooks: see
     `apply_card_event`), a saved profile of the same customer with the same fingerprint is replaced by
@@ -75,7 +78,7 @@ def upsert_profile(
         for old in replaced:
             old.reusable, old.is_default = False, False
     if is_default:
-        _set_default(session, customer_id, card.payment_method_id)  # and no other card
+        _set_default(session, customer_id, card.payment_method_id, decided_at)  # and no other card
     if is_default is not None:
         profile.is_default = is_default
     session.flush()
@@ -98,12 +101,19 @@ def _replace_same_card(session: Session, profile: PaymentProfile) -> list[Paymen
     return replaced
 
 
-def _set_default(session: Session, customer_id: uuid.UUID, payment_method_id: str | None) -> None:
+def _set_default(session: Session, customer_id: uuid.UUID, payment_method_id: str | None, at: datetime | None = None) -> None:
+    """Mark `payment_method_id` the customer's default card (None: no card is), decided `at` (now)."""
     session.execute(
         update(PaymentProfile)
         .where(PaymentProfile.customer_id == customer_id)
         .values(is_default=PaymentProfile.stripe_payment_method_id == payment_method_id if payment_method_id else False)
     )
+    session.execute(update(Customer).where(Customer.id == customer_id).values(default_card_at=_second(at or utcnow())))
+
+
+def _second(moment: datetime) -> datetime:
+    """Stripe's events carry their time to the second: decisions are compared at that grain."""
+    return moment.replace(microsecond=0)
 
 
 async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, customer_id: uuid.UUID) -> list[PaymentProfile]:
@@ -120,6 +130,7 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
         live = await _live_payment_methods(session)
     if not customer.stripe_customer_id:
         return []
+    read_at = utcnow()  # what Stripe says below is at least this fresh
     cards = await gateway.list_cards(customer.stripe_customer_id)
     default = await gateway.default_payment_method(customer.stripe_customer_id)
     one_time = {pm for pm, reusable in known.items() if not reusable}
@@ -133,6 +144,15 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
     if default is None and cards:
         default = next((c.payment_method_id for c in cards if c.payment_method_id not in one_time), None)
     async with sessions.begin() as session:
+        decided = (await session.execute(select(Customer.default_card_at).where(Customer.id == customer_id).with_for_update())).scalar()
+        if decided is not None and decided > _second(read_at):
+            # The default was decided after Stripe was read (the customer on the page, a customer.updated
+            # event): that decision stands; the cards themselves are synced.
+            current = (await session.execute(_profiles_of(customer_id))).scalars()
+            chosen = next((p.stripe_payment_method_id for p in current if p.is_default), None)
+            if chosen in listed:  # (a card detached since keeps Stripe's choice above)
+                default = chosen
+            read_at = decided  # never back in time
         await session.execute(
             delete(PaymentProfile).where(
                 PaymentProfile.customer_id == customer_id,
@@ -140,7 +160,9 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
             )
         )
         profiles = await session.run_sync(
-            lambda sync: [upsert_profile(sync, customer_id, card, is_default=card.payment_method_id == default) for card in cards]
+            lambda sync: [
+                upsert_profile(sync, customer_id, card, is_default=card.payment_method_id == default, decided_at=read_at) for card in cards
+            ]
         )
     await forget_replaced_cards(sessions, gateway, customer_id)
     return profiles
@@ -312,11 +334,24 @@ def apply_card_event(session: Session, pm: dict[str, Any]) -> None:
         upsert_profile(session, customer.id, card_summary(pm), merge=False)
 
 
-def apply_customer_event(session: Session, obj: dict[str, Any]) -> None:
-    customer = (session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")))).scalar_one_or_none()
+def apply_customer_event(session: Session, obj: dict[str, Any], created: datetime | None = None) -> None:
+    """customer.updated: the default card Stripe holds, unless a decision from a later second than the
+    event's `created` is already applied (Stripe delivers events late and out of order: an old event
+    must not undo the default the customer just chose). Within one second the event wins."""
+    customer = (
+        session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")).with_for_update())
+    ).scalar_one_or_none()
     if customer is None:
+        return
+    if created is not None and customer.default_card_at is not None and _second(created) < customer.default_card_at:
+        log.info(
+            "card.default_event_late customer=%s created=%s decided=%s",
+            customer.id,
+            created.isoformat(),
+            customer.default_card_at.isoformat(),
+        )
         return
     default = (obj.get("invoice_settings") or {}).get("default_payment_method")
     if isinstance(default, dict):
         default = default.get("id")
-    _set_default(session, customer.id, default)
+    _set_default(session, customer.id, default, created)

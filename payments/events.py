@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sqlalchemy import delete
@@ -199,8 +199,11 @@ def _on_card(session: Session, settings: Settings, obj: dict[str, Any], actor: s
     apply_card_event(session, obj)
 
 
-def _on_customer(session: Session, settings: Settings, obj: dict[str, Any], actor: str) -> None:
-    apply_customer_event(session, obj)
+def _on_customer(session: Session, settings: Settings, event: dict[str, Any], actor: str) -> None:
+    created = event.get("created")
+    valid = isinstance(created, int) and not isinstance(created, bool) and 0 < created < 2**33
+    moment = datetime.fromtimestamp(created, UTC) if valid else None  # type: ignore[arg-type]
+    apply_customer_event(session, (event.get("data") or {}).get("object") or {}, moment)
 
 
 # One handler per event type (what dj-stripe and polar do); a type not listed is stored and acknowledged.
@@ -219,6 +222,10 @@ HANDLERS: dict[str, Handler] = {
     "payment_method.updated": _on_card,
     "payment_method.automatically_updated": _on_card,
     "payment_method.detached": _on_card_detached,
+}
+# Handlers that read the whole event, not only `data.object`: customer.updated compares the event's
+# `created` with the default card's last decision (a late delivery must not undo a newer one).
+EVENT_HANDLERS: dict[str, Handler] = {
     "customer.updated": _on_customer,
 }
 
@@ -226,6 +233,9 @@ HANDLERS: dict[str, Handler] = {
 def apply_stripe_event(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> None:
     """Apply one verified, newly recorded event through its handler."""
     kind = str(event.get("type"))
+    if kind in EVENT_HANDLERS:
+        EVENT_HANDLERS[kind](session, settings, event, actor)
+        return
     handler = HANDLERS.get(kind) or (_on_intent if kind.startswith("payment_intent.") else None)
     if handler is not None:
         handler(session, settings, (event.get("data") or {}).get("object") or {}, actor)

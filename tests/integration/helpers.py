@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tests.harness import LocalStripe
+import httpx
+
+from tests.harness import LocalStripe, signed_event
 
 _counter = {"n": 0}
 
@@ -198,3 +201,16 @@ def stripe_told_us_the_default(database_url: str) -> None:
 
     query = "SELECT count(*) FROM webhook_events WHERE type = 'customer.updated' AND processed_at IS NOT NULL"
     wait_until(lambda: db_query(database_url, query)[0][0] >= 1, what="the customer.updated webhook")
+
+
+def post_event(server: Any, kind: str, obj: dict[str, Any], event_id: str | None = None, *, created: int | None = None) -> httpx.Response:
+    """A Stripe event about `obj` (created now, unless `created`), signed as Stripe signs it, delivered to the app's webhook."""
+    body = {
+        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": kind,
+        "created": int(time.time()) if created is None else created,
+        "data": {"object": obj},
+    }
+    payload, header = signed_event(body)
+    return httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30)

@@ -3,12 +3,14 @@ asked for, and the customer (pay page) or finance (CLI) removes a card or picks 
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import CARD_3DS, CARD_OK, LocalStripe
+from tests.harness import CARD_3DS, CARD_OK, LocalStripe, db_query
 from tests.integration.helpers import (
     attached_cards,
     csrf_of,
@@ -16,6 +18,7 @@ from tests.integration.helpers import (
     issue_invoice,
     offered_cards,
     pay_with_new_card,
+    post_event,
     stripe_told_us_the_default,
 )
 
@@ -141,6 +144,29 @@ class TestCustomerManagesCards:
         assert offered_cards(browser_client.get(issued.url).text)[0] == other  # the default first
         assert {c["id"]: c["default"] for c in cards_of(cli, issued.email)} == {visa: False, other: True}
         assert [e["action"] for e in card_audit(cli)] == ["card.default"]
+
+    def test_a_late_event_does_not_undo_the_default_just_chosen(
+        self, cli, localstripe: LocalStripe, server, browser_client, database_url: str
+    ) -> None:
+        """Stripe delivers events late and out of order: a customer.updated from before the customer chose
+        another card (it names the old default) changes nothing when it arrives after; a newer one does."""
+        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OTHER)
+        stripe_told_us_the_default(database_url)
+        visa, other = issued.cards
+        before = localstripe.client.v1.customers.retrieve(issued.stripe_customer).to_dict()
+        assert before["invoice_settings"]["default_payment_method"] == visa
+        assert post_card_form(browser_client, issued.url, "default", other).status_code == 200
+
+        late = f"evt_late_{uuid.uuid4().hex}"
+        assert post_event(server, "customer.updated", before, late, created=int(time.time()) - 120).status_code == 200  # two minutes old
+        assert offered_cards(browser_client.get(issued.url).text)[0] == other
+        assert {c["id"]: c["default"] for c in cards_of(cli, issued.email)} == {visa: False, other: True}
+        assert db_query(database_url, "SELECT count(*) FROM webhook_events WHERE id = :i", i=late)[0][0] == 1  # recorded all the same
+
+        # A change made at Stripe after the customer's (e.g. in the dashboard) is taken.
+        assert post_event(server, "customer.updated", before, created=int(time.time()) + 2).status_code == 200
+        assert {c["id"]: c["default"] for c in cards_of(cli, issued.email)} == {visa: True, other: False}
+        assert offered_cards(browser_client.get(issued.url).text)[0] == visa
 
     def test_only_the_customers_own_saved_cards(self, cli, localstripe: LocalStripe, server, browser_client) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK)

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from payments.models import Payment, PaymentStatus
 from plumbing.settings import Settings
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, in_thread, signed_event, wait_until
-from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, StallingProxy, db_query, in_thread, wait_until
+from tests.integration.helpers import Issued, csrf_of, invoice_status, issue_invoice, offered_cards, post_event
 
 
 def link_id_of(settings: Settings, number: str) -> uuid.UUID:
@@ -25,18 +25,6 @@ def link_id_of(settings: Settings, number: str) -> uuid.UUID:
         number=number,
     )
     return uuid.UUID(str(raw))
-
-
-def post_event(server: Any, kind: str, obj: dict[str, Any], event_id: str | None = None) -> httpx.Response:
-    body = {
-        "id": event_id or f"evt_{uuid.uuid4().hex}",
-        "object": "event",
-        "type": kind,
-        "created": int(time.time()),
-        "data": {"object": obj},
-    }
-    payload, header = signed_event(body)
-    return httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30)
 
 
 def pay_through_page(client: httpx.Client, issued: Issued) -> httpx.Response:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
 from plumbing.settings import Settings
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, signed_event, text_part, wait_until
-from tests.integration.helpers import another_invoice, csrf_of, invoice_status, issue_invoice, part_form
+from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, text_part, wait_until
+from tests.integration.helpers import another_invoice, csrf_of, invoice_status, issue_invoice, part_form, post_event
 
 
 def partial_invoice(cli: Any, localstripe: LocalStripe, amount: str, *rules: str) -> Any:
@@ -21,13 +19,6 @@ def partial_invoice(cli: Any, localstripe: LocalStripe, amount: str, *rules: str
     more = another_invoice(cli, issued.email, amount, "--allow-partial", *rules)
     issued.number, issued.url, issued.invoice_id = more.number, more.url, more.invoice_id
     return issued
-
-
-def post_event(server: Any, kind: str, obj: dict[str, Any]) -> httpx.Response:
-    """A Stripe event about `obj`, signed as Stripe signs it, delivered to the app's webhook."""
-    body = {"id": f"evt_{uuid.uuid4().hex}", "object": "event", "type": kind, "created": int(time.time()), "data": {"object": obj}}
-    payload, header = signed_event(body)
-    return httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30)
 
 
 def charge_of(localstripe: LocalStripe, intent_id: str) -> dict[str, Any]:

@@ -11,21 +11,9 @@ import httpx
 import pytest
 
 from plumbing.settings import Settings
-from tests.harness import CARD_3DS, CARD_OK, LocalStripe, SmtpServer, db_execute, db_query, signed_event, text_part, wait_until
-from tests.integration.helpers import Issued, another_invoice, csrf_of, invoice_status, issue_invoice, pay_all_form
+from tests.harness import CARD_3DS, CARD_OK, LocalStripe, SmtpServer, db_execute, db_query, text_part, wait_until
+from tests.integration.helpers import Issued, another_invoice, csrf_of, invoice_status, issue_invoice, pay_all_form, post_event
 from tests.integration.test_documents import pdf_text
-
-
-def post_event(server: Any, kind: str, obj: dict[str, Any], event_id: str | None = None) -> httpx.Response:
-    body = {
-        "id": event_id or f"evt_{uuid.uuid4().hex}",
-        "object": "event",
-        "type": kind,
-        "created": int(time.time()),
-        "data": {"object": obj},
-    }
-    payload, header = signed_event(body)
-    return httpx.post(f"{server.base}/webhooks/stripe", content=payload, headers={"stripe-signature": header}, timeout=30)
 
 
 def three_open_invoices(cli: Any, localstripe: LocalStripe, card: str = CARD_OK) -> tuple[Issued, list[str]]:
