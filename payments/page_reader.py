@@ -285,6 +285,9 @@ class PageRows:
     rows: tuple[tuple[Any, ...], ...]
     locale: str | None  # the customer's stored locale
     read: tuple[Sequence[Any], ...] = field(compare=False, repr=False)  # as read (counters too): `PageReader.page_of`
+    # The page cache's keys of these very rows (views/page_cache.PageCache.fast_key_of): one PageRows serves
+    # every request of a gathered batch (PostgreSQL) or of a remembered read (SQLite), keyed once.
+    keys: dict[Any, bytes] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _page_rows(rows: Sequence[Sequence[Any]]) -> PageRows | None:
@@ -485,7 +488,7 @@ class PageReader:
         gathered = self._gathered or await self._open_rows_pool()
         if gathered is None:
             return None
-        return _page_rows(await gathered.rows(link_id))
+        return await gathered.rows(link_id)
 
     def page_of(self, rows: PageRows) -> PayPage:
         """The page data of `rows` as `page_rows` read them (the page the hot path keyed by them)."""
@@ -591,13 +594,14 @@ class _Gathered:
     def __init__(self, pool: asyncpg.Pool, statement: Prepared) -> None:
         self._pool = pool
         self._statement = statement
-        self._waiting: dict[uuid.UUID, asyncio.Future[list[Any]]] = {}  # the batch being gathered
+        self._waiting: dict[uuid.UUID, asyncio.Future[PageRows | None]] = {}  # the batch being gathered
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def rows(self, link_id: uuid.UUID) -> list[Any]:
-        """PAGE's rows of the link, as the driver returned them (none: no such link)."""
+    async def rows(self, link_id: uuid.UUID) -> PageRows | None:
+        """PAGE's rows of the link (`_page_rows`: None for no such link, or a page that needs more reads),
+        one PageRows shared by every read of the link in the batch."""
         future = self._waiting.get(link_id)
         if future is None:
             future = self._waiting[link_id] = asyncio.get_running_loop().create_future()
@@ -620,7 +624,7 @@ class _Gathered:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, batch: dict[uuid.UUID, asyncio.Future[list[Any]]]) -> None:
+    async def _run(self, batch: dict[uuid.UUID, asyncio.Future[PageRows | None]]) -> None:
         try:
             args = self._statement.args({"link_ids": list(batch), "now": utcnow()})
             try:
@@ -640,7 +644,7 @@ class _Gathered:
                 by_link.setdefault(record[_LINK_ID_INDEX].hex, []).append(record)
             for link_id, future in batch.items():
                 if not future.done():
-                    future.set_result(by_link.get(link_id.hex, []))
+                    future.set_result(_page_rows(by_link.get(link_id.hex, [])))
         finally:
             self._in_flight -= 1
             if self._waiting:

@@ -9,7 +9,7 @@ that answers exactly these cases itself and hands everything else, untouched, to
 - GET /pay/l/<32 hex>, no query string, with a cookie holding a valid token for that link: one raw
   read (payments/page_reader.PageRows: the rows as the driver returns them, on the replica unless this
   browser just posted a form), a key from those rows, the language and the day
-  (views/page_cache.PageCache.fast_key), and, when the page is kept, the answer: the page's text with
+  (views/page_cache.PageCache.fast_key_of), and, when the page is kept, the answer: the page's text with
   this answer's CSP nonce and form tokens, the browser cookie the tokens are bound to if the browser
   has none, the security policy's headers and the request id; the open is counted as on the slow
   path. On a miss the app renders the page as always and keeps it under this key too.
@@ -108,7 +108,7 @@ class HotPath:
         accept = _text(headers.get(b"accept-language"))
         locale = locale_of(None, cookies.get(LANGUAGE_COOKIE), rows.locale, accept, self.settings.default_locale)
         cache = _cache(scope)
-        key = cache.fast_key(path, locale, rows.rows)
+        key = cache.fast_key_of(path, locale, rows)
         found = cache.lookup(key)
         if found is None:
             # The app renders the page of these very rows and keeps it under this key (views/pages.py).

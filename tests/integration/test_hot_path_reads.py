@@ -21,7 +21,7 @@ from plumbing.db import create_engine, create_session_factory, reader_engine
 from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, db_execute, db_query
 from tests.integration.helpers import another_invoice, issue_invoice, link_hex_of
-from views.page_cache import fingerprint
+from views.page_cache import PageCache, fingerprint
 
 pytestmark = pytest.mark.postgres
 NONCE = re.compile(r'nonce="([^"]+)"')
@@ -177,6 +177,15 @@ class TestGatheredReads:
             rows = together[index]
             assert rows is not None and rows == one_by_one[links.index(link)]
             assert rows.rows[0][0] == link and "4242" in rows.rows[0]
+        # The reads of one link in one statement share one PageRows, and the page cache keys it once.
+        for link in links:
+            shared = {id(rows) for rows, asked_for in zip(together, asked, strict=True) if asked_for == link}
+            assert len(shared) <= len(batches) - 3
+        cache, first = PageCache(settings), together[0]
+        assert first is not None
+        key = cache.fast_key_of("/pay/l/x", "en", first)
+        assert cache.fast_key_of("/pay/l/x", "en", first) == key == cache.fast_key("/pay/l/x", "en", first.rows)
+        assert len(first.keys) == 1 and cache.fast_key_of("/pay/l/x", "de", first) != key
 
     def test_a_commit_before_the_read_shows_even_while_another_read_runs(
         self, postgres: None, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any
