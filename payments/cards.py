@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -53,7 +53,9 @@ def upsert_profile(
     """Create or update the profile of `card`. With `merge` (every caller but the webhooks: see
     `apply_card_event`), a saved profile of the same customer with the same fingerprint is replaced by
     this one, which inherits its "saved" and "default" marks; the replaced one is left unsaved and not
-    default, for `forget_replaced_cards` to detach at Stripe once no payment uses it."""
+    default, for `forget_replaced_cards` to detach at Stripe once no payment uses it. `decided_at`: when a
+    default it sets was decided (now if not given)."""
+    _lock_customer(session, customer_id)  # before any profile: see _set_default
     profile = (
         session.execute(select(PaymentProfile).where(PaymentProfile.stripe_payment_method_id == card.payment_method_id))
     ).scalar_one_or_none()
@@ -78,7 +80,7 @@ def upsert_profile(
         for old in replaced:
             old.reusable, old.is_default = False, False
     if is_default:
-        _set_default(session, customer_id, card.payment_method_id, decided_at)  # and no other card
+        _set_default(session, customer_id, card.payment_method_id, decided_at or _decided_now())  # and no other card
     if is_default is not None:
         profile.is_default = is_default
     session.flush()
@@ -101,19 +103,34 @@ def _replace_same_card(session: Session, profile: PaymentProfile) -> list[Paymen
     return replaced
 
 
-def _set_default(session: Session, customer_id: uuid.UUID, payment_method_id: str | None, at: datetime | None = None) -> None:
-    """Mark `payment_method_id` the customer's default card (None: no card is), decided `at` (now)."""
+def _set_default(session: Session, customer_id: uuid.UUID, payment_method_id: str | None, at: datetime | None) -> None:
+    """Mark `payment_method_id` the customer's default card (None: no card is), decided `at` (a whole
+    second; None: leave the time of the last decision as it is). The customer's row first, then the
+    profiles: the order every writer of both takes (two writers in opposite orders deadlock)."""
+    if at is not None:
+        session.execute(update(Customer).where(Customer.id == customer_id).values(default_card_at=at))
     session.execute(
         update(PaymentProfile)
         .where(PaymentProfile.customer_id == customer_id)
         .values(is_default=PaymentProfile.stripe_payment_method_id == payment_method_id if payment_method_id else False)
     )
-    session.execute(update(Customer).where(Customer.id == customer_id).values(default_card_at=_second(at or utcnow())))
 
 
 def _second(moment: datetime) -> datetime:
-    """Stripe's events carry their time to the second: decisions are compared at that grain."""
+    """Stripe dates events to the second: a time as the start of its second (what a read of Stripe at
+    `moment` may be compared with: an event of that second may be newer than the read)."""
     return moment.replace(microsecond=0)
+
+
+def _decided_now() -> datetime:
+    """A decision made here now, as a whole second rounded up: an event Stripe dated to this second or
+    before is taken as older than the decision (our own change's echo among them; it says the same)."""
+    now = utcnow()
+    return now.replace(microsecond=0) + timedelta(seconds=1) if now.microsecond else now
+
+
+def _lock_customer(session: Session, customer_id: uuid.UUID) -> None:
+    session.execute(select(Customer.id).where(Customer.id == customer_id).with_for_update())
 
 
 async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: StripeGateway, customer_id: uuid.UUID) -> list[PaymentProfile]:
@@ -145,14 +162,14 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
         default = next((c.payment_method_id for c in cards if c.payment_method_id not in one_time), None)
     async with sessions.begin() as session:
         decided = (await session.execute(select(Customer.default_card_at).where(Customer.id == customer_id).with_for_update())).scalar()
-        if decided is not None and decided > _second(read_at):
+        if decided is not None and decided >= _second(read_at):
             # The default was decided after Stripe was read (the customer on the page, a customer.updated
             # event): that decision stands; the cards themselves are synced.
             current = (await session.execute(_profiles_of(customer_id))).scalars()
             chosen = next((p.stripe_payment_method_id for p in current if p.is_default), None)
             if chosen in listed:  # (a card detached since keeps Stripe's choice above)
                 default = chosen
-            read_at = decided  # never back in time
+        decided_at = max(decided, _second(read_at)) if decided is not None else _second(read_at)  # never back in time
         await session.execute(
             delete(PaymentProfile).where(
                 PaymentProfile.customer_id == customer_id,
@@ -161,7 +178,8 @@ async def sync_profiles(sessions: async_sessionmaker[AsyncSession], gateway: Str
         )
         profiles = await session.run_sync(
             lambda sync: [
-                upsert_profile(sync, customer_id, card, is_default=card.payment_method_id == default, decided_at=read_at) for card in cards
+                upsert_profile(sync, customer_id, card, is_default=card.payment_method_id == default, decided_at=decided_at)
+                for card in cards
             ]
         )
     await forget_replaced_cards(sessions, gateway, customer_id)
@@ -315,7 +333,7 @@ async def make_default_card(
         raise UnknownCard("this customer has no saved cards")
     await gateway.set_default_payment_method(customer.stripe_customer_id, payment_method_id)
     async with sessions.begin() as session:
-        await session.run_sync(_set_default, customer_id, payment_method_id)
+        await session.run_sync(_set_default, customer_id, payment_method_id, _decided_now())
         audit.record(session, actor, "card.default", f"customer:{customer.email}", payment_method=payment_method_id, last4=profile.last4)
     return CardChange(payment_method_id, profile.brand, profile.last4)
 
@@ -343,7 +361,7 @@ def apply_customer_event(session: Session, obj: dict[str, Any], created: datetim
     ).scalar_one_or_none()
     if customer is None:
         return
-    if created is not None and customer.default_card_at is not None and _second(created) < customer.default_card_at:
+    if created is not None and customer.default_card_at is not None and created < customer.default_card_at:
         log.info(
             "card.default_event_late customer=%s created=%s decided=%s",
             customer.id,
@@ -354,4 +372,4 @@ def apply_customer_event(session: Session, obj: dict[str, Any], created: datetim
     default = (obj.get("invoice_settings") or {}).get("default_payment_method")
     if isinstance(default, dict):
         default = default.get("id")
-    _set_default(session, customer.id, default, created)
+    _set_default(session, customer.id, default, created)  # (an event with no time leaves the last decision's)

@@ -625,28 +625,31 @@ class _Gathered:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: dict[uuid.UUID, asyncio.Future[PageRows | None]]) -> None:
+        error: Exception | None = None
         try:
-            args = self._statement.args({"link_ids": list(batch), "now": utcnow()})
-            try:
-                records = await self._pool.fetch(self._statement.sql, *args, timeout=ROWS_TIMEOUT_SECONDS)
-            except DEAD_CONNECTION:
-                # A connection the server closed (a restart, a failover): the pool replaces it; once more.
-                records = await self._pool.fetch(self._statement.sql, *args, timeout=ROWS_TIMEOUT_SECONDS)
-        except BaseException as exc:  # every read of the batch fails with it (the general way answers them)
-            for future in batch.values():
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("page read cancelled"))
-            if not isinstance(exc, Exception):
-                raise
-        else:
+            # The whole batch, waiting for a connection included (asyncpg's fetch timeout covers only the query).
+            async with asyncio.timeout(ROWS_TIMEOUT_SECONDS):
+                args = self._statement.args({"link_ids": list(batch), "now": utcnow()})
+                try:
+                    records = await self._pool.fetch(self._statement.sql, *args)
+                except DEAD_CONNECTION as exc:
+                    if isinstance(exc, TimeoutError):  # (an OSError too) a slow read is not retried
+                        raise
+                    # A connection the server closed (a restart, a failover): the pool replaces it; once more.
+                    records = await self._pool.fetch(self._statement.sql, *args)
             by_link: dict[str, list[Any]] = {}
             for record in records:
                 by_link.setdefault(record[_LINK_ID_INDEX].hex, []).append(record)
             for link_id, future in batch.items():
                 if not future.done():
                     future.set_result(_page_rows(by_link.get(link_id.hex, [])))
+        except Exception as exc:  # every read of the batch fails with it (the general way answers them)
+            error = exc
         finally:
             self._in_flight -= 1
+            for future in batch.values():  # none is ever left waiting (a cancelled batch: shutting down)
+                if not future.done():
+                    future.set_exception(error or ConnectionError("the page read was given up"))
             if self._waiting:
                 self._schedule()
 

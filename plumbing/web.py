@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -172,17 +173,21 @@ class _Randomness:
     def __init__(self) -> None:
         self._buffer = b""
         self._at = 0
+        self._lock = threading.Lock()  # the event loop's thread takes nearly all; never the same bytes twice
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
+        self._lock = threading.Lock()  # (a lock held by another thread at the fork stays held in the child)
         self._buffer, self._at = b"", 0
 
     def take(self, size: int) -> bytes:
-        at = self._at
-        if at + size > len(self._buffer):
-            self._buffer, at = os.urandom(max(self.BATCH, size)), 0
-        self._at = at + size
-        return self._buffer[at : at + size]
+        with self._lock:
+            buffer, at = self._buffer, self._at
+            if at + size > len(buffer):
+                buffer, at = os.urandom(max(self.BATCH, size)), 0
+                self._buffer = buffer
+            self._at = at + size
+        return buffer[at : at + size]
 
     def token(self, size: int) -> str:
         """`secrets.token_urlsafe(size)`'s format: `size` random bytes, base64url without padding."""

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -60,7 +61,24 @@ def in_thread(function: Callable[..., Any], *args: Any) -> Any:
     return result.get("value")
 
 
+_ports = random.SystemRandom()  # (hypothesis seeds the module's own generator inside its tests)
+
+
 def free_port() -> int:
+    """A port nothing listens on. Under pytest-xdist each test process picks from a range of its own below
+    the kernel's ephemeral ports (10,000 + 4,000 per process): a port one process was given cannot be given
+    to the other before the server that asked for it binds it (the kernel's port 0 could)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and int(worker[2:]) < 5:
+        low = 10_000 + 4_000 * int(worker[2:])
+        for _ in range(200):
+            port = _ports.randrange(low, low + 4_000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

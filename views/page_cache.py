@@ -239,7 +239,7 @@ class PageCache:
         request of a gathered PostgreSQL batch, and SQLite's remembered reads): pickling a PostgreSQL row
         (its UUIDs and aware datetimes) costs ~10 us."""
         day = datetime.now(UTC).date()
-        memo = (path, locale, day)
+        memo = (self._generation, path, locale, day)
         key = rows.keys.get(memo)
         if key is None:
             key = rows.keys[memo] = self.fast_key(path, locale, rows.rows, day)

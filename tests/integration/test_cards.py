@@ -3,13 +3,20 @@ asked for, and the customer (pay page) or finance (CLI) removes a card or picks 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select, update
 
+from links.models import Customer
+from payments import cards
+from payments.models import PaymentProfile
+from plumbing.db import create_engine, create_session_factory
+from plumbing.settings import Settings
 from tests.harness import CARD_3DS, CARD_OK, LocalStripe, db_query
 from tests.integration.helpers import (
     attached_cards,
@@ -229,3 +236,42 @@ class TestFinanceManagesCards:
         unknown = cli("customer", "remove-card", issued.email, other)
         assert unknown.code == 1 and "is not a saved card of" in unknown.err
         assert cli("customer", "cards", "nobody@example.com").code == 1
+
+
+@pytest.mark.postgres
+class TestDefaultCardLocks:
+    """Every writer of the default takes the customer's row before the cards' rows: a customer.updated being
+    applied and the customer's choice written at the same moment wait for each other, never deadlock."""
+
+    def test_a_choice_while_an_event_is_applied(self, cli, localstripe: LocalStripe, server, settings: Settings, database_url: str) -> None:
+        if database_url.startswith("sqlite"):
+            pytest.skip("SQLite has one writer at a time: no row locks to take in any order")
+        issued = issue_invoice(cli, localstripe, CARD_OK, CARD_OTHER)
+        stripe_told_us_the_default(database_url)
+        visa, other = issued.cards
+        customer_id = uuid.UUID(str(db_query(database_url, "SELECT id FROM customers WHERE email = :e", e=issued.email)[0][0]))
+
+        async def race() -> None:
+            engine = create_engine(settings.database_url)
+            sessions = create_session_factory(engine)
+            try:
+                async with sessions.begin() as event:  # a customer.updated being applied: the customer's row first
+                    await event.execute(select(Customer.id).where(Customer.id == customer_id).with_for_update())
+
+                    async def choose() -> None:  # meanwhile the customer's choice is written
+                        async with sessions.begin() as choice:
+                            await choice.run_sync(cards._set_default, customer_id, other, cards._decided_now())
+
+                    chosen = asyncio.create_task(choose())
+                    await asyncio.sleep(0.5)  # the choice waits (for the customer's row; in the old order, holding the cards')
+                    await event.execute(
+                        update(PaymentProfile)
+                        .where(PaymentProfile.customer_id == customer_id)
+                        .values(is_default=PaymentProfile.stripe_payment_method_id == visa)
+                    )
+                await asyncio.wait_for(chosen, 10)  # (a deadlock would fail one of the two here or above)
+            finally:
+                await engine.dispose()
+
+        asyncio.run(race())
+        assert {c["id"]: c["default"] for c in cards_of(cli, issued.email)} == {visa: False, other: True}  # the later write
