@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -41,6 +42,9 @@ class TestDepositThenTheRest:
         issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30")
         html = browser_client.get(issued.url).text
         assert "Pay another amount" in html and "deposit of at least €300.00" in html
+        again = browser_client.get(issued.url)  # the choice's script, allowed by this answer's nonce
+        csp = re.search(r"'nonce-([^']+)'", again.headers["content-security-policy"])
+        assert csp is not None and f'<script src="/static/pay_options.js" nonce="{csp.group(1)}"></script>' in again.text
 
         too_small = browser_client.post(issued.url, data=part_form(html, "200.00", issued.cards[0]))
         assert too_small.status_code == 409
@@ -114,7 +118,7 @@ class TestAmountsOutsideTheRules:
     ) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK, amount="99.99")
         html = browser_client.get(issued.url).text
-        assert "Pay another amount" not in html
+        assert "Pay another amount" not in html and "pay_options.js" not in html
         refused = browser_client.post(issued.url, data=part_form(html, "10.00", issued.cards[0]))
         # The invoice allows no part payment: a stray amount never changes what is charged (the balance).
         assert refused.status_code == 200 and "Payment received" in refused.text
