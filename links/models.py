@@ -57,9 +57,9 @@ class Customer(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # The import that created this customer (see ImportBatch); None for customers added otherwise.
     import_batch_id: Mapped[uuid.UUID | None] = mapped_column(index=True)
-    # When the saved card marked default was last decided, to the second: by the customer on the page, by
-    # a fresh read of Stripe, or by a customer.updated event's `created`. An event from an earlier second
-    # is a late delivery and does not undo it (payments/cards.apply_customer_event).
+    # When the saved card marked default was last decided, in whole seconds: by the customer on the page, by
+    # a fresh read of Stripe, or by a customer.updated event's `created`. An event dated before it is a
+    # late delivery and does not undo it (payments/cards.apply_customer_event).
     default_card_at: Mapped[datetime | None]
 
     @property

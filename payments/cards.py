@@ -353,9 +353,9 @@ def apply_card_event(session: Session, pm: dict[str, Any]) -> None:
 
 
 def apply_customer_event(session: Session, obj: dict[str, Any], created: datetime | None = None) -> None:
-    """customer.updated: the default card Stripe holds, unless a decision from a later second than the
-    event's `created` is already applied (Stripe delivers events late and out of order: an old event
-    must not undo the default the customer just chose). Within one second the event wins."""
+    """customer.updated: the default card Stripe holds, unless the last decision is dated after the event's
+    `created` (Stripe delivers events late and out of order: an old event must not undo the default the
+    customer just chose; the customer's choices are dated to the next whole second, `_decided_now`)."""
     customer = (
         session.execute(select(Customer).where(Customer.stripe_customer_id == obj.get("id")).with_for_update())
     ).scalar_one_or_none()
