@@ -480,11 +480,10 @@ class PageReader:
     async def page_rows(self, link_id: uuid.UUID) -> PageRows | None:
         """PAGE's raw rows for the link (`PageRows`), or None: no such link, a page that needs more reads
         than PAGE, or a database where the raw read does not apply (then `pay_page` is the way)."""
-        now = utcnow()
         if self._engine is not None:
             if self._raw is None:
                 self._raw = _RawReads(self._engine)
-            return self._raw.page_rows(link_id, now)
+            return self._raw.page_rows(link_id, utcnow())
         gathered = self._gathered or await self._open_rows_pool()
         if gathered is None:
             return None
