@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from itsdangerous import BadData, URLSafeSerializer
 
 from plumbing.signing import Purpose, TokenExpired, TokenInvalid, TokenSigner
 
@@ -156,3 +158,45 @@ class TestForgedAgreesWithVerify:
         genuine = signer.sign(uuid.UUID(int=at), in_days(30))
         position = at % len(genuine)
         self.agree(signer, genuine[:position] + character + genuine[position + 1 :])
+
+
+class TestVerifyAgreesWithItsdangerous:
+    """`verify` checks signatures itself (each key's HMAC keyed once) and reads the payload with
+    itsdangerous's `load_payload`: it accepts exactly what itsdangerous's own `loads` accepts, with the
+    same claims."""
+
+    @staticmethod
+    def agree(keys: list[str], token: str) -> None:
+        reference = URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        try:
+            subject_hex, expires_ts = reference.loads(token)
+            expected: tuple[uuid.UUID, datetime] | None = (uuid.UUID(hex=subject_hex), datetime.fromtimestamp(expires_ts, UTC))
+        except (BadData, ValueError, TypeError):
+            expected = None
+        try:
+            claims = TokenSigner(keys, Purpose.PAY).verify(token)
+            got: tuple[uuid.UUID, datetime] | None = (claims.subject_id, claims.expires_at)
+        except TokenExpired as exc:
+            got = (exc.subject_id, exc.expired_at)
+        except TokenInvalid:
+            got = None
+        assert got == expected, token
+
+    def test_known_shapes(self) -> None:
+        keys = [NEW_KEY, OLD_KEY]
+        genuine = TokenSigner(keys, Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        head, _, signature = genuine.rpartition(".")
+        by_old_key = TokenSigner([OLD_KEY], Purpose.PAY).sign(uuid.uuid4(), in_days(30))
+        expired = TokenSigner(keys, Purpose.PAY).sign(uuid.uuid4(), in_days(-1))
+        other_purpose = TokenSigner([NEW_KEY], Purpose.VERIFY_EMAIL).sign(uuid.uuid4(), in_days(30))
+        # Signed with our key but not a link's claims: itsdangerous reads them, `verify` must refuse them.
+        reference = URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        odd = [reference.dumps(value) for value in (["zz", 1], ["0" * 32], "text", [uuid.uuid4().hex, "x"], ["a" * 500, 1])]
+        for token in (genuine, by_old_key, expired, other_purpose, head, head + "." + signature[:-1], "x" * 600, *odd):
+            self.agree(keys, token)
+
+    @given(st.integers(min_value=0, max_value=200), st.characters(codec="ascii"))
+    def test_any_one_character_changed(self, at: int, character: str) -> None:
+        genuine = TokenSigner([NEW_KEY], Purpose.PAY).sign(uuid.UUID(int=at), in_days(30))
+        position = at % len(genuine)
+        self.agree([NEW_KEY], genuine[:position] + character + genuine[position + 1 :])
