@@ -18,15 +18,19 @@ with a saved Visa 4242 and an open invoice whose link was sent (load/_common.py 
    the card, a forged token is 404; 20 random links' pages (before the load) and 50 (after it) must
    each show the card and their own invoice's number;
 2. wrk warms it up (2 s), then measures the N distinct links (random path + cookie pairs, a Lua
-   script), one link hit repeatedly, the handoff GET /pay/<token> of the N links (303; a figure
-   without a goal), and the forged token, --duration seconds each;
+   script; most links are opened for the first time during it, each rendered then), one link hit
+   repeatedly, the handoff GET /pay/<token> of the N links (303; a figure without a goal), and the
+   forged token, --duration seconds each; after the distinct run every link's page is opened once
+   more (so that every page is kept) and the N links are measured again ("distinct, all kept": a
+   figure without a goal, what a request costs once its page is rendered: the difference is the
+   first opens' rendering);
 3. the app is stopped (SIGINT: it writes the opens it still holds), and the database must hold at
    least one open per page wrk counted (sum of open_count); on PostgreSQL, the database's transaction
    counter during the forged run shows that forged links cost no query;
 4. bare Starlette (load/_serve.py --bare) serves the page and the forged answer the app sent, byte for
    byte, with the same statuses, on /pay/l/{link_hex} and /pay/{token}; wrk measures it the same way.
 
-A run takes ~(10 x duration + 25) s with both databases. Exit 1 on a missed check (a failed request,
+A run takes ~(12 x duration + 45) s with both databases. Exit 1 on a missed check (a failed request,
 a lost open, a forged request that reached the database), not on a missed goal.
 
 Earlier findings (2026-11-23, before issue 15; 1,000 links, SQLite, 2 vCPU box): the app served
@@ -40,6 +44,7 @@ and CSRF token put in at send time).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import random
@@ -131,6 +136,24 @@ def wrong_pages(base: str, links: list[SeededLink], sample: int) -> list[str]:
     return wrong
 
 
+async def _open_all(base: str, links: list[SeededLink]) -> int:
+    limit = asyncio.Semaphore(CONNECTIONS)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def one(link: SeededLink) -> bool:
+            async with limit:
+                page = await client.get(link.page_path, headers={"cookie": link.cookie})
+                return page.status_code == 200
+
+        return sum(await asyncio.gather(*map(one, links)))
+
+
+def open_every_page(base: str, links: list[SeededLink]) -> int:
+    """Every link's page once (CONNECTIONS at a time): afterwards the app keeps every page. How many
+    answered 200 (each an open)."""
+    return asyncio.run(_open_all(base, links))
+
+
 def valid_run(w: Wrk) -> list[str]:
     return [f"{w.non2xx} non-2xx, {w.errors} socket errors"] if w.non2xx or w.errors else []
 
@@ -150,6 +173,10 @@ def measure_app(
         problems += [f"{backend.name} before the load: {p}" for p in wrong_pages(app.base, backend.links, 20)]
         warm = run_wrk(app.base, backend.distinct, WARMUP_SECONDS, CONNECTIONS)
         distinct = run_wrk(app.base, backend.distinct, duration, CONNECTIONS)
+        every = open_every_page(app.base, backend.links)
+        if every != len(backend.links):
+            problems.append(f"{backend.name}: {len(backend.links) - every} pages were not 200 when every link was opened")
+        kept = run_wrk(app.base, backend.distinct, duration, CONNECTIONS)
         one = run_wrk(app.base, backend.one, duration, CONNECTIONS)
         handoff = run_wrk(app.base, backend.handoff, duration, CONNECTIONS)
         problems += [f"{backend.name} after the load: {p}" for p in wrong_pages(app.base, backend.links, 50)]
@@ -164,19 +191,21 @@ def measure_app(
         errors = app.server_errors()
     if py_spy:
         print_py_spy(spy)
-    for label, w in (("warm-up", warm), ("distinct", distinct), ("one link", one), ("handoff", handoff)):
+    for label, w in (("warm-up", warm), ("distinct", distinct), ("distinct, all kept", kept), ("one link", one), ("handoff", handoff)):
         problems += [f"{backend.name} {label}: {p}" for p in valid_run(w)]
     if forged.errors or forged.non2xx != forged.requests:
         problems.append(f"{backend.name} forged: {forged.requests - forged.non2xx} answered 2xx/3xx, {forged.errors} socket errors")
     if errors:
         problems.append(f"{backend.name}: {errors} server errors logged (see {work})")
-    served = 1 + 20 + 50 + warm.ok + distinct.ok + one.ok  # the pages fetched by check_app and wrong_pages
+    served = 1 + 20 + 50 + every + warm.ok + distinct.ok + kept.ok + one.ok  # with the pages of check_app and wrong_pages
     recorded = open_sum(backend.url) - before
     if recorded < served:
         problems.append(f"{backend.name}: {served - recorded:,} opens LOST ({recorded:,} recorded for {served:,} pages wrk counted)")
     figures = {
         f"{backend.name} distinct req/s": distinct.rps,
         f"{backend.name} distinct p99 ms": distinct.p99_ms,
+        f"{backend.name} distinct, all kept req/s": kept.rps,
+        f"{backend.name} distinct, all kept p99 ms": kept.p99_ms,
         f"{backend.name} one link req/s": one.rps,
         f"{backend.name} one link p99 ms": one.p99_ms,
         f"{backend.name} handoff (303) req/s": handoff.rps,
@@ -261,7 +290,7 @@ def main() -> int:
                 bare = measure_bare(captured, backends[0], work, args.duration, run)
                 figures.update(bare)
                 for backend in backends:
-                    for kind in ("distinct", "one link"):
+                    for kind in ("distinct", "distinct, all kept", "one link"):
                         figures[f"{backend.name} {kind} / bare"] = figures[f"{backend.name} {kind} req/s"] / bare["bare page req/s"]
                     figures[f"{backend.name} forged / bare"] = figures[f"{backend.name} forged req/s"] / bare["bare forged req/s"]
                     headed = bare["bare forged with the app's headers req/s"]
@@ -283,6 +312,8 @@ def main() -> int:
         goals,
         notes=[
             "bare = Starlette serving the app's own page (and its forged-link answer) byte for byte, same routes, same run",
+            "distinct, all kept = the N links again once every page was rendered (no goal): the difference from "
+            "distinct is what the first opens' rendering costs",
             "bare with the app's headers = the same forged answer with the app's security and request-id headers too "
             "(what the headers cost, apart from the app's code; no goal)",
             "opens recorded - pages counted >= 0: every page wrk counted left an open in the database (wrk leaves out requests "
