@@ -172,9 +172,10 @@ class Document:
     receipt: ReceiptFacts | None  # the latest payment that counted, if any
 
 
-def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = None) -> ReceiptFacts | None:
+def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = None, number: str | None = None) -> ReceiptFacts | None:
     """The receipt of the payment made at `paid_at` (an emailed receipt's), else of the latest one that
-    counted: the invoice's own payments and pay-all payments that included it."""
+    counted: the invoice's own payments and pay-all payments that included it. With `number`, the
+    receipt of that number among them (a part payment's, asked for on the page), or None."""
     allocated = select(PaymentAllocation.payment_id).where(PaymentAllocation.invoice_id == invoice.id)
     query = (
         select(Payment)
@@ -188,7 +189,13 @@ def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = N
     found = list(session.execute(query).scalars())
     if not found:
         return None
-    chosen = next((p for p in found if paid_at is not None and p.succeeded_at == paid_at), found[0])
+    if number is not None:
+        numbered = next((p for p in found if p.receipt_number == number), None)
+        if numbered is None:
+            return None
+        chosen = numbered
+    else:
+        chosen = next((p for p in found if paid_at is not None and p.succeeded_at == paid_at), found[0])
     splits: dict[uuid.UUID, list[tuple[str, int, uuid.UUID]]] = {}
     pay_all = [p.id for p in found if p.scope == "all"]
     if pay_all:
@@ -214,17 +221,20 @@ def _receipt_of(session: Session, invoice: Invoice, paid_at: datetime | None = N
     )  # fmt: skip
 
 
-def _document(session: Session, link: PaymentLink | None, invoice: Invoice, customer: Customer, paid_at: datetime | None) -> Document:
+def _document(
+    session: Session, link: PaymentLink | None, invoice: Invoice, customer: Customer, paid_at: datetime | None, number: str | None = None
+) -> Document:
     lines = lines_of(invoice.line_items, description=invoice.description, amount_due=invoice.amount_due)
-    return Document(invoice, customer, link, lines, totals(lines), invoice.created_at.date(), _receipt_of(session, invoice, paid_at))
+    receipt = _receipt_of(session, invoice, paid_at, number)
+    return Document(invoice, customer, link, lines, totals(lines), invoice.created_at.date(), receipt)
 
 
-def _link_document_sync(session: Session, link_id: uuid.UUID) -> Document | None:
+def _link_document_sync(session: Session, link_id: uuid.UUID, receipt_number: str | None) -> Document | None:
     row = session.execute(link_with_invoice(link_id)).one_or_none()
     if row is None:
         return None
     link, invoice, customer = row
-    return _document(session, link, invoice, customer, None)
+    return _document(session, link, invoice, customer, None, receipt_number)
 
 
 def _invoice_document_sync(session: Session, invoice_id: uuid.UUID, paid_at: datetime | None) -> Document | None:
@@ -236,9 +246,10 @@ def _invoice_document_sync(session: Session, invoice_id: uuid.UUID, paid_at: dat
     return _document(session, None, row[0], row[1], paid_at)
 
 
-async def link_document(session: AsyncSession, link_id: uuid.UUID) -> Document | None:
-    """The link's invoice with its lines, totals and receipt (one read-only session)."""
-    return await session.run_sync(_link_document_sync, link_id)
+async def link_document(session: AsyncSession, link_id: uuid.UUID, *, receipt_number: str | None = None) -> Document | None:
+    """The link's invoice with its lines, totals and receipt (one read-only session): the latest
+    payment's, or with `receipt_number` that receipt's if it is one of the invoice's (else none)."""
+    return await session.run_sync(_link_document_sync, link_id, receipt_number)
 
 
 async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID, *, paid_at: datetime | None = None) -> Document | None:
@@ -248,10 +259,15 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID, *, paid
 # --- rendering ---------------------------------------------------------------------------------------------
 
 
-def filename(kind: DocumentKind, document: Document) -> str:
-    """INV-000001.pdf, INV-000001-receipt.pdf: the invoice number, made safe for a header."""
+def filename(kind: DocumentKind, document: Document, *, numbered: bool = False) -> str:
+    """INV-000001.pdf, INV-000001-receipt.pdf (INV-000001-receipt-R-000002.pdf for one receipt of
+    several, `numbered`): the numbers, made safe for a header."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", document.invoice.number) or "invoice"
-    return f"{safe}.pdf" if kind == "invoice" else f"{safe}-receipt.pdf"
+    if kind == "invoice":
+        return f"{safe}.pdf"
+    if numbered and document.receipt is not None and document.receipt.number:
+        return f"{safe}-receipt-{re.sub(r'[^A-Za-z0-9._-]', '_', document.receipt.number)}.pdf"
+    return f"{safe}-receipt.pdf"
 
 
 def document_html(settings: Settings, kind: DocumentKind, document: Document, locale: str) -> str:

@@ -601,17 +601,26 @@ async def invoice_pdf(request: Request, access: LinkAccess) -> Response:
     return await _document(request, access, "invoice")
 
 
+RECEIPT_NUMBER = re.compile(r"[A-Za-z0-9-]{1,32}")  # ?number= of …/receipt.pdf (RCT-000123)
+
+
 async def receipt_pdf(request: Request, access: LinkAccess) -> Response:
-    return await _document(request, access, "receipt")
+    """The receipt of the latest payment; `?number=RCT-…` one receipt of several (a part payment's,
+    linked from the page's list of what was paid)."""
+    number = request.query_params.get("number")
+    if number is not None and not RECEIPT_NUMBER.fullmatch(number):
+        number = ""  # no receipt has it: the "no receipt" page, as for a number of another invoice
+    return await _document(request, access, "receipt", number=number)
 
 
-async def _document(request: Request, access: LinkAccess, kind: documents.DocumentKind) -> Response:
+async def _document(request: Request, access: LinkAccess, kind: documents.DocumentKind, *, number: str | None = None) -> Response:
     """The invoice or receipt as a PDF: the same link checks as the page; a void invoice, a withdrawn
     or an expired link shows its page instead, as the page itself would, except that a paid invoice's
-    documents are served however old or withdrawn the link (its receipt email links here)."""
+    documents are served however old or withdrawn the link (its receipt email links here). A part
+    payment's receipt (`number`) is there while the rest is still due, under the same checks."""
     app = services_of(request)
     async with app.readers() as session:
-        document = await documents.link_document(session, access.link_id)
+        document = await documents.link_document(session, access.link_id, receipt_number=number)
     if document is None or document.link is None:
         raise InvalidLink()
     invoice = document.invoice
@@ -621,14 +630,14 @@ async def _document(request: Request, access: LinkAccess, kind: documents.Docume
         if invoice.status == InvoiceStatus.VOID or document.link.revoked_at is not None:
             page, receipt = await _read_page(request, access.link_id)
             return render_pay_state(request, access, page, receipt=receipt)
-    if kind == "receipt" and (invoice.status not in InvoiceStatus.HAS_RECEIPT or document.receipt is None):
+    if kind == "receipt" and (document.receipt is None or (number is None and invoice.status not in InvoiceStatus.HAS_RECEIPT)):
         raise NoReceipt(pay_path=access.path, invoice=invoice)
     if document.link.recipient_email is not None and document.receipt is not None:
         # A colleague's link never shows which card the customer paid with (the receipt's "Paid with").
         document = dataclasses.replace(document, receipt=dataclasses.replace(document.receipt, brand=None, last4=None))
     locale = request_locale(request, document.customer.locale, app.settings.default_locale)
     pdf = await documents.render_document(app.settings, kind, document, locale)
-    name = documents.filename(kind, document)
+    name = documents.filename(kind, document, numbered=number is not None)
     return Response(pdf, media_type=documents.PDF, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 

@@ -43,12 +43,16 @@ class TestPayYourWay:
         expect(page.get_by_role("heading", level=1)).to_have_text("Pay €700.00")  # the same link pays the rest
         assert_accessible(page)
         snap(page, f"part-paid-deposit-{size}")
+        with page.expect_download() as deposit_receipt:  # the deposit's receipt, from the list of what was paid
+            page.get_by_role("link", name=re.compile(r"^receipt RCT-")).click()
+        assert re.fullmatch(rf"{kitchen.number}-receipt-RCT-\d+\.pdf", deposit_receipt.value.suggested_filename)
 
         page.get_by_role("button", name="Pay €700.00 with Visa •••• 4242").click()
         expect(page.get_by_role("heading", level=1)).to_have_text("Payment received")
         expect(page.get_by_role("heading", name="Paid in parts")).to_be_visible()
         assert invoice_status(cli, kitchen.number)["status"] == "paid"
         assert sorted(pi.amount for pi in localstripe.payment_intents_for(issued.stripe_customer)) == [30000, 70000]
+        expect(page.get_by_role("link", name=re.compile(r"^receipt RCT-"))).to_have_count(2)  # each part's own
         assert_accessible(page)
         snap(page, f"part-paid-in-full-{size}")
 

@@ -12,6 +12,7 @@ import pytest
 from plumbing.settings import Settings
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, text_part, wait_until
 from tests.integration.helpers import another_invoice, csrf_of, invoice_status, issue_invoice, part_form, post_event
+from tests.integration.test_documents import pdf_text
 
 
 def partial_invoice(cli: Any, localstripe: LocalStripe, amount: str, *rules: str) -> Any:
@@ -206,3 +207,45 @@ class TestRefundOfAPart:
         assert post_event(server, "charge.refunded", charge_of(localstripe, intent.id)).status_code == 200
         shown = invoice_status(cli, issued.number)
         assert (shown["status"], shown["amount_paid"], shown["balance"]) == ("partially_paid", 25000, 75000)
+
+
+@pytest.mark.postgres
+class TestEachPartHasItsReceipt:
+    """The page lists what was paid so far; each part's receipt is a PDF from there, while the rest is
+    still due and after (the customer's accounts want the deposit's receipt, not only the last one)."""
+
+    def test_the_deposit_s_receipt_from_the_page(self, cli: Any, localstripe: LocalStripe, browser_client: httpx.Client) -> None:
+        issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30")
+        html = browser_client.get(issued.url).text
+        deposit = browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0]))
+        assert "The balance still due is €700.00." in deposit.text
+        [first] = [p["receipt_number"] for p in invoice_status(cli, issued.number)["payments"]]
+        links = re.findall(r'href="([^"]+/receipt\.pdf\?number=[^"]+)" download>receipt ([^<]+)</a>', deposit.text)
+        assert [number for _, number in links] == [first]
+        pdf = browser_client.get(links[0][0])
+        assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+        assert f'filename="{issued.number}-receipt-{first}.pdf"' in pdf.headers["content-disposition"]
+        text = " ".join(pdf_text(pdf.content).split())
+        assert first in text and "received €300.00 for invoice" in text and "Balance still due €700.00" in text
+        # Without a number there is no receipt yet: the invoice is not paid.
+        page_path = links[0][0].split("/receipt.pdf")[0]
+        assert browser_client.get(f"{page_path}/receipt.pdf").status_code == 404
+
+        # What an attacker would try: another invoice's receipt number, a made-up one, garbage.
+        other = partial_invoice(cli, localstripe, "500.00")
+        other_html = browser_client.get(other.url).text
+        browser_client.post(other.url, data=part_form(other_html, "100", other.cards[0]))
+        [foreign] = [p["receipt_number"] for p in invoice_status(cli, other.number)["payments"]]
+        for number in (foreign, "RCT-999999", "x" * 200, "'; DROP TABLE payments; --", ""):
+            refused = browser_client.get(f"{page_path}/receipt.pdf", params={"number": number})
+            assert refused.status_code == 404 and "There is no receipt yet" in refused.text, number
+
+        # Paid in full: the receipt page lists both parts, each with its own receipt.
+        rest = browser_client.post(issued.url, data={"csrf": csrf_of(deposit.text), "payment_method": issued.cards[0], "offers_part": "1"})
+        assert "Paid in parts" in rest.text
+        numbers = [p["receipt_number"] for p in invoice_status(cli, issued.number)["payments"]]
+        links = re.findall(r'href="([^"]+/receipt\.pdf\?number=[^"]+)" download>receipt ([^<]+)</a>', rest.text)
+        assert sorted(number for _, number in links) == sorted(numbers) and len(numbers) == 2
+        second = next(href for href, number in links if number != first)
+        text = " ".join(pdf_text(browser_client.get(second).content).split())
+        assert "received €700.00 for invoice" in text and "Balance still due" not in text
