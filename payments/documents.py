@@ -260,7 +260,7 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID, *, paid
 
 
 def filename(kind: DocumentKind, document: Document, *, numbered: bool = False) -> str:
-    """INV-000001.pdf, INV-000001-receipt.pdf (INV-000001-receipt-R-000002.pdf for one receipt of
+    """INV-000001.pdf, INV-000001-receipt.pdf (INV-000001-receipt-RCT-000002.pdf for one receipt of
     several, `numbered`): the numbers, made safe for a header."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", document.invoice.number) or "invoice"
     if kind == "invoice":

@@ -74,10 +74,12 @@ class TokenSigner:
     def forged(self, token: str) -> bool:
         """Whether no key of ours signed `token`: what `verify` would raise TokenInvalid for, decided
         in a few microseconds (the hot path answers forged links with it; tests/unit/test_tokens.py
-        checks both agree). A genuine token's payload is always well-formed: only we sign."""
+        checks both agree). A genuine token's payload is always well-formed: only we sign. Every token we
+        sign is ASCII and ~107 characters: anything else is forged (itsdangerous's base64 decoding skips
+        characters outside its alphabet, so a genuine token with one added would otherwise pass)."""
         if token in self._verified:
             return False
-        if len(token) > 512:
+        if len(token) > 512 or not token.isascii():
             return True
         value, sep, signature = token.rpartition(self._sep)
         if not sep:
@@ -95,7 +97,9 @@ class TokenSigner:
         return True
 
     def verify(self, token: str, now: datetime | None = None) -> TokenClaims:
-        """Return the claims of a valid token; raise TokenExpired or TokenInvalid otherwise."""
+        """Return the claims of a valid token; raise TokenExpired or TokenInvalid otherwise. It accepts
+        what itsdangerous's `loads` accepts (with the same keys, salt and digest), except tokens longer
+        than 512 characters or not ASCII (ours never are), and payloads that are not a link's claims."""
         if len(token) > 512:
             raise TokenInvalid("token too long")
         known = self._verified.get(token)
@@ -108,9 +112,11 @@ class TokenSigner:
             try:
                 payload = self._serializer.load_payload(token.rpartition(self._sep)[0].encode())
                 subject_hex, expires_ts = payload
+                if not isinstance(subject_hex, str) or type(expires_ts) is not int:
+                    raise TypeError("not a link's claims")
                 subject_id = uuid.UUID(hex=subject_hex)
-                expires_at = datetime.fromtimestamp(int(expires_ts), UTC)
-            except (BadData, ValueError, TypeError) as exc:
+                expires_at = datetime.fromtimestamp(expires_ts, UTC)
+            except (BadData, ValueError, TypeError, OverflowError, OSError) as exc:
                 raise TokenInvalid(str(exc)) from None
             if len(self._verified) >= VERIFIED_MEMO:
                 self._verified.clear()

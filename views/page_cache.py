@@ -17,10 +17,11 @@ every second while a link is being opened) are left out of the key, so that a li
 stays cached; `uncacheable_reason` refuses any template that names them.
 
 Bounded: at most `max_entries` pages and `max_bytes` of (compressed) page bodies (and `MAX_HOT` uncompressed), least recently used
-out first. A page is compressed against the first page kept of its language and status (zlib's preset
-dictionary): pages of one template differ in a few values, so a pay page of ~8 KB keeps ~0.4-0.7 KB
-(~2.8 KB compressed alone, which made 10,000 links' pages overflow `max_bytes`: payday's pages were
-rendered again and again), and comes back faster (~10 us, was ~14.5 us: mostly copies from the dictionary).
+out first. A page is compressed against the first page kept of its template, language and status
+(zlib's preset dictionary; that page's text stays in memory for the process's life, at most MAX_BASES):
+pages of one template differ in a few values, so a pay page of ~8 KB keeps ~0.4-0.7 KB (~2.8 KB
+compressed alone, which made 10,000 links' pages overflow `max_bytes`: payday's pages were rendered
+again and again), and comes back faster (~10 us, was ~14.5 us: mostly copies from the dictionary).
 Only answers that are pages of the link's state are kept (200, and 410 for a void invoice or a
 withdrawn link); an answer with cookies of its own or a template that reads the request itself is
 served once and not kept. Error pages are raised, not returned, and never reach the cache.
@@ -61,11 +62,13 @@ log = logging.getLogger("paylink.page_cache")
 MAX_ENTRIES = 12_000
 MAX_BYTES = 32 * 1024 * 1024  # compressed page bodies and their bookkeeping; a pay page keeps ~1 KB in all (see _pack)
 MAX_HOT = 256  # pages kept uncompressed too (~2 MB)
-# Preset dictionaries (`_pack`): one page's text per language and status, at most this many (~8 KB each),
-# kept for the process's life (not counted in max_bytes). zlib looks back at most 32 KB.
+# Preset dictionaries (`_pack`): one page's text per template, language and status, at most this many
+# (~8 KB each; 64 x BASE_MAX_BYTES = 2 MB at most), kept for the process's life (not counted in max_bytes:
+# neither is MAX_HOT).
+# zlib looks back at most 32 KB.
 MAX_BASES = 64
 BASE_MAX_BYTES = 32 * 1024
-PACK_LEVEL = 6  # ~0.4 KB a pay page against its base (level 1: ~0.7 KB); compressing costs ~90 us, once per render
+PACK_LEVEL = 6  # ~0.4 KB a pay page against its base (level 1: ~0.7 KB); compressing costs ~38 us, once per render
 CACHEABLE_STATUS = frozenset({200, 410})  # a page of the link's state (410: void invoice, withdrawn link)
 # What a template may read that differs per request, besides the CSP nonce and the CSRF tokens (which
 # every answer fills in): a template that reads it is rendered for its request only.
@@ -205,7 +208,7 @@ class PageCache:
         # of a hit): the same page for many answers (one link opened again and again, an error page).
         self._hot: OrderedDict[bytes, bytes] = OrderedDict()  # answer_fixed's keys (a few per language)
         self._warned: set[str] = set()
-        self._bases: dict[tuple[str, int], bytes] = {}  # (language, status) -> preset dictionary (`_pack`)
+        self._bases: dict[tuple[str, str, int], bytes] = {}  # (template, language, status) -> preset dictionary (`_pack`)
         # Random per process: data on a page (an invoice's notes) cannot spell a placeholder.
         marker = secrets.token_hex(8)
         self._nonce = f"plnonce{marker}-"
@@ -331,7 +334,7 @@ class PageCache:
         if not isinstance(body, bytes) or placeholders.template is None or placeholders.locale is None:
             return response  # not a rendered page (no placeholders in it either)
         keep = self._keepable(response, placeholders.template, statuses)
-        page, text = self._page_of(response, body, placeholders.locale, keep_cookies=not keep)
+        page, text = self._page_of(response, body, placeholders.locale, keep_cookies=not keep, template=placeholders.template)
         if keep:
             # Under the hot path's key if it asked for this page (it answers that page's next requests),
             # else under this one.
@@ -359,7 +362,7 @@ class PageCache:
             self._warned.add(reason)
             log.warning("page_cache.not_cached reason=%s", reason)
 
-    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool) -> tuple[CachedPage, bytes]:
+    def _page_of(self, response: Response, body: bytes, locale: str, *, keep_cookies: bool, template: str) -> tuple[CachedPage, bytes]:
         """The page as kept, and its text (without the placeholders) uncompressed."""
         pieces: list[bytes] = []
         holes: list[tuple[int, uuid.UUID | None]] = []
@@ -372,19 +375,19 @@ class PageCache:
             at = match.end()
         pieces.append(body[at:])
         text = b"".join(pieces)
-        packed, base = self._pack(text, locale, response.status_code, new_base=not keep_cookies)
+        packed, base = self._pack(text, (template, locale, response.status_code), new_base=not keep_cookies)
         headers = tuple(
             (name, value) for name, value in response.raw_headers if name != b"content-length" and (keep_cookies or name != b"set-cookie")
         )
         size = len(packed) + 64 * len(holes) + 256
         return CachedPage(packed, tuple(holes), response.status_code, headers, locale, size, base), text
 
-    def _pack(self, text: bytes, locale: str, status: int, *, new_base: bool) -> tuple[bytes, bytes | None]:
-        """`text` compressed against the base of its language and status (the first page kept of those
-        becomes it: `new_base`), or alone when there is none and no room for another."""
-        base = self._bases.get((locale, status))
+    def _pack(self, text: bytes, kind: tuple[str, str, int], *, new_base: bool) -> tuple[bytes, bytes | None]:
+        """`text` compressed against the base of its kind (template, language, status: the first page
+        kept of that kind becomes it, `new_base`), or alone when there is none and no room for another."""
+        base = self._bases.get(kind)
         if base is None and new_base and len(self._bases) < MAX_BASES and len(text) <= BASE_MAX_BYTES:
-            base = self._bases[locale, status] = text
+            base = self._bases[kind] = text
         if base is None:
             return zlib.compress(text, PACK_LEVEL), None
         packer = zlib.compressobj(PACK_LEVEL, zdict=base)
@@ -393,6 +396,9 @@ class PageCache:
     def _store(self, key: bytes, page: CachedPage) -> None:
         if page.size > self.max_bytes:
             return
+        old = self._pages.pop(key, None)  # (the same key stored again: its old size goes)
+        if old is not None:
+            self._bytes -= old.size
         self._pages[key] = page
         self._bytes += page.size
         while len(self._pages) > self.max_entries or self._bytes > self.max_bytes:

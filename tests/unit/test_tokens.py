@@ -162,8 +162,8 @@ class TestForgedAgreesWithVerify:
 
 class TestVerifyAgreesWithItsdangerous:
     """`verify` checks signatures itself (each key's HMAC keyed once) and reads the payload with
-    itsdangerous's `load_payload`: it accepts exactly what itsdangerous's own `loads` accepts, with the
-    same claims."""
+    itsdangerous's `load_payload`: for ASCII tokens of up to 512 characters (every token we sign) it
+    accepts exactly what itsdangerous's own `loads` accepts, with the same claims."""
 
     @staticmethod
     def agree(keys: list[str], token: str) -> None:
@@ -171,7 +171,7 @@ class TestVerifyAgreesWithItsdangerous:
         try:
             subject_hex, expires_ts = reference.loads(token)
             expected: tuple[uuid.UUID, datetime] | None = (uuid.UUID(hex=subject_hex), datetime.fromtimestamp(expires_ts, UTC))
-        except (BadData, ValueError, TypeError):
+        except (BadData, ValueError, TypeError, AttributeError, OverflowError, OSError):  # not a link's claims
             expected = None
         try:
             claims = TokenSigner(keys, Purpose.PAY).verify(token)
@@ -191,7 +191,10 @@ class TestVerifyAgreesWithItsdangerous:
         other_purpose = TokenSigner([NEW_KEY], Purpose.VERIFY_EMAIL).sign(uuid.uuid4(), in_days(30))
         # Signed with our key but not a link's claims: itsdangerous reads them, `verify` must refuse them.
         reference = URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
-        odd = [reference.dumps(value) for value in (["zz", 1], ["0" * 32], "text", [uuid.uuid4().hex, "x"], ["a" * 500, 1])]
+        odd = [
+            reference.dumps(value)
+            for value in (["zz", 1], ["0" * 32], "text", [uuid.uuid4().hex, "x"], ["a" * 100, 1], [5, 1], [uuid.uuid4().hex, 1e300])
+        ]
         for token in (genuine, by_old_key, expired, other_purpose, head, head + "." + signature[:-1], "x" * 600, *odd):
             self.agree(keys, token)
 
@@ -200,3 +203,18 @@ class TestVerifyAgreesWithItsdangerous:
         genuine = TokenSigner([NEW_KEY], Purpose.PAY).sign(uuid.UUID(int=at), in_days(30))
         position = at % len(genuine)
         self.agree([NEW_KEY], genuine[:position] + character + genuine[position + 1 :])
+
+    def test_what_itsdangerous_would_take_and_we_do_not(self) -> None:
+        """Beyond the agreement: a genuine token with a character added that itsdangerous's base64 skips
+        (non-ASCII) or a payload over 512 characters is refused; odd claims signed with our key are
+        TokenInvalid, never another exception (a 500)."""
+        signer = TokenSigner([NEW_KEY], Purpose.PAY)
+        genuine = signer.sign(uuid.uuid4(), in_days(30))
+        for token in (genuine + "é", genuine + "\udc80", genuine[:-4] + "é" + genuine[-4:]):
+            with pytest.raises(TokenInvalid):
+                signer.verify(token)
+            assert signer.forged(token)
+        reference = URLSafeSerializer([NEW_KEY], salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        for value in ([5, 1], [uuid.uuid4().hex, 1e300], [uuid.uuid4().hex, float("inf")], [uuid.uuid4().hex, 10**30], ["a" * 600, 1]):
+            with pytest.raises(TokenInvalid):
+                signer.verify(reference.dumps(value))
