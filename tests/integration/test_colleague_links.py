@@ -163,6 +163,12 @@ class TestFinanceSendsToAccountsPayable:
 
             text = "".join(p.extract_text() for p in PdfReader(BytesIO(pdf.content)).pages)
             assert issued.number in text and "4242" not in text
+            # The same receipt asked for by its number (the page's list of parts links so) hides it too.
+            [number] = [p["receipt_number"] for p in invoice_status(cli, issued.number)["payments"]]
+            numbered = colleague.get(str(receipt.url) + "/receipt.pdf", params={"number": number})
+            assert numbered.status_code == 200 and f"-receipt-{number}.pdf" in numbered.headers["content-disposition"]
+            text = "".join(p.extract_text() for p in PdfReader(BytesIO(numbered.content)).pages)
+            assert number in text and "4242" not in text
 
     def test_revoke_on_a_paid_invoice_says_what_it_did(self, cli, localstripe: LocalStripe, server, browser_client) -> None:
         issued = issue_invoice(cli, localstripe, CARD_OK)
