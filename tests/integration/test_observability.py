@@ -238,6 +238,12 @@ class TestSystemUsage:
         )
         assert cpu >= 0 and rss > 10_000_000 and load1 is not None
         wait_until(lambda: db_query(settings.database_url, "SELECT count(*) FROM link_opens")[0][0] >= 5, what="opens recorded")
+        # The samples after the first may land later (one every 0.3 s; on a loaded machine the report once saw
+        # only the first sample's 2 requests): wait until they count the requests made.
+        wait_until(
+            lambda: db_query(settings.database_url, "SELECT coalesce(sum(requests), 0) FROM usage_samples WHERE role = 'web'")[0][0] >= 5,
+            what="the samples count every request",
+        )
 
         report = cli("report", "usage", "--days", "1", "--json").json()
         hour = datetime.now(UTC).hour
