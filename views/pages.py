@@ -605,8 +605,8 @@ RECEIPT_NUMBER = re.compile(r"[A-Za-z0-9-]{1,32}")  # ?number= of …/receipt.pd
 
 
 async def receipt_pdf(request: Request, access: LinkAccess) -> Response:
-    """The receipt of the latest payment; `?number=RCT-…` one receipt of several (a part payment's,
-    linked from the page's list of what was paid)."""
+    """A paid invoice's receipt (its latest payment's); with `?number=RCT-…` that receipt of the invoice,
+    paid or not yet in full (a part payment's, linked from the page's list of what was paid)."""
     number = request.query_params.get("number")
     if number is not None and not RECEIPT_NUMBER.fullmatch(number):
         number = ""  # no receipt has it: the "no receipt" page, as for a number of another invoice
