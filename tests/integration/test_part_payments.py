@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from plumbing.settings import Settings
+from plumbing.signing import pay_signer
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, text_part, wait_until
 from tests.integration.helpers import another_invoice, csrf_of, invoice_status, issue_invoice, part_form, post_event
 from tests.integration.test_documents import pdf_text
@@ -214,7 +216,9 @@ class TestEachPartHasItsReceipt:
     """The page lists what was paid so far; each part's receipt is a PDF from there, while the rest is
     still due and after (the customer's accounts want the deposit's receipt, not only the last one)."""
 
-    def test_the_deposit_s_receipt_from_the_page(self, cli: Any, localstripe: LocalStripe, browser_client: httpx.Client) -> None:
+    def test_the_deposit_s_receipt_from_the_page(
+        self, cli: Any, localstripe: LocalStripe, settings: Settings, browser_client: httpx.Client
+    ) -> None:
         issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30")
         html = browser_client.get(issued.url).text
         deposit = browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0]))
@@ -230,6 +234,11 @@ class TestEachPartHasItsReceipt:
         # Without a number there is no receipt yet: the invoice is not paid.
         page_path = links[0][0].split("/receipt.pdf")[0]
         assert browser_client.get(f"{page_path}/receipt.pdf").status_code == 404
+        # An expired link of the partly paid invoice gets its page (ask for a fresh link), not the PDF.
+        signer = pay_signer(settings)
+        expired = signer.sign(signer.verify(issued.url.rsplit("/", 1)[1]).subject_id, datetime.now(UTC) - timedelta(days=1))
+        old = httpx.get(f"{settings.base_url}/pay/{expired}/receipt.pdf", params={"number": first}, timeout=30)
+        assert old.status_code == 410 and not old.content.startswith(b"%PDF") and issued.number in old.text
 
         # What an attacker would try: another invoice's receipt number, a made-up one, garbage.
         other = partial_invoice(cli, localstripe, "500.00")
