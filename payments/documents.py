@@ -262,12 +262,15 @@ async def invoice_document(session: AsyncSession, invoice_id: uuid.UUID, *, paid
 def filename(kind: DocumentKind, document: Document, *, numbered: bool = False) -> str:
     """INV-000001.pdf, INV-000001-receipt.pdf (INV-000001-receipt-RCT-000002.pdf for one receipt of
     several, `numbered`): the numbers, made safe for a header."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", document.invoice.number) or "invoice"
+    safe = _UNSAFE_IN_NAME.sub("_", document.invoice.number) or "invoice"
     if kind == "invoice":
         return f"{safe}.pdf"
     if numbered and document.receipt is not None and document.receipt.number:
-        return f"{safe}-receipt-{re.sub(r'[^A-Za-z0-9._-]', '_', document.receipt.number)}.pdf"
+        return f"{safe}-receipt-{_UNSAFE_IN_NAME.sub('_', document.receipt.number)}.pdf"
     return f"{safe}-receipt.pdf"
+
+
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")  # what a file name in Content-Disposition may not hold
 
 
 def document_html(settings: Settings, kind: DocumentKind, document: Document, locale: str) -> str:
