@@ -31,6 +31,11 @@ def charge_of(localstripe: LocalStripe, intent_id: str) -> dict[str, Any]:
     return localstripe.client.v1.charges.retrieve(latest["id"] if isinstance(latest, dict) else latest).to_dict()  # type: ignore[no-any-return]
 
 
+def receipt_links(html: str) -> list[tuple[str, str]]:
+    """The page's links to each part's receipt PDF: (href, receipt number)."""
+    return re.findall(r'href="([^"]+/receipt\.pdf\?number=[^"]+)" download>receipt ([^<]+)</a>', html)
+
+
 def charged(localstripe: LocalStripe, customer: str) -> list[int]:
     return sorted(pi.amount for pi in localstripe.payment_intents_for(customer) if pi.status == "succeeded")
 
@@ -224,7 +229,7 @@ class TestEachPartHasItsReceipt:
         deposit = browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0]))
         assert "The balance still due is €700.00." in deposit.text
         [first] = [p["receipt_number"] for p in invoice_status(cli, issued.number)["payments"]]
-        links = re.findall(r'href="([^"]+/receipt\.pdf\?number=[^"]+)" download>receipt ([^<]+)</a>', deposit.text)
+        links = receipt_links(deposit.text)
         assert [number for _, number in links] == [first]
         pdf = browser_client.get(links[0][0])
         assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
@@ -253,7 +258,7 @@ class TestEachPartHasItsReceipt:
         rest = browser_client.post(issued.url, data={"csrf": csrf_of(deposit.text), "payment_method": issued.cards[0], "offers_part": "1"})
         assert "Paid in parts" in rest.text
         numbers = [p["receipt_number"] for p in invoice_status(cli, issued.number)["payments"]]
-        links = re.findall(r'href="([^"]+/receipt\.pdf\?number=[^"]+)" download>receipt ([^<]+)</a>', rest.text)
+        links = receipt_links(rest.text)
         assert sorted(number for _, number in links) == sorted(numbers) and len(numbers) == 2
         second = next(href for href, number in links if number != first)
         text = " ".join(pdf_text(browser_client.get(second).content).split())

@@ -160,6 +160,11 @@ class TestForgedAgreesWithVerify:
         self.agree(signer, genuine[:position] + character + genuine[position + 1 :])
 
 
+def reference_serializer(keys: list[str]) -> URLSafeSerializer:
+    """itsdangerous as TokenSigner configures it (newest key first in `keys`; itsdangerous signs with the last)."""
+    return URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+
+
 class TestVerifyAgreesWithItsdangerous:
     """`verify` checks signatures itself (each key's HMAC keyed once) and reads the payload with
     itsdangerous's `load_payload`: for ASCII tokens of up to 512 characters (every token we sign) it
@@ -167,7 +172,7 @@ class TestVerifyAgreesWithItsdangerous:
 
     @staticmethod
     def agree(keys: list[str], token: str) -> None:
-        reference = URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        reference = reference_serializer(keys)
         try:
             subject_hex, expires_ts = reference.loads(token)
             expected: tuple[uuid.UUID, datetime] | None = (uuid.UUID(hex=subject_hex), datetime.fromtimestamp(expires_ts, UTC))
@@ -190,7 +195,7 @@ class TestVerifyAgreesWithItsdangerous:
         expired = TokenSigner(keys, Purpose.PAY).sign(uuid.uuid4(), in_days(-1))
         other_purpose = TokenSigner([NEW_KEY], Purpose.VERIFY_EMAIL).sign(uuid.uuid4(), in_days(30))
         # Signed with our key but not a link's claims: itsdangerous reads them, `verify` must refuse them.
-        reference = URLSafeSerializer(list(reversed(keys)), salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        reference = reference_serializer(keys)
         odd = [
             reference.dumps(value)
             for value in (["zz", 1], ["0" * 32], "text", [uuid.uuid4().hex, "x"], ["a" * 100, 1], [5, 1], [uuid.uuid4().hex, 1e300])
@@ -214,7 +219,7 @@ class TestVerifyAgreesWithItsdangerous:
             with pytest.raises(TokenInvalid):
                 signer.verify(token)
             assert signer.forged(token)
-        reference = URLSafeSerializer([NEW_KEY], salt=Purpose.PAY, signer_kwargs={"digest_method": hashlib.sha256})
+        reference = reference_serializer([NEW_KEY])
         for value in ([5, 1], [uuid.uuid4().hex, 1e300], [uuid.uuid4().hex, float("inf")], [uuid.uuid4().hex, 10**30], ["a" * 600, 1]):
             with pytest.raises(TokenInvalid):
                 signer.verify(reference.dumps(value))
