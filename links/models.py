@@ -143,14 +143,17 @@ class PaymentLink(Base):
 
 
 class LinkOpen(Base):
-    """The access log behind the usage report: one row per page open (no token, no IP address)."""
+    """The access log behind the usage report (no token, no IP address): a link's opens within one minute,
+    as one worker's flush wrote them (links/opens.py): at most one row per link, worker and second, however
+    often the page is reloaded."""
 
     __tablename__ = "link_opens"
     __table_args__ = (Index("ix_link_opens_opened_at", "opened_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     link_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("payment_links.id"))
-    opened_at: Mapped[datetime]
+    opened_at: Mapped[datetime]  # the first of them
+    opens: Mapped[int] = mapped_column(default=1, server_default="1")  # how many
 
 
 class LinkRequest(Base):

@@ -263,3 +263,34 @@ class TestOpensFromManyWorkers:
         assert asyncio.run(flush_together()) == [0, 0]
         total = db_query(settings.database_url, "SELECT sum(open_count) FROM payment_links")[0][0]
         assert total == 2 * 15 * 4
+
+
+class TestOpensLogStaysSmall:
+    """A page reloaded thousands of times (or a leaked link hammered) writes one access-log row per flush and
+    minute, not one per request; every open is still counted, on the link and in the usage report."""
+
+    def test_hammered_link_writes_a_row_not_thousands(self, cli: Any, localstripe: LocalStripe, settings: Settings, server: Any) -> None:
+        hammered, quiet = (link_id_of(server, issue_invoice(cli, localstripe, CARD_OK).url) for _ in range(2))
+
+        async def record_and_flush() -> int:
+            engine = create_engine(settings.database_url)
+            try:
+                recorder = OpenRecorder(create_session_factory(engine))
+                for _ in range(5_000):
+                    recorder.record(hammered)
+                for _ in range(3):
+                    recorder.record(quiet)
+                return await recorder.flush()
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(record_and_flush()) == 2
+        query = "SELECT link_id, count(*), sum(opens) FROM link_opens GROUP BY link_id"
+        logged = {str(link).replace("-", ""): (rows, opens) for link, rows, opens in db_query(settings.database_url, query)}
+        # One row each (two if the recording ran over a minute's end), holding every open.
+        assert logged[hammered.hex][1] == 5_000 and logged[hammered.hex][0] <= 2
+        assert logged[quiet.hex][1] == 3 and logged[quiet.hex][0] <= 2
+        counted = dict(db_query(settings.database_url, "SELECT invoice_id, open_count FROM payment_links WHERE open_count > 0"))
+        assert sorted(counted.values()) == [3, 5_000]
+        report = cli("report", "usage", "--days", "1", "--json").json()
+        assert sum(report["by_hour_utc"]["opens"]) == 5_003
