@@ -124,18 +124,26 @@ def check_amount(amount: int, amount_due: int, amount_paid: int, rules: PartRule
     return amount
 
 
+# Thousands grouped the way some language writes them ("1.234,56", "1,234.56", "1 234,56", "1'234.56").
+_GROUPED = re.compile(r"[0-9]{1,3}(?:[.,'\s][0-9]{3})+(?:[.,][0-9]+)?")
+
+
 def parse_amount(text: str, currency: str) -> int:
-    """A typed amount in major units ("12.50") -> minor units (1250), strictly; AmountRefused otherwise."""
+    """A typed amount in major units -> minor units, strictly; AmountRefused otherwise. The decimal sign
+    may be a point or a comma ("12.50" or "12,50": the pay page shows amounts as "12,50 €" in German,
+    Spanish and French); thousands separators are refused, never guessed ("1.234" is 1234 in German)."""
     digits: int = currency_digits(currency)
     text = text.strip()
-    pattern = r"[0-9]{1,9}" + (rf"(?:\.[0-9]{{1,{digits}}})?" if digits else "")
+    pattern = r"[0-9]{1,9}" + (rf"(?:[.,][0-9]{{1,{digits}}})?" if digits else "")
     if not re.fullmatch(pattern, text):
-        if digits and re.fullmatch(rf"[0-9]{{1,9}},[0-9]{{1,{digits}}}", text):
-            raise AmountRefused(N_("Please write the amount with a point, without a comma: for example 12.50."))
+        if _GROUPED.fullmatch(text):
+            if digits:
+                raise AmountRefused(N_("Please write the amount without thousands separators: for example 1234.50."))
+            raise AmountRefused(N_("Please write the amount in whole digits, for example 1200."))
         if digits:
             raise AmountRefused(N_("Please write the amount in digits, for example 12.50."))
         raise AmountRefused(N_("Please write the amount in whole digits, for example 1200."))
-    whole, _, fraction = text.partition(".")
+    whole, _, fraction = text.replace(",", ".").partition(".")
     scale: int = 10**digits
     return int(whole) * scale + int(fraction.ljust(digits, "0") or 0)
 

@@ -342,16 +342,22 @@ def render_pay_state(
     error: str | None = None,
     error_card: str | None = None,
     avoid_card: str | None = None,
+    refusal: checkout.PaymentRefused | None = None,
+    typed_amount: str | None = None,
     status_code: int = 200,
 ) -> Response:
     """The page for the link's state: void, receipt, withdrawn, confirming, or the pay form.
 
     A paid invoice's link always shows the receipt, also when finance withdrew the link afterwards
     (the receipt email links to it). `error` is a message to show (a translatable msgid; with
-    `error_card`, the card it names); `avoid_card` is a card that just failed: another is preselected."""
+    `error_card`, the card it names); `avoid_card` is a card that just failed: another is preselected.
+    `refusal`: a request refused before anything reached the card (an amount outside the rules), told
+    in the page's language with `typed_amount` (what the customer wrote) back in its field."""
     settings = services_of(request).settings
     locale = request_locale(request, page.customer.locale, settings.default_locale)
     invoice = page.invoice
+    if refusal is not None:
+        error = _refusal(locale, refusal)
     context: dict[str, Any] = {
         "pay_path": access.path,
         "invoice": invoice,
@@ -382,6 +388,8 @@ def render_pay_state(
         needs_action=live is not None and live.status == PaymentStatus.REQUIRES_ACTION,
         error=error,
         error_card=error_card,
+        refused=refusal is not None,
+        typed_amount=typed_amount if refusal is not None else None,
         chosen_card=next((c.payment_method_id for c in page.cards if c.payment_method_id != avoid_card), None),
         publishable_key=settings.stripe_publishable_key,
         stripe_js_url=settings.stripe_js_url,
@@ -390,7 +398,14 @@ def render_pay_state(
 
 
 async def _show(
-    request: Request, access: LinkAccess, *, error: str | None, status_code: int, payment_id: uuid.UUID | None = None
+    request: Request,
+    access: LinkAccess,
+    *,
+    error: str | None = None,
+    status_code: int,
+    payment_id: uuid.UUID | None = None,
+    refusal: checkout.PaymentRefused | None = None,
+    typed_amount: str | None = None,
 ) -> Response:
     """The page again, with a message (a declined card, a refused request).
 
@@ -402,7 +417,7 @@ async def _show(
         code = failed.failure_code if failed is not None and failed.status == PaymentStatus.FAILED else None
         return await _show_attempt(request, access, failed, card_failure_message(code), status_code)
     page, _ = await _read_page(request, access.link_id)
-    return render_pay_state(request, access, page, error=error, status_code=status_code)
+    return render_pay_state(request, access, page, error=error, refusal=refusal, typed_amount=typed_amount, status_code=status_code)
 
 
 async def _attempt(request: Request, access: LinkAccess, payment_id: uuid.UUID | None) -> Payment | None:
@@ -477,7 +492,7 @@ async def pay(request: Request, access: LinkAccess) -> Response:
                 **choice,
             )
     except checkout.PaymentRefused as exc:
-        return await _show(request, access, error=_refusal(request, exc), status_code=409)
+        return await _show(request, access, refusal=exc, typed_amount=form.get("amount", "").strip()[:16] or None, status_code=409)
     except GatewayUnavailable:
         return await _show(request, access, error=checkout.GATEWAY_DOWN, status_code=503)
     except GatewayError:
@@ -512,10 +527,9 @@ def _pay_choice(form: Any) -> dict[str, Any]:
 AMOUNT_UNCLEAR = N_("You typed an amount: press “Pay this amount” to pay it, or clear it to pay the whole balance.")
 
 
-def _refusal(request: Request, exc: checkout.PaymentRefused) -> str:
-    """A refusal in the reader's language, with its amounts formatted for it (a translated message,
+def _refusal(locale: str, exc: checkout.PaymentRefused) -> str:
+    """A refusal in the page's language, with its amounts formatted for it (a translated message,
     which the page's own `_()` leaves as it is)."""
-    locale = request_locale(request, None, services_of(request).settings.default_locale)
     params: dict[str, str] = {k: format_money(v, exc.currency or "eur", locale) for k, v in exc.amounts.items()}
     return pages.gettext(locale, str(exc), **params, **exc.texts).replace("%", "%%")
 

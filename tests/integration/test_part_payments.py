@@ -57,6 +57,7 @@ class TestDepositThenTheRest:
         too_small = browser_client.post(issued.url, data=part_form(html, "200.00", issued.cards[0]))
         assert too_small.status_code == 409
         assert "The first payment is a deposit of at least €300.00." in too_small.text
+        assert "Nothing was charged." in too_small.text and "did not go through" not in too_small.text
         assert charged(localstripe, issued.stripe_customer) == []
 
         deposit = browser_client.post(issued.url, data=part_form(too_small.text, "300", issued.cards[0]))
@@ -85,6 +86,25 @@ class TestDepositThenTheRest:
         assert any("€700.00" in b and "Balance still due" not in b for b in bodies)
 
 
+    def test_a_german_customer_writes_the_deposit_with_a_comma(
+        self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
+    ) -> None:
+        """The German page writes amounts as "300,00 €" and asks for them the same way."""
+        issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30")
+        german = {"accept-language": "de-DE,de;q=0.9"}
+        html = browser_client.get(issued.url, headers=german).text
+        assert "Anzahlung von mindestens 300,00" in html and "Schreiben Sie ihn wie 12,50." in html
+        paid = browser_client.post(issued.url, data=part_form(html, "300,50", issued.cards[0]), headers=german)
+        assert paid.status_code == 200, paid.text
+        assert charged(localstripe, issued.stripe_customer) == [30050]
+        grouped = browser_client.post(issued.url, data=part_form(paid.text, "1.000,00", issued.cards[0]), headers=german)
+        assert grouped.status_code == 409 and "ohne Tausenderpunkte, zum Beispiel 1234,50" in grouped.text
+        # Told as a refusal (not a card that failed), with what was typed back in its field, the choice open.
+        assert "Es wurde nichts abgebucht." in grouped.text and "Zahlung ist nicht durchgegangen" not in grouped.text
+        assert 'value="1.000,00" aria-invalid="true"' in grouped.text and 'class="pay-part" id="saved-part" open' in grouped.text
+        assert charged(localstripe, issued.stripe_customer) == [30050]
+
+
 @pytest.mark.postgres
 class TestAmountsOutsideTheRules:
     """Amounts the rules do not allow are refused with a clear message, and nothing is charged."""
@@ -92,12 +112,13 @@ class TestAmountsOutsideTheRules:
     @pytest.mark.parametrize(
         ("typed", "message"),
         [
-            ("12,50", "Please write the amount with a point"),
+            ("1.000,00", "Please write the amount without thousands separators"),
             ("abc", "Please write the amount in digits"),
             ("49.99", "The smallest amount you can pay is €50.00."),
             ("1000.01", "That is more than the balance of €1,000.00."),
             ("999.80", "That would leave less than €0.50 to pay later"),
             ("", "Please write the amount in digits"),
+            ('1"><img src=x onerror=alert(1)>', "Please write the amount in digits"),
         ],
     )
     def test_refused_and_nothing_charged(
@@ -108,6 +129,7 @@ class TestAmountsOutsideTheRules:
         refused = browser_client.post(issued.url, data=part_form(html, typed, issued.cards[0]))
         assert refused.status_code == 409, refused.text
         assert message in refused.text
+        assert "<img" not in refused.text  # what was typed comes back in its field, escaped
         assert charged(localstripe, issued.stripe_customer) == []
         assert invoice_status(cli, issued.number)["amount_paid"] == 0
 

@@ -100,11 +100,24 @@ class TestParsing:
         with pytest.raises(AmountRefused, match="whole digits"):
             parse_amount("1200.5", "jpy")
 
-    def test_comma_gets_its_own_message(self) -> None:
-        with pytest.raises(AmountRefused, match="with a point"):
-            parse_amount("12,50", "eur")
+    @pytest.mark.parametrize(("text", "minor"), [("12,50", 1250), ("12,5", 1250), ("0,01", 1), (" 428,40 ", 42840)])
+    def test_a_decimal_comma_as_the_page_writes_amounts_in_german_spanish_and_french(self, text: str, minor: int) -> None:
+        assert parse_amount(text, "eur") == minor
 
-    @pytest.mark.parametrize("text", ["", "abc", "12.505", "-5", "1e3", "€12", "1,000.00", "12.", ".5", "1 000", "NaN", "１２"])
+    @pytest.mark.parametrize("text", ["1.234,56", "1,234.56", "1 234,56", "1\u202f234,56", "1'234.56", "1.234", "1,234", "12,505"])
+    def test_thousands_separators_are_refused_never_guessed(self, text: str) -> None:
+        # "1.234" is 1234 in German and 1.234 in English: asked again, never charged either way.
+        with pytest.raises(AmountRefused, match="without thousands separators"):
+            parse_amount(text, "eur")
+
+    def test_yen_refuses_a_comma_too(self) -> None:
+        for text in ("1,200", "1200,5"):
+            with pytest.raises(AmountRefused, match="whole digits"):
+                parse_amount(text, "jpy")
+
+    @pytest.mark.parametrize(
+        "text", ["", "abc", "12.505", "-5", "1e3", "€12", "1,000.00", "12.", ".5", "1 000", "NaN", "１２", "12,", ",5", "1,2,3"]
+    )
     def test_bad_amounts(self, text: str) -> None:
         with pytest.raises(AmountRefused):
             parse_amount(text, "eur")
