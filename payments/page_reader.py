@@ -67,6 +67,7 @@ class SavedCard:
 class LivePayment:
     id: uuid.UUID
     status: str
+    amount: int  # what this attempt charges (a part, the balance, or a pay-all total), in minor units
 
 
 @dataclass(frozen=True)
@@ -165,17 +166,7 @@ def _page_statement(which: Any = None) -> Select[Any]:
     """PAGE: the rows of the link `_LINK_ID` (or of every link `which` selects: PAGE_MANY)."""
     links, invoices, customers = PaymentLink.__table__, Invoice.__table__, Customer.__table__
     payments, allocations, profiles = Payment.__table__, PaymentAllocation.__table__, PaymentProfile.__table__
-    held = payments.alias("held")
-
-    def holding(column: Any) -> Any:
-        return (
-            select(column)
-            .select_from(held.join(allocations, allocations.c.payment_id == held.c.id))
-            .where(allocations.c.live_invoice_id == invoices.c.id)
-            .limit(1)
-            .scalar_subquery()
-        )
-
+    held = payments.alias("held")  # a pay-all attempt holding this invoice's live slot (at most one: unique)
     other, other_link = invoices.alias("other"), links.alias("other_link")
     sent_link = (
         select(other_link.c.id)
@@ -207,8 +198,10 @@ def _page_statement(which: Any = None) -> Select[Any]:
             *_CUSTOMER_COLUMNS,
             payments.c.id,
             payments.c.status,
-            holding(held.c.id),
-            holding(held.c.status),
+            payments.c.amount,
+            held.c.id,
+            held.c.status,
+            held.c.amount,
             payable_others,
             profiles.c.stripe_payment_method_id,
             profiles.c.brand,
@@ -221,6 +214,8 @@ def _page_statement(which: Any = None) -> Select[Any]:
             links.join(invoices, invoices.c.id == links.c.invoice_id)
             .join(customers, customers.c.id == invoices.c.customer_id)
             .outerjoin(payments, payments.c.live_invoice_id == invoices.c.id)  # at most one (a unique key)
+            .outerjoin(allocations, allocations.c.live_invoice_id == invoices.c.id)  # at most one (a unique key)
+            .outerjoin(held, held.c.id == allocations.c.payment_id)
             .outerjoin(profiles, and_(profiles.c.customer_id == customers.c.id, profiles.c.reusable.is_(True)))
         )
         .where(links.c.id == _LINK_ID if which is None else which)
@@ -269,7 +264,7 @@ _A = len(_LINK_KEYS)
 _B = _A + len(_INVOICE_KEYS)
 _C = _B + len(_CUSTOMER_KEYS)
 _STATUS, _AMOUNT_PAID = _A + _INVOICE_KEYS.index("status"), _A + _INVOICE_KEYS.index("amount_paid")
-_PAYABLE_COUNT = _C + 4  # then the card's columns (one row per saved card, or one with none)
+_PAYABLE_COUNT = _C + 6  # then the card's columns (one row per saved card, or one with none)
 
 
 _UNSHOWN = tuple(i for i, key in enumerate(_LINK_KEYS) if key in PaymentLink.OPEN_COUNTERS)
@@ -316,13 +311,13 @@ def _page_of(rows: Sequence[Sequence[Any]], now: datetime, connection: Connectio
     link = _row_object(PaymentLink, _LINK_KEYS, row[:_A])
     invoice = _row_object(Invoice, _INVOICE_KEYS, row[_A:_B])
     customer = _row_object(Customer, _CUSTOMER_KEYS, row[_B:_C])
-    payment_id, payment_status, held_id, held_status, payable_count = row[_C : _PAYABLE_COUNT + 1]
+    payment_id, payment_status, payment_amount, held_id, held_status, held_amount, payable_count = row[_C : _PAYABLE_COUNT + 1]
     if payment_id is None and invoice.status in InvoiceStatus.UNSETTLED and held_id is not None:
-        payment_id, payment_status = held_id, held_status  # a pay-all attempt holds this invoice's slot
+        payment_id, payment_status, payment_amount = held_id, held_status, held_amount  # a pay-all attempt holds this invoice's slot
     cards: list[SavedCard] = []
     if _shows_cards(link, invoice):
         cards = [SavedCard(*card[_PAYABLE_COUNT + 1 :]) for card in rows if card[_PAYABLE_COUNT + 1] is not None]
-    live = LivePayment(payment_id, payment_status) if payment_id is not None else None
+    live = LivePayment(payment_id, payment_status, payment_amount) if payment_id is not None else None
     return PayPage(link, invoice, customer, cards, live, _options(connection, link, invoice, payable_count or 0, now))
 
 

@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from links import fresh_links, verification
 from links.lines import lines_of, totals
-from links.models import InvoiceStatus
+from links.models import Invoice, InvoiceStatus
 from links.opens import OpenRecorder
 from payments import abandon, brakes, checkout, documents, payers
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
@@ -377,7 +377,9 @@ def render_pay_state(
         return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
     live = page.live_payment
     if invoice.status == InvoiceStatus.PROCESSING or (live is not None and live.status in PaymentStatus.IN_FLIGHT):
-        return render_page(request, "processing.html", locale=locale, csrf=csrf_token(request, settings, page.link.id), **context)
+        charging = live.amount if live is not None else _balance(invoice)  # (a part, the balance or a pay-all total)
+        csrf = csrf_token(request, settings, page.link.id)
+        return render_page(request, "processing.html", locale=locale, charging=charging, csrf=csrf, **context)
     return render_page(
         request,
         "pay.html",
@@ -395,6 +397,10 @@ def render_pay_state(
         stripe_js_url=settings.stripe_js_url,
         **context,
     )
+
+
+def _balance(invoice: Invoice) -> int:
+    return max(invoice.amount_due - invoice.amount_paid, 0)
 
 
 async def _show(
@@ -451,6 +457,8 @@ async def _authenticate(request: Request, access: LinkAccess, client_secret: str
         invoice=page.invoice,
         customer=page.customer,
         **_lines_context(page),
+        # What the bank is asked to confirm: this attempt's amount (a part, the balance or a pay-all total).
+        charging=page.live_payment.amount if page.live_payment is not None else _balance(page.invoice),
         client_secret=client_secret,
         publishable_key=app.settings.stripe_publishable_key,
         stripe_js_url=app.settings.stripe_js_url,

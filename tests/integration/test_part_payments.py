@@ -12,14 +12,14 @@ import pytest
 
 from plumbing.settings import Settings
 from plumbing.signing import pay_signer
-from tests.harness import CARD_OK, LocalStripe, SmtpServer, db_query, text_part, wait_until
+from tests.harness import CARD_3DS, CARD_OK, LocalStripe, SmtpServer, db_query, text_part, wait_until
 from tests.integration.helpers import another_invoice, csrf_of, invoice_status, issue_invoice, part_form, post_event
 from tests.integration.test_documents import pdf_text
 
 
-def partial_invoice(cli: Any, localstripe: LocalStripe, amount: str, *rules: str) -> Any:
+def partial_invoice(cli: Any, localstripe: LocalStripe, amount: str, *rules: str, card: str = CARD_OK) -> Any:
     """A customer with a saved card and a sent invoice that allows part payments under `rules`."""
-    issued = issue_invoice(cli, localstripe, CARD_OK, amount="1.00")  # the customer; this first invoice is not used
+    issued = issue_invoice(cli, localstripe, card, amount="1.00")  # the customer; this first invoice is not used
     more = another_invoice(cli, issued.email, amount, "--allow-partial", *rules)
     issued.number, issued.url, issued.invoice_id = more.number, more.url, more.invoice_id
     return issued
@@ -85,7 +85,6 @@ class TestDepositThenTheRest:
         assert any("€300.00" in b and "Balance still due: €700.00" in b for b in bodies)
         assert any("€700.00" in b and "Balance still due" not in b for b in bodies)
 
-
     def test_a_german_customer_writes_the_deposit_with_a_comma(
         self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
     ) -> None:
@@ -103,6 +102,15 @@ class TestDepositThenTheRest:
         assert "Es wurde nichts abgebucht." in grouped.text and "Zahlung ist nicht durchgegangen" not in grouped.text
         assert 'value="1.000,00" aria-invalid="true"' in grouped.text and 'class="pay-part" id="saved-part" open' in grouped.text
         assert charged(localstripe, issued.stripe_customer) == [30050]
+
+    def test_the_bank_confirms_the_part_not_the_balance(
+        self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
+    ) -> None:
+        issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30", card=CARD_3DS)
+        html = browser_client.get(issued.url).text
+        bank = browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0]))
+        assert "Confirm with your bank" in bank.text
+        assert "Your bank needs you to confirm this payment of €300.00." in bank.text and "€1,000.00." not in bank.text
 
 
 @pytest.mark.postgres

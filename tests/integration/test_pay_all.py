@@ -137,6 +137,8 @@ class TestPayAllEvents:
         html = browser_client.get(first.url).text
         page = browser_client.post(first.url, data=pay_all_form(html, first.cards[0]))
         assert "Confirm with your bank" in page.text
+        total = re.search(r"pay all (€[0-9,.]+)", html)
+        assert total is not None and f"confirm this payment of {total.group(1)}." in page.text  # the three together
         live = db_query(settings.database_url, "SELECT count(*) FROM payment_allocations WHERE live_invoice_id IS NOT NULL")
         assert live == [(3,)]
         # While the bank's check is open, every invoice in it is taken: not voidable, not payable on its own.
