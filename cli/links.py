@@ -110,7 +110,9 @@ async def issue(ctx: Context, services: Services, *, resend: bool = False) -> No
             customer=customer,
             actor=ctx.actor,
             ttl_days=getattr(ctx.args, "ttl_days", None),
-            kind=Kind.NEW_LINK if resend else Kind.INVOICE,
+            # Finance's resend is the invoice email again (the "new link, as you asked" email is the
+            # customer's own request from an expired link: links/fresh_links.py).
+            kind=Kind.INVOICE,
         )
     record: dict[str, Any] = {"invoice": invoice.number, "link": link_record(issued)}
     warning = ttl_warning(invoice, issued.expires_at)

@@ -135,7 +135,7 @@ _OVERDUE_SUBJECT = N_("Overdue: invoice %(number)s from %(merchant)s, %(amount)s
 
 
 def _invoice_subject(facts: InvoiceFacts, locale: str, kind: str) -> str:
-    amount = format_money(facts.to_pay if kind == Kind.REMINDER else facts.amount, facts.currency, locale)
+    amount = format_money(facts.to_pay, facts.currency, locale)  # the balance of a partly paid invoice
     subject = _OVERDUE_SUBJECT if kind == Kind.REMINDER and facts.overdue_since else _INVOICE_SUBJECTS[kind]
     return emails.gettext(locale, subject, number=facts.number, merchant=facts.merchant, amount=amount)
 
@@ -343,7 +343,7 @@ def finance_alert_message(merchant: str, title: str, lines: list[str]) -> EmailC
 
 
 def _colleague_subject(facts: InvoiceFacts, locale: str) -> str:
-    amount = format_money(facts.amount, facts.currency, locale)
+    amount = format_money(facts.to_pay, facts.currency, locale)  # the balance of a partly paid invoice
     return emails.gettext(
         locale,
         "Invoice %(number)s from %(merchant)s for %(customer)s: %(amount)s",

@@ -165,6 +165,10 @@ class TestPageStates:
         assert resent["emailed"] is True and resent["url"] != issued.url
         assert browser_client.get(issued.url).status_code == 200
         assert browser_client.get(resent["url"]).status_code == 200
+        # The invoice email again, with the fresh link: not "your new link, as you asked" (the customer asked nothing).
+        wait_until(lambda: any(resent["url"] in text_part(m) for m in smtp.mailbox.to(issued.email)), what="the resent email")
+        [mail] = [m for m in smtp.mailbox.to(issued.email) if resent["url"] in text_part(m)]
+        assert str(mail["Subject"]).startswith(f"Invoice {issued.number} from ") and "as you asked" not in text_part(mail)
 
     def test_head_and_get_change_nothing_but_the_open_counters(
         self, cli, localstripe: LocalStripe, server, settings: Settings, browser_client: httpx.Client

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from emails.messages import AllocationFact, InvoiceFacts, Kind, invoice_message, receipt_message
+from emails.messages import AllocationFact, InvoiceFacts, Kind, colleague_message, invoice_message, receipt_message
 from links.partial import AmountRefused, PartRules, allowed, check_amount, parse_amount, percent_of, resolve_amount
 from plumbing.i18n import format_money
 
@@ -161,4 +161,21 @@ class TestEmailsSayTheBalance:
         assert balance in mail.subject and format_money(30000, "eur", locale) in mail.text
         assert balance in mail.html
         if locale != "en":
-            assert "You have paid" not in mail.text  # translated
+            assert "Paid so far" not in mail.text  # translated
+
+    @pytest.mark.parametrize("locale", ["en", "de"])
+    @pytest.mark.parametrize("kind", [Kind.INVOICE, Kind.NEW_LINK, "colleague"])
+    def test_every_email_of_a_partly_paid_invoice_asks_for_the_balance(self, kind: str, locale: str) -> None:
+        """Sent again, to a colleague or as a fresh link after a part was paid: the balance, not the total
+        (a colleague paying by bank transfer from the email would overpay)."""
+        facts = replace(self.FACTS, amount_paid=30000, balance=70000)
+        url = "https://pay.example.com/pay/x"
+        if kind == "colleague":
+            mail = colleague_message(facts, url, self.WHEN, locale, asked_by_customer=True)
+        else:
+            mail = invoice_message(facts, url, self.WHEN, locale, kind=kind)
+        balance, paid, total = (format_money(v, "eur", locale) for v in (70000, 30000, 100000))
+        if kind != Kind.NEW_LINK:  # (its subject names no amount)
+            assert balance in mail.subject and total not in mail.subject
+        assert balance in mail.text and paid in mail.text
+        assert (f"Pay {balance}" if locale == "en" else f"{balance} bezahlen") in mail.html

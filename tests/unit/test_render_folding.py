@@ -176,12 +176,12 @@ def page_contexts() -> Iterator[tuple[str, dict[str, Any]]]:
             customer=CUSTOMERS[1],
         ),
     )
-    yield "processing.html", page(invoice=invoice("processing"), options=None, csrf="c")
+    yield "processing.html", page(invoice=invoice("processing"), options=None, csrf="c", charging=30000)
     yield "void.html", page(invoice=invoice("void"), options=None)
     yield "revoked.html", page(invoice=invoice("open"), options=None)
     yield (
         "authenticate.html",
-        page(invoice=invoice("open"), client_secret="pi_1_secret_<2>", publishable_key="pk", stripe_js_url="s", csrf="c"),
+        page(invoice=invoice("open"), client_secret="pi_1_secret_<2>", charging=30000, publishable_key="pk", stripe_js_url="s", csrf="c"),
     )
     for reason in ("form", "origin", "404", "no_receipt", "500", "other"):
         yield "error.html", {"reason": reason, "invoice": invoice(), "pay_path": "/pay/l/abc"}
@@ -263,9 +263,10 @@ def test_folded_pages_are_translated(renderers: tuple[Renderer, Renderer], local
 
 
 def test_the_hot_page_is_folded(renderers: tuple[Renderer, Renderer]) -> None:
-    """pay.html compiles to no runtime gettext for its literal messages (only `_(error, ...)` is left)."""
+    """pay.html compiles to no runtime gettext for its literal messages (only `_(error, ...)` is left: a
+    refusal's, and a failed payment's three ways of naming the card)."""
     folded, plain = renderers
-    for renderer, calls in ((folded, 3), (plain, None)):
+    for renderer, calls in ((folded, 4), (plain, None)):
         environment = renderer.environment("de")
         source, _, _ = environment.loader.get_source(environment, "pay.html")  # type: ignore[union-attr]
         code = environment.compile(source, "pay.html", raw=True)
