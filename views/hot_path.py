@@ -84,7 +84,7 @@ class HotPath:
         if not LINK_HEX.fullmatch(link_hex):
             return False
         headers = _headers(scope)
-        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
+        cookies = _cookies(scope)
         token = cookies.get(LINK_COOKIE_PREFIX + link_hex)
         if not token:
             return False
@@ -122,7 +122,7 @@ class HotPath:
         if not self.signer.forged(path[5:]):
             return False  # a genuine token (current or expired): the handoff or the expired page (views/pages.py)
         headers = _headers(scope)
-        cookies = cookie_parser(headers.get(b"cookie", b"").decode("latin-1"))
+        cookies = _cookies(scope)
         locale = locale_of(None, cookies.get(LANGUAGE_COOKIE), None, _text(headers.get(b"accept-language")), self.settings.default_locale)
         cache = _cache(scope)
         found = cache.lookup(cache.fixed_key(fixed_page_data(self.invalid_link, locale)))
@@ -179,6 +179,16 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     for name, value in scope["headers"]:
         found.setdefault(name, value)
     return found
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    """The request's cookies as Starlette's `Request.cookies` reads them: every Cookie header (HTTP/2 may
+    split one, and proxies pass the pieces on), in order, a later one winning."""
+    cookies: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name == b"cookie":
+            cookies.update(cookie_parser(value.decode("latin-1")))
+    return cookies
 
 
 def _text(value: bytes | None) -> str | None:

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from payments.page_reader import PageReader
 from plumbing.settings import Settings
 from plumbing.signing import QuickTimedDumps, csrf_serializer
-from plumbing.web import browser_cookie, csrf_cookie_name, csrf_token_for, csrf_valid_token
+from plumbing.web import LANGUAGE_COOKIE, browser_cookie, csrf_cookie_name, csrf_token_for, csrf_valid_token
 from tests.harness import CARD_OK, LocalStripe, db_execute, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, link_hex_of
 from tests.integration.test_observability import METRICS_TOKEN, scrape, value
@@ -94,6 +94,30 @@ class TestSameAnswerAsTheApp:
             # Never stale: the next GET (the hot path's key is the rows, which changed) shows the receipt.
             after = browser.get(path)
             assert after.status_code == 200 and "Pay €" not in after.text and "4242" in after.text
+
+    def test_cookies_split_over_several_headers_are_read_as_the_app_reads_them(
+        self, cli: Any, localstripe: LocalStripe, server: Any, settings: Settings
+    ) -> None:
+        """HTTP/2 may split the Cookie header, and some proxies pass the pieces on as several headers: the
+        hot path reads them all, as Starlette does (a later one wins), never only the first."""
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        browser, path = opened(server, issued.url)
+        with contextlib.closing(browser):
+            browser.get(path)  # this browser has its form-token cookie now
+            jar = {cookie.name: cookie.value for cookie in browser.cookies.jar}
+        link_cookie = next(f"{name}={value}" for name, value in jar.items() if name.startswith("pl_"))
+        browser_id = f"{csrf_cookie_name(settings)}={jar[csrf_cookie_name(settings)]}"
+        split = [("cookie", link_cookie), ("cookie", browser_id), ("cookie", f"{LANGUAGE_COOKIE}=es")]
+        with httpx.Client(base_url=server.base, timeout=30) as client:
+            client.get(path, headers=split)  # the Spanish page, rendered by the app and kept
+            hits = cache_of(server).hits
+            hot = client.get(path, headers=split)
+            assert cache_of(server).hits == hits + 1
+            general = client.get(f"{path}?via=app", headers=split)
+        assert hot.status_code == general.status_code == 200
+        assert 'lang="es"' in hot.text and normalised(hot) == normalised(general)
+        # The browser's form-token cookie was read: no new one (it would break the forms of its other tabs).
+        assert "set-cookie" not in hot.headers and "set-cookie" not in general.headers
 
     def test_a_forged_link_is_the_apps_page_without_a_query(self, server: Any) -> None:
         with httpx.Client(base_url=server.base, timeout=30) as browser:
