@@ -47,6 +47,11 @@ log = logging.getLogger("paylink.payments")
 # A 3-D Secure check left unfinished this long (the browser was closed) is canceled and released,
 # so that the customer can pay again, with this card or another.
 ABANDONED_AUTHENTICATION = timedelta(minutes=15)
+# The same amount with the same card on the same invoice, again within this long after it was paid, is the
+# same form sent twice (a double click without JavaScript, a resent POST): it finds the first payment and
+# charges nothing. (In flight, the invoice's live slot does that; a part payment frees the slot when it
+# succeeds, and leaves a balance that the same amount can still pay.)
+DUPLICATE_WINDOW = timedelta(minutes=2)
 
 
 NOT_SET_UP = N_("Card payments are not set up for this customer yet.")
@@ -560,6 +565,9 @@ async def _try_claim(
             return PayOutcome(live.status, live.id)
         _check_payable(invoice)
         charge = _charge_for(invoice, amount)  # under the invoice row lock: the balance of this moment
+        again = await _just_paid(session, invoice.id, charge, payment_method_id)
+        if again is not None:
+            return PayOutcome(again.status, again.id)  # the same form sent twice: nothing is charged again
         await _check_failed_attempts(session, settings, invoice)  # under the invoice row lock
         stripe_customer_id, brand, last4 = await _card_for(session, link, customer, payment_method_id, card)
         payment_id = uuid.uuid4()
@@ -587,6 +595,24 @@ async def _try_claim(
         audit.record(session, "link", "payment.claim", f"invoice:{invoice.number}", payment=str(payment_id), amount=charge, part=part)
         metadata = {"invoice_id": str(invoice.id), "payment_id": str(payment_id), "invoice_number": invoice.number}
         return _Claim(payment, stripe_customer_id, metadata)
+
+
+async def _just_paid(session: AsyncSession, invoice_id: uuid.UUID, amount: int, payment_method_id: str) -> Payment | None:
+    """A payment of `amount` on the invoice with this card that succeeded within DUPLICATE_WINDOW, if any."""
+    query = (
+        select(Payment)
+        .where(
+            Payment.invoice_id == invoice_id,
+            Payment.scope == SCOPE_INVOICE,
+            Payment.amount == amount,
+            Payment.stripe_payment_method_id == payment_method_id,
+            Payment.status == PaymentStatus.SUCCEEDED,
+            Payment.created_at > utcnow() - DUPLICATE_WINDOW,
+        )
+        .order_by(Payment.created_at.desc())
+        .limit(1)
+    )
+    return (await session.execute(query)).scalar_one_or_none()
 
 
 async def _try_claim_all(

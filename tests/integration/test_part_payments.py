@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import threading
 from datetime import UTC, datetime, timedelta
@@ -111,6 +112,27 @@ class TestDepositThenTheRest:
         bank = browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0]))
         assert "Confirm with your bank" in bank.text
         assert "Your bank needs you to confirm this payment of €300.00." in bank.text and "€1,000.00." not in bank.text
+
+    def test_the_same_part_sent_again_is_charged_once(
+        self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
+    ) -> None:
+        """A double click without JavaScript, or the form sent again after the first payment went through
+        (each takes ~60 ms here): the first payment is found, nothing is charged again. Another amount is
+        another payment."""
+        issued = partial_invoice(cli, localstripe, "1000.00")
+        html = browser_client.get(issued.url).text
+        form = part_form(html, "15.00", issued.cards[0])
+        for _ in range(3):  # one after another, each after the previous one went through
+            sent = browser_client.post(issued.url, data=form)
+            assert sent.status_code == 200 and "You have paid €15.00 of €1,000.00." in sent.text
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # and all at once
+            answers = list(pool.map(lambda _: browser_client.post(issued.url, data=form), range(4)))
+        assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+        assert charged(localstripe, issued.stripe_customer) == [1500]
+        assert invoice_status(cli, issued.number)["amount_paid"] == 1500
+        other = browser_client.post(issued.url, data=part_form(sent.text, "20.00", issued.cards[0]))
+        assert other.status_code == 200 and "You have paid €35.00 of €1,000.00." in other.text
+        assert charged(localstripe, issued.stripe_customer) == [1500, 2000]
 
 
 @pytest.mark.postgres
