@@ -71,6 +71,7 @@ class TestDepositThenTheRest:
 
         rest = browser_client.post(issued.url, data={"csrf": csrf_of(deposit.text), "payment_method": issued.cards[0], "offers_part": "1"})
         assert "Payment received" in rest.text and "Paid in parts" in rest.text
+        assert "Paid with" not in rest.text  # not the last part's card for the whole amount
         shown = invoice_status(cli, issued.number)
         assert (shown["status"], shown["amount_paid"], shown["balance"]) == ("paid", 100000, 0)
         assert charged(localstripe, issued.stripe_customer) == [30000, 70000]
