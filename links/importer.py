@@ -20,7 +20,10 @@ all or nothing: every row carries the import's batch id (ImportBatch), its email
 (next attempt at HOLD_UNTIL) and released in one short final transaction that also marks the batch
 done; if anything fails, what the earlier chunks wrote is deleted again, by the batch id, and its
 invoice numbers go back to the sequence. A run that died without undoing itself (kill -9) is undone
-by the next import once its heartbeat is older than STALE_IMPORT.
+by the next import once its heartbeat is older than STALE_IMPORT. Until it is done, its invoices are
+not imported: importing them again is refused while that run may be alive, and once it is stale the
+new import undoes it first and writes them itself (check_against_database), so that nothing an import
+reports as imported is ever undone.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, exists, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -329,34 +333,75 @@ def _invoice(rows: list[_Row]) -> tuple[ImportRow | None, str | None]:
 
 async def check_against_database(session: AsyncSession, rows: list[ImportRow]) -> tuple[list[ImportRow], list[ImportRow], list[BadRow]]:
     """Split rows into new ones, ones already imported (same number, same invoice; or, without a
-    number, the same contents) and conflicts."""
-    existing: dict[str, tuple[str, int, str]] = {}
+    number, the same contents) and conflicts.
+
+    Only a finished import counts: an invoice of an import still `writing` is deleted again if that
+    import fails (undo_import). If it has been silent for STALE_IMPORT it died, and its rows are new:
+    import_rows undoes it before writing them. Until then it may be alive (another clerk importing the
+    same file, a chunk being written): ImportInProgress, and nothing is written."""
+    existing: dict[str, tuple[tuple[str, int, str], uuid.UUID | None]] = {}
     for chunk in chunked([r.number for r in rows if r.number is not None]):
         result = await session.execute(
-            select(Invoice.number, Customer.email, Invoice.amount_due, Invoice.currency)
+            select(Invoice.number, Customer.email, Invoice.amount_due, Invoice.currency, Invoice.import_batch_id)
             .join(Customer, Customer.id == Invoice.customer_id)
             .where(Invoice.number.in_(chunk))
         )
-        existing.update({n: (e, a, c) for n, e, a, c in result})
-    known_keys: set[str] = set()
+        existing.update({n: ((e, a, c), b) for n, e, a, c, b in result})
+    known_keys: dict[str, uuid.UUID | None] = {}
     for chunk in chunked([r.import_key for r in rows if r.import_key is not None]):
-        keys = (await session.execute(select(Invoice.import_key).where(Invoice.import_key.in_(chunk)))).scalars()
-        known_keys.update(key for key in keys if key is not None)
+        keyed = await session.execute(select(Invoice.import_key, Invoice.import_batch_id).where(Invoice.import_key.in_(chunk)))
+        known_keys.update({k: b for k, b in keyed if k is not None})
+    batch_ids = {b for _, b in existing.values() if b is not None} | {b for b in known_keys.values() if b is not None}
+    unfinished: dict[uuid.UUID, ImportBatch] = {}
+    for ids in chunked(sorted(batch_ids)):
+        found = await session.execute(select(ImportBatch).where(ImportBatch.id.in_(ids), ImportBatch.status == ImportStatus.WRITING))
+        unfinished.update({batch.id: batch for batch in found.scalars()})
+    now = utcnow()
     new: list[ImportRow] = []
     done: list[ImportRow] = []
     bad: list[BadRow] = []
+    waiting: dict[uuid.UUID, int] = {}  # an unfinished import that may be alive: how many of the rows it holds
     for row in rows:
         if row.number is None:
-            (done if row.import_key in known_keys else new).append(row)
-            continue
-        found = existing.get(row.number)
-        if found is None:
-            new.append(row)
-        elif found == (row.email, row.amount, row.currency):
+            key = row.import_key or ""
+            matched, same, batch_id = key in known_keys, True, known_keys.get(key)  # the key is its contents
+        else:
+            invoice, batch_id = existing.get(row.number, (None, None))
+            matched, same = invoice is not None, invoice == (row.email, row.amount, row.currency)
+        batch = unfinished.get(batch_id) if batch_id is not None else None
+        if batch is not None and batch.heartbeat_at > now - STALE_IMPORT:
+            waiting[batch.id] = waiting.get(batch.id, 0) + 1
+        elif batch is not None or not matched:
+            new.append(row)  # (an invoice of a dead import goes with it: import_rows undoes it before writing)
+        elif same:
             done.append(row)
         else:
             bad += [BadRow(line, f"invoice number {row.number} is already used by a different invoice") for line in row.file_lines]
+    if waiting:
+        raise ImportInProgress.of([unfinished[b] for b in waiting], sum(waiting.values()), now=now)
     return new, done, bad
+
+
+class ImportInProgress(LinkError):
+    """Rows of the file belong to an import still being written, or one that died and is not undone
+    yet: they are not imported, and cannot be imported again until that import ends either way."""
+
+    @classmethod
+    def of(cls, batches: list[ImportBatch], rows: int, *, now: datetime) -> ImportInProgress:
+        batch = max(batches, key=lambda b: b.heartbeat_at)  # the last to give a sign of life: the last to be undone
+        silent = max(int((now - batch.heartbeat_at).total_seconds()), 0)
+        silence = f"{silent // 60} min" if silent >= 60 else f"{silent} s"
+        others = f" (and {len(batches) - 1} other import(s))" if len(batches) > 1 else ""
+        return cls(
+            f"{rows} of these invoices belong to an import that is still being written, or was interrupted: batch {batch.id} "
+            f"of {batch.source} by {batch.actor}{others}, last sign of life {silence} ago. "
+            "If it is running, let it finish, then import again; if it was interrupted, import again after "
+            f"{(batch.heartbeat_at + STALE_IMPORT):%H:%M} UTC: it is undone first, then every row is written. Nothing was imported"
+        )
+
+
+class ImportAborted(LinkError):
+    """The batch was undone under its writer (it had been silent for STALE_IMPORT)."""
 
 
 class ImportFailed(LinkError):
@@ -524,9 +569,20 @@ async def _write_chunk(
         await flush_new_invoices(session, [invoice.number for invoice, _ in invoices])
         session.add_all(later)
         await session.flush()
-        await session.execute(update(ImportBatch).where(ImportBatch.id == batch_id).values(heartbeat_at=utcnow()))
+        await _still_writing(session, batch_id, heartbeat_at=utcnow())
     report.created_customers += len(created)
     return issued
+
+
+async def _still_writing(session: AsyncSession, batch_id: uuid.UUID, **values: Any) -> None:
+    """Update the batch if it is still being written; ImportAborted if it is not: a run paused longer
+    than STALE_IMPORT (Ctrl-Z, a frozen machine) was undone meanwhile as dead, and must not go on to
+    report its rows imported (its earlier chunks are gone)."""
+    result = await session.execute(
+        update(ImportBatch).where(ImportBatch.id == batch_id, ImportBatch.status == ImportStatus.WRITING).values(**values)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise ImportAborted(f"this import was silent for over {int(STALE_IMPORT.total_seconds() // 60)} min and was undone meanwhile")
 
 
 async def _finish_batch(sessions: async_sessionmaker[AsyncSession], batch_id: uuid.UUID, *, actor: str, report: ImportReport) -> None:
@@ -538,11 +594,7 @@ async def _finish_batch(sessions: async_sessionmaker[AsyncSession], batch_id: uu
             .values(next_attempt_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        await session.execute(
-            update(ImportBatch)
-            .where(ImportBatch.id == batch_id)
-            .values(status=ImportStatus.DONE, finished_at=utcnow(), heartbeat_at=utcnow())
-        )
+        await _still_writing(session, batch_id, status=ImportStatus.DONE, finished_at=utcnow(), heartbeat_at=utcnow())
         audit.record(
             session,
             actor,
