@@ -79,7 +79,9 @@ async def metrics_endpoint(request: Request) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return render_page(request, "error.html", status_code=exc.status_code, languages={}, reason=str(exc.status_code))
+    response = render_page(request, "error.html", status_code=exc.status_code, languages={}, reason=str(exc.status_code))
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -159,6 +161,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
+    # Starlette would redirect /pay/l/<link>/ to a URL built from the Host header, which the client
+    # chooses: a path that differs by a trailing slash is not found, like any other.
+    app.router.redirect_slashes = False
     app.state.settings = configured
     app.state.page_cache = PageCache(configured)  # the pay page's renders (views/page_cache.py)
     return app

@@ -79,6 +79,33 @@ def _optional_text(value: Any) -> bool:
     return value is None or _text(value) or (isinstance(value, dict) and _text(value.get("id")))
 
 
+# `webhook_events.stripe_created` is a 32-bit INTEGER on PostgreSQL: Stripe's seconds fit until 2038.
+MAX_CREATED = 2**31 - 1
+
+
+def _stored_text(value: Any, longest: int) -> bool:
+    # Stripe's ids and types are short printable ASCII; anything else (a NUL, a lone surrogate) the
+    # database drivers refuse to store.
+    return isinstance(value, str) and 0 < len(value) <= longest and value.isascii() and value.isprintable()
+
+
+def _envelope_refusal(event: dict[str, Any]) -> EventRefused | None:
+    """Why the event's id, type or created cannot be stored as they are (None: they can). Such an
+    event is refused with nothing written: storing it would fail the whole transaction, and a 5xx
+    has Stripe deliver it again for three days."""
+    created = event.get("created")
+    if not _stored_text(event.get("id"), 255):
+        refused = EventRefused("the event's id is not a short text")
+    elif not _stored_text(event.get("type"), 100):
+        refused = EventRefused("the event's type is not a short text")
+    elif created is not None and not (isinstance(created, int) and not isinstance(created, bool) and 0 <= created <= MAX_CREATED):
+        refused = EventRefused("the event's created is not a timestamp")
+    else:
+        return None
+    log.warning("webhook.refused event=%.100r reason=%s (not stored)", event.get("id"), refused)
+    return refused
+
+
 # What each handled type needs of `data.object` before any handler may read it.
 _REQUIRED: dict[str, Callable[[dict[str, Any]], bool]] = {
     "payment_intent.": lambda o: _text(o.get("id")) and _number(o.get("amount")) and _text(o.get("currency")) and _text(o.get("status")),
@@ -129,12 +156,13 @@ def record_and_apply_batch(session: Session, settings: Settings, events: list[di
     """record_and_apply for many events in one transaction, with one statement to store their ids
     and one query for the payments they name. Call it with autoflush off: one flush at the end."""
     now = utcnow()
-    inserted = session.execute(_insert_events(session).values([_event_row(e, now) for e in events]).returning(WebhookEvent.id)).scalars()
-    new_ids = set(inserted)
+    refusals = [_envelope_refusal(e) for e in events]
+    rows = [_event_row(e, now) for e, refused in zip(events, refusals, strict=True) if refused is None]
+    new_ids = set(session.execute(_insert_events(session).values(rows).returning(WebhookEvent.id)).scalars()) if rows else set()
     intents = [
         intent_id
-        for e in events
-        if str(e.get("type", "")).startswith("payment_intent.") and e["id"] in new_ids and (intent_id := _intent_id(e)) is not None
+        for e, refused in zip(events, refusals, strict=True)
+        if refused is None and e["type"].startswith("payment_intent.") and e["id"] in new_ids and (intent_id := _intent_id(e)) is not None
     ]
     if intents:
         # Locked in customer, invoice, payment order: two writers' batches (PostgreSQL) lock in the same order.
@@ -149,7 +177,10 @@ def record_and_apply_batch(session: Session, settings: Settings, events: list[di
     results: list[Applied] = []
     defer_receipt_numbers(session)
     try:
-        for event in events:
+        for event, refused in zip(events, refusals, strict=True):
+            if refused is not None:
+                results.append(refused)  # nothing stored
+                continue
             is_new = event["id"] in new_ids
             new_ids.discard(event["id"])  # a second copy in the same batch is a duplicate
             results.append(_apply_new(session, settings, event, "webhook") if is_new else False)
@@ -172,7 +203,11 @@ def _apply_new(session: Session, settings: Settings, event: dict[str, Any], acto
 
 def record_and_apply_outcome(session: Session, settings: Settings, event: dict[str, Any], *, actor: str = "webhook") -> Applied:
     """Store the event id; apply the event only if it is new. True (applied), False (a duplicate),
-    or EventRefused (stored and refused: the caller commits, then answers 400)."""
+    or EventRefused (refused: the caller commits, then answers 400; stored unless its id, type or
+    created could not be, see `_envelope_refusal`)."""
+    refused = _envelope_refusal(event)
+    if refused is not None:
+        return refused
     if not record_event(session, event):
         return False
     return _apply_new(session, settings, event, actor)

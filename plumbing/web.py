@@ -122,11 +122,14 @@ def _negotiated(accept_language: str | None, default: str) -> str:
 
 
 async def small_form(request: Request) -> dict[str, str] | None:
-    """The posted form's text fields, or None for an oversized or malformed body."""
+    """The posted form's text fields, or None for an oversized or malformed body (a chunked body over
+    the request limit goes on up to BodySizeLimit, which answers 413)."""
     if int(request.headers.get("content-length") or 0) > MAX_FORM_BYTES:
         return None
     try:
         form = await request.form(max_files=0, max_fields=20)
+    except _BodyTooLarge:
+        raise
     except Exception:  # malformed multipart or urlencoded body: the caller answers 400
         return None
     return {k: v for k, v in form.items() if isinstance(v, str)}

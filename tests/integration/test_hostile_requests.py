@@ -48,3 +48,57 @@ class TestClientsThatHangUp:
         time.sleep(0.2)  # the access log line follows
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert not any("status=500" in r.getMessage() for r in caplog.records)
+
+
+class TestMethodNotAllowed:
+    """A 405 says which methods the address takes (RFC 9110: `Allow` is required on a 405)."""
+
+    def test_405_carries_allow(self, server: Any) -> None:
+        webhook = httpx.get(f"{server.base}/webhooks/stripe")
+        assert (webhook.status_code, webhook.headers.get("allow")) == (405, "POST")
+        page = httpx.put(f"{server.base}/pay/l/{'ab' * 16}", content=b"")
+        assert page.status_code == 405
+        assert {"GET", "HEAD"} <= {m.strip() for m in page.headers.get("allow", "").split(",")}
+        for header in STRICT_HEADERS:
+            assert header in page.headers, header
+
+
+class TestTrailingSlashes:
+    """No answer builds a URL from the Host header, which the client chooses: a path with a trailing
+    slash is not found (a redirect to http://<Host>/… would send a link to the attacker's host)."""
+
+    @pytest.mark.parametrize(
+        "path", [f"/pay/l/{'ab' * 16}/", "/pay/sometoken/", "/verify/sometoken/", "/health/", "/brand/logo/", f"/pay/l/{'ab' * 16}/status/"]
+    )
+    def test_no_redirect_to_the_host_header(self, server: Any, path: str) -> None:
+        response = httpx.get(f"{server.base}{path}", headers={"host": "evil.example"}, follow_redirects=False)
+        assert response.status_code == 404
+        assert "location" not in response.headers
+        assert "evil.example" not in response.text
+
+    def test_not_for_a_post_either(self, server: Any) -> None:
+        response = httpx.post(f"{server.base}/webhooks/stripe/", content=b"{}", headers={"host": "evil.example"}, follow_redirects=False)
+        assert response.status_code == 404
+        assert "evil.example" not in response.headers.get("location", "")
+
+
+class TestOversizedForms:
+    """A form streamed in chunks past the request limit is answered 413, like a declared one (not 400)."""
+
+    def test_a_chunked_form_over_the_limit_is_413(self, cli: Any, localstripe: Any, browser_client: httpx.Client) -> None:
+        from tests.integration.helpers import csrf_of, invoice_status, issue_invoice
+
+        issued = issue_invoice(cli, localstripe)
+        page = browser_client.get(issued.url)
+
+        def chunks():  # type: ignore[no-untyped-def]
+            yield f"csrf={csrf_of(page.text)}&notes=".encode()
+            for _ in range(80):
+                yield b"y" * 8192
+
+        response = browser_client.post(str(page.url), content=chunks(), headers={"content-type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 413, response.text
+        assert response.text == "request body too large"
+        for header in STRICT_HEADERS:
+            assert header in response.headers, header
+        assert invoice_status(cli, issued.number)["status"] == "open"

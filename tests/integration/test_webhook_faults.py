@@ -81,3 +81,66 @@ class TestRefusedAmongGoodOnes:
         assert isinstance(results[0], EventRefused) and results[1] is True
         assert invoice_status(cli, issued.number)["status"] == "paid"
         assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id LIKE 'evt_batch_%'") == [(2,)]
+
+
+# What an event's envelope may carry that no column can store: each made the transaction fail (500).
+BAD_ENVELOPES = [
+    ("created_too_large", {"created": 2**70}),
+    ("created_past_2038", {"created": 2**31}),
+    ("created_an_object", {"created": {"seconds": 1}}),
+    ("created_a_text", {"created": "yesterday"}),
+    ("created_negative", {"created": -1}),
+    ("type_an_object", {"type": {"name": "payment_intent.succeeded"}}),
+    ("type_too_long", {"type": "payment_intent." + "x" * 100}),
+    ("id_too_long", {"id": "evt_" + "x" * 300}),
+    ("id_with_a_nul", {"id": "evt_\x00nul"}),
+    ("id_empty", {"id": ""}),
+]
+
+
+@pytest.mark.postgres
+class TestEnvelopesThatCannotBeStored:
+    """A signed event whose id, type or created cannot be stored is refused with a 400, and nothing
+    is written (a 500 would have Stripe deliver it again for three days)."""
+
+    @pytest.mark.parametrize(("case", "envelope"), BAD_ENVELOPES, ids=[case for case, _ in BAD_ENVELOPES])
+    def test_refused_with_400_and_nothing_written(self, server: Any, settings: Settings, case: str, envelope: dict[str, Any]) -> None:
+        broken = {**event(f"evt_{case}", "invoice.finalized", None), **envelope}
+        response = deliver(server, broken)
+        assert response.status_code == 400, response.text
+        assert "event refused" in response.text
+        assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events") == [(0,)]
+        assert db_query(settings.database_url, "SELECT count(*) FROM audit_log WHERE action = 'webhook.refused'") == [(0,)]
+        # The writer is not stuck on it: the next event is applied.
+        after = deliver(server, event(f"evt_after_{case}", "invoice.finalized", None))
+        assert (after.status_code, after.json()["duplicate"]) == (200, False)
+
+    def test_a_missing_created_is_still_stored(self, server: Any, settings: Settings) -> None:
+        undated = event("evt_undated", "invoice.finalized", None)
+        del undated["created"]
+        assert deliver(server, undated).status_code == 200
+        assert db_query(settings.database_url, "SELECT stripe_created FROM webhook_events WHERE id = 'evt_undated'") == [(None,)]
+
+
+class TestUnstorableAmongGoodOnes:
+    """In one batch of the SQLite writer, an event that cannot be stored is refused alone, and the
+    batch is not rolled back and applied again one by one for it."""
+
+    def test_batch_with_an_unstorable_event(
+        self, cli: Any, localstripe: LocalStripe, settings: Settings, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from payments.events import EventRefused
+        from payments.sqlite_batches import SqliteBatchWriter
+
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        good = event("evt_batch_good", "payment_intent.succeeded", {"object": paid_intent_for(localstripe, issued)})
+        unstorable = {**event("evt_batch_huge", "payment_intent.succeeded", None), "created": 2**70}
+        writer = SqliteBatchWriter(settings)
+        try:
+            results = writer.apply_batch([unstorable, good])
+        finally:
+            in_thread(asyncio.run, writer.close())
+        assert isinstance(results[0], EventRefused) and results[1] is True
+        assert invoice_status(cli, issued.number)["status"] == "paid"
+        assert db_query(settings.database_url, "SELECT id FROM webhook_events WHERE id LIKE 'evt_batch_%'") == [("evt_batch_good",)]
+        assert not any("retrying_one_by_one" in r.getMessage() for r in caplog.records)
