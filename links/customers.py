@@ -11,11 +11,11 @@ from datetime import datetime
 
 from babel import Locale
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from links.errors import LinkError, NotFound
-from links.models import Customer, Invoice, InvoiceStatus
+from links.models import Customer, Invoice, InvoiceStatus, PaymentLink
 from plumbing import audit
 from plumbing.db import new_id, utcnow
 from plumbing.i18n import SUPPORTED_LOCALES, normalize_locale
@@ -245,3 +245,20 @@ def update_customer(
 
 def customer_locale(settings: Settings, customer: Customer) -> str:
     return customer.locale or normalize_locale(settings.default_locale)
+
+
+async def remember_locale(session: AsyncSession, settings: Settings, link_id: uuid.UUID, locale: str) -> bool:
+    """The language the customer reads their page in, kept for their emails (the receipt that follows,
+    a fresh link), when finance set none and it is not the default anyway. Never from a colleague's
+    link (the colleague's language is not the customer's), never over a language finance chose.
+    Whether it was kept."""
+    if locale == normalize_locale(settings.default_locale) or locale not in SUPPORTED_LOCALES:
+        return False
+    customer_id = (
+        select(Invoice.customer_id)
+        .join(PaymentLink, PaymentLink.invoice_id == Invoice.id)
+        .where(PaymentLink.id == link_id, PaymentLink.recipient_email.is_(None))
+        .scalar_subquery()
+    )
+    result = await session.execute(update(Customer).where(Customer.id == customer_id, Customer.locale.is_(None)).values(locale=locale))
+    return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from links import fresh_links, verification
+from links import customers, fresh_links, verification
 from links.lines import lines_of, totals
 from links.models import Invoice, InvoiceStatus
 from links.opens import OpenRecorder
@@ -57,7 +57,7 @@ from payments import abandon, brakes, checkout, documents, payers
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
 from payments.models import Payment, PaymentStatus
 from payments.page_reader import PageReader, PageRows, PayPage, Receipt, latest_payment_id, load_pay_page
-from plumbing.i18n import N_, format_money
+from plumbing.i18n import N_, format_money, normalize_locale
 from plumbing.rendering import pages, read_logo
 from plumbing.settings import Settings
 from plumbing.signing import TokenClaims, TokenExpired, TokenInvalid, pay_signer, verify_signer
@@ -399,6 +399,16 @@ def render_pay_state(
     )
 
 
+async def _remember_locale(request: Request, access: LinkAccess) -> None:
+    """Keep the language this customer reads the page in for their emails, if finance set none (only
+    when it is not the default: nothing to write then)."""
+    settings = services_of(request).settings
+    locale = request_locale(request, None, settings.default_locale)
+    if locale != normalize_locale(settings.default_locale):
+        async with services_of(request).sessions.begin() as session:
+            await customers.remember_locale(session, settings, access.link_id, locale)
+
+
 def _balance(invoice: Invoice) -> int:
     return max(invoice.amount_due - invoice.amount_paid, 0)
 
@@ -472,6 +482,7 @@ async def _authenticate(request: Request, access: LinkAccess, client_secret: str
 async def pay(request: Request, access: LinkAccess) -> Response:
     form = await checked_form(request, access.link_id)
     app = services_of(request)
+    await _remember_locale(request, access)  # before the charge: the receipt email follows in this language
     client = client_key(request, app.settings)
     setup_intent = form.get("setup_intent", "")
     try:
@@ -610,6 +621,7 @@ async def request_fresh_link(request: Request, access: LinkAccess) -> Response:
     The answer is the same whether or not an email went out (rate limit, paid, unknown)."""
     app = services_of(request)
     await checked_form(request, access.link_id)
+    await _remember_locale(request, access)
     async with app.sessions.begin() as session:
         await fresh_links.request_fresh_link(session, app.settings, access.link_id)
     app.outbox_wakeup.set()

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe
+from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe, SmtpServer, wait_until
 from tests.integration.helpers import csrf_of, invoice_status, issue_invoice, offered_cards
 
 
@@ -44,6 +44,38 @@ class TestNoDoubleCharge:
         browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0], "amount": "1"})
         [intent] = localstripe.payment_intents_for(issued.stripe_customer)
         assert intent.amount == 9999
+
+
+class TestTheCustomersLanguage:
+    """A customer finance gave no language reads the page in German: the receipt that follows is German
+    too (it was English: emails used the stored language or the default, never the page's)."""
+
+    def test_the_receipt_follows_in_the_language_of_the_page(
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, browser_client: httpx.Client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        assert cli("customer", "show", issued.email, "--json").json()["locale"] is None
+        german = {"accept-language": "de-DE,de;q=0.9,en;q=0.5"}
+        html = browser_client.get(issued.url, headers=german).text
+        paid = browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0]}, headers=german)
+        assert paid.status_code == 200 and "Zahlung erhalten" in paid.text
+        assert cli("customer", "show", issued.email, "--json").json()["locale"] == "de"
+        wait_until(lambda: any("Quittung" in str(m["Subject"]) for m in smtp.mailbox.to(issued.email)), what="a German receipt")
+
+    def test_never_over_finance_s_choice_nor_from_a_colleague(
+        self, cli, localstripe: LocalStripe, server, browser_client: httpx.Client
+    ) -> None:
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        cli("customer", "update", issued.email, "--locale", "fr")
+        html = browser_client.get(issued.url, headers={"accept-language": "de"}).text
+        browser_client.post(issued.url, data={"csrf": csrf_of(html), "payment_method": issued.cards[0]}, headers={"accept-language": "de"})
+        assert cli("customer", "show", issued.email, "--json").json()["locale"] == "fr"
+        other = issue_invoice(cli, localstripe, CARD_OK)
+        colleague = cli("link", "issue", other.number, "--to", "ap@example.com", "--json").json()["link"]["url"]
+        with httpx.Client(base_url=server.base, timeout=30, follow_redirects=True) as them:
+            page = them.get(colleague, headers={"accept-language": "es"})
+            them.post(page.url, data={"csrf": csrf_of(page.text), "amount": ""}, headers={"accept-language": "es"})
+        assert cli("customer", "show", other.email, "--json").json()["locale"] is None
 
 
 class TestThreeDSecure:
