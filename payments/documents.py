@@ -297,6 +297,14 @@ def css_string(text: str) -> str:
     return f'"{escaped}"'
 
 
+def _one_of_several(document: Document) -> bool:
+    """Whether the receipt is of a payment that paid other than the whole invoice (a part, or a pay-all
+    payment): one receipt of several, each attached under its own number (saved side by side, they
+    would otherwise overwrite each other)."""
+    receipt = document.receipt
+    return receipt is not None and receipt.amount != document.invoice.amount_due
+
+
 async def render_document(settings: Settings, kind: DocumentKind, document: Document, locale: str) -> bytes:
     """The PDF, rendered on the PDF thread pool (CPU-heavy: never on the event loop)."""
     return await render_pdf(document_html(settings, kind, document, locale))
@@ -324,6 +332,6 @@ def email_attachments(sessions: async_sessionmaker[AsyncSession], settings: Sett
             return []
         locale = payload.get("locale") or customer_locale(settings, document.customer)
         pdf = await render_document(settings, kind, document, locale)
-        return [Attachment(filename(kind, document), PDF, pdf)]
+        return [Attachment(filename(kind, document, numbered=_one_of_several(document)), PDF, pdf)]
 
     return attach

@@ -136,6 +136,19 @@ class TestDepositThenTheRest:
         assert charged(localstripe, issued.stripe_customer) == [1500, 2000]
 
 
+    def test_a_colleague_is_not_told_they_paid_the_deposit(
+        self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
+    ) -> None:
+        issued = partial_invoice(cli, localstripe, "1000.00", "--deposit-percent", "30")
+        html = browser_client.get(issued.url).text
+        assert browser_client.post(issued.url, data=part_form(html, "300", issued.cards[0])).status_code == 200
+        colleague = cli("link", "issue", issued.number, "--to", "ap@example.com", "--json").json()["link"]["url"]
+        with httpx.Client(base_url=server.base, timeout=30, follow_redirects=True) as them:
+            page = them.get(colleague)
+        assert "€300.00 of €1,000.00 has been paid. The balance still due is €700.00." in page.text
+        assert "You have paid" not in page.text
+
+
 @pytest.mark.postgres
 class TestAmountsOutsideTheRules:
     """Amounts the rules do not allow are refused with a clear message, and nothing is charged."""
