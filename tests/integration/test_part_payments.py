@@ -135,7 +135,6 @@ class TestDepositThenTheRest:
         assert other.status_code == 200 and "You have paid €35.00 of €1,000.00." in other.text
         assert charged(localstripe, issued.stripe_customer) == [1500, 2000]
 
-
     def test_a_colleague_is_not_told_they_paid_the_deposit(
         self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
     ) -> None:
