@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import DESKTOP, assert_accessible, snap
+from tests.browser.conftest import DESKTOP, assert_accessible, small_targets, snap
 from tests.browser.test_stories import fill_card
 from tests.harness import CARD_OK, LocalStripe, SmtpServer, pay_link_in, wait_until
 from tests.integration.helpers import attached_cards, invoice_status, issue_invoice, stripe_told_us_the_default
@@ -34,6 +34,7 @@ class TestAccountsPayablePays:
         page.get_by_role("button", name="Send the invoice").click()
         expect(page.get_by_role("heading", level=1)).to_have_text(f"Invoice {issued.number} sent")
         assert_accessible(page)
+        assert small_targets(page) == []  # "Back to the invoice" too
         snap(page, "colleague-sent-phone")
 
         wait_until(lambda: smtp.mailbox.to(AP), what="the colleague's email")

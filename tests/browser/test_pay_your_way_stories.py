@@ -7,7 +7,7 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, snap
+from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, small_targets, snap
 from tests.harness import CARD_OK, LocalStripe
 from tests.integration.helpers import another_invoice, invoice_status, issue_invoice
 
@@ -35,7 +35,9 @@ class TestPayYourWay:
         expect(page.get_by_role("alert")).to_contain_text("The first payment is a deposit of at least €300.00.")
         assert [pi.amount for pi in localstripe.payment_intents_for(issued.stripe_customer)] == []
 
-        page.get_by_text("Pay another amount").first.click()
+        # Refused, nothing charged: the choice is still open with what was typed, to correct it.
+        expect(page.get_by_role("alert")).to_contain_text("Nothing was charged.")
+        expect(page.get_by_label("Amount (EUR)").first).to_have_value("250")
         page.get_by_label("Amount (EUR)").first.fill("300.00")
         page.get_by_role("button", name="Pay this amount with Visa •••• 4242").click()
         expect(page.get_by_role("heading", name="Paid so far")).to_be_visible()
@@ -43,6 +45,9 @@ class TestPayYourWay:
         expect(page.get_by_role("heading", level=1)).to_have_text("Pay €700.00")  # the same link pays the rest
         assert_accessible(page)
         snap(page, f"part-paid-deposit-{size}")
+        page.get_by_text("Use another card").click()  # (its save-card box too)
+        assert small_targets(page) == [], "touch targets at least 44 px: the parts' receipts, contact links, check boxes"
+        page.get_by_text("Use another card").click()
         with page.expect_download() as deposit_receipt:  # the deposit's receipt, from the list of what was paid
             page.get_by_role("link", name=re.compile(r"^receipt RCT-")).click()
         assert re.fullmatch(rf"{kitchen.number}-receipt-RCT-\d+\.pdf", deposit_receipt.value.suggested_filename)
@@ -54,6 +59,7 @@ class TestPayYourWay:
         assert sorted(pi.amount for pi in localstripe.payment_intents_for(issued.stripe_customer)) == [30000, 70000]
         expect(page.get_by_role("link", name=re.compile(r"^receipt RCT-"))).to_have_count(2)  # each part's own
         assert_accessible(page)
+        assert small_targets(page) == []
         snap(page, f"part-paid-in-full-{size}")
 
     def test_three_invoices_in_one_charge(self, cli, localstripe: LocalStripe, server, page: Page, request) -> None:

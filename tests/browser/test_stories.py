@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from plumbing.settings import Settings
-from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, snap
+from tests.browser.conftest import DESKTOP, PHONE, assert_accessible, small_targets, snap
 from tests.harness import CARD_3DS, CARD_DECLINED, CARD_OK, LocalStripe, SmtpServer, pay_link_in
 from tests.integration.helpers import invoice_status, issue_invoice
 from tests.integration.test_link_lifecycle import expire_links
@@ -144,6 +144,7 @@ class TestExpiredLink:
         page.goto(expire_links(settings, issued.number))
         expect(page.get_by_role("heading", level=1)).to_have_text("This link has expired")
         assert_accessible(page)
+        assert small_targets(page) == []  # the merchant's contact links too
         page.get_by_role("button", name="Email me a new link").click()
         expect(page.get_by_role("status")).to_contain_text("a new payment link is on its way")
         assert_accessible(page)

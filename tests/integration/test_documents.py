@@ -201,6 +201,7 @@ class TestNoPdfWithoutTheLink:
         assert response.status_code == 410 and not response.content.startswith(b"%PDF")
         # The expired page names the invoice and its amount, and how to reach the merchant.
         assert issued.number in response.text and "€120.50" in response.text and "help@acme.test" in response.text
+        assert response.text.count("mailto:help@acme.test") == 1  # in the page, not again in its footer
 
 
 class TestMerchantIdentity:
