@@ -625,7 +625,10 @@ async def request_fresh_link(request: Request, access: LinkAccess) -> Response:
     async with app.sessions.begin() as session:
         await fresh_links.request_fresh_link(session, app.settings, access.link_id)
     app.outbox_wakeup.set()
-    return render_page(request, "renewed.html", pay_path=access.path)
+    # In the language of the page it was asked from (the customer's stored one; a colleague's own).
+    page, _ = await _read_page(request, access.link_id)
+    stored = page.customer.locale if page.link.recipient_email is None else None
+    return render_page(request, "renewed.html", locale=request_locale(request, stored, app.settings.default_locale), pay_path=access.path)
 
 
 # --- GET …/invoice.pdf, …/receipt.pdf, /brand/logo, /favicon.ico ------------------------------------

@@ -131,6 +131,20 @@ class TestExpiredLinks:
         assert len(smtp.mailbox.to(issued.email)) == 4  # the invoice email and three fresh links, not four
         assert db_query(settings.database_url, "SELECT count(*) FROM link_requests WHERE sent") == [(3,)]
 
+    def test_the_answer_is_in_the_customer_s_language(
+        self, cli, localstripe: LocalStripe, smtp: SmtpServer, server, settings: Settings, browser_client: httpx.Client
+    ) -> None:
+        """A German customer (stored by finance) on an English browser: the expired page is German, and so is
+        the answer to its button (it followed the browser)."""
+        issued = issue_invoice(cli, localstripe, CARD_OK)
+        cli("customer", "update", issued.email, "--locale", "de")
+        expired_url = expire_links(settings, issued.number)
+        english = {"accept-language": "en"}
+        page = browser_client.get(expired_url, headers=english)
+        assert 'lang="de"' in page.text
+        renewed = browser_client.post(f"{expired_url}/renew", data={"csrf": csrf_of(page.text)}, headers=english)
+        assert renewed.status_code == 200 and 'lang="de"' in renewed.text
+
     def test_renew_needs_the_form_token(
         self, cli, localstripe: LocalStripe, server, settings: Settings, browser_client: httpx.Client
     ) -> None:
