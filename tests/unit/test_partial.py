@@ -149,7 +149,7 @@ class TestEmailsSayTheBalance:
             self.FACTS, amount_paid=60000, brand="visa", last4="4242", paid_at=self.WHEN, link_url=None, locale="de",
             allocation=allocation,
         )  # fmt: skip
-        assert mail.subject == "Beleg für 3 Rechnungen von Acme GmbH"
+        assert mail.subject == "Quittung für 3 Rechnungen von Acme GmbH"  # (one word for a receipt throughout)
         for number, amount in (("INV-7", 10000), ("INV-8", 20000), ("INV-9", 30000)):
             assert f"Rechnung {number}: {format_money(amount, 'eur', 'de')}\n" in mail.text
 
