@@ -98,8 +98,10 @@ class Settings:
         )
         try:
             return cls._read(config)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(str(exc).strip("'\"")) from None
+        except KeyError as exc:  # (its str() is the message in quotes)
+            raise ConfigError(str(exc.args[0]) if exc.args else str(exc)) from None
+        except ValueError as exc:  # (a message may end in a quote of its own: "... not 'red'")
+            raise ConfigError(str(exc)) from None
 
     def __post_init__(self) -> None:
         # A claimed attempt without a PaymentIntent id is released after STALE_CLAIM_SECONDS; if

@@ -648,3 +648,13 @@ class TestVoidWithReason:
 
 def flags_of(cli, number: str) -> list[str]:
     return [i for i in cli("invoice", "show", number, "--json").json()["flags"]]
+
+
+def test_a_bad_setting_is_quoted_whole(env: dict[str, str]) -> None:
+    """The value named in the message keeps both its quotes ("not 'red'", the closing one was cut)."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**env, "MERCHANT_BRAND_COLOR": "red"})
+    assert str(caught.value).endswith("not 'red'")
+    with pytest.raises(ConfigError) as missing:
+        Settings.from_env({k: v for k, v in env.items() if k != "LINK_SECRET_KEYS"})
+    assert str(missing.value) == "Config 'LINK_SECRET_KEYS' is missing, and has no default."
