@@ -67,7 +67,7 @@ class MailCatcher:
         path.write_bytes(envelope.content)
         body = message.get_body(preferencelist=("plain",))
         text = body.get_content() if body else ""  # type: ignore[union-attr]
-        link = re.search(r"https?://\S+", text)
+        link = re.search(r"https?://\S+/(?:pay|verify)/[A-Za-z0-9._-]+", text)  # ours, not a URL in an invoice's text
         summary = f"\n📧 Mail to {message['To']}: {message['Subject']}\n   saved as {path}"
         print(summary + (f"\n   link: {link.group(0)}" if link else ""), flush=True)
         return "250 OK"
@@ -91,11 +91,12 @@ def main() -> int:
         SMTP_HOST="127.0.0.1",
         SMTP_PORT=str(smtp_port),
         MAIL_FROM="billing@paylink.localhost",  # no display name: emails come from the legal name
-        MERCHANT_NAME="Paylink Demo Ltd",
-        MERCHANT_ADDRESS="12 Harbour Street|Leith|Edinburgh EH6 6QN|United Kingdom",
-        MERCHANT_TAX_ID="GB 123 4567 89",
+        # A German merchant: the demo's invoices charge German VAT (19 % and 7 %).
+        MERCHANT_NAME="Paylink Demo GmbH",
+        MERCHANT_ADDRESS="Friedrichstraße 68|10117 Berlin|Germany",
+        MERCHANT_TAX_ID="DE 123 456 789",
         MERCHANT_SUPPORT_EMAIL="accounts@paylink.localhost",
-        MERCHANT_SUPPORT_PHONE="+44 131 496 0000",
+        MERCHANT_SUPPORT_PHONE="+49 30 1234 5678",
         MERCHANT_LOGO_PATH=str(ROOT / "samples" / "logo.svg"),
         MERCHANT_BRAND_COLOR="#0b5cad",
         INVOICE_PDF_ATTACH="true",
@@ -164,9 +165,9 @@ def main() -> int:
             customer.id,
             "--verified",
             "--address-line1",
-            "12 Harbour Street",
+            "Kastanienallee 12",
             "--postal-code",
-            "10115",
+            "10435",
             "--city",
             "Berlin",
             "--country",
@@ -213,7 +214,7 @@ def main() -> int:
             "--deposit-percent",
             "30",
             "--due",
-            (date.today() + timedelta(days=45)).isoformat(),
+            (date.today() + timedelta(days=28)).isoformat(),  # within the link's 30 days
             "--send",
             "--json",
         )
