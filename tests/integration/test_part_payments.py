@@ -301,6 +301,9 @@ class TestEachPartHasItsReceipt:
         assert f'filename="{issued.number}-receipt-{first}.pdf"' in pdf.headers["content-disposition"]
         text = " ".join(pdf_text(pdf.content).split())
         assert first in text and "received €300.00 for invoice" in text and "Balance still due €700.00" in text
+        # The invoice PDF says what was paid so far, next to what is still due.
+        invoice_pdf = " ".join(pdf_text(browser_client.get(f"{links[0][0].split('/receipt.pdf')[0]}/invoice.pdf").content).split())
+        assert "Paid so far €300.00" in invoice_pdf and "Amount due €700.00" in invoice_pdf
         # Without a number there is no receipt yet: the invoice is not paid.
         page_path = links[0][0].split("/receipt.pdf")[0]
         assert browser_client.get(f"{page_path}/receipt.pdf").status_code == 404
