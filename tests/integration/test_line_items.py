@@ -155,10 +155,10 @@ class TestTheCustomerSeesTheLines:
         text, html = text_part(mail), html_part(mail)
         for expected in (
             "Consulting",
-            "3 × €400.00, Tax 19%: €1,200.00",
+            "3 × €400.00 = €1,200.00 (Tax 19%)",
             "Travel",
             "Handling fee",
-            "2 × €12.25: €24.50",
+            "2 × €12.25 = €24.50",
             f"Subtotal: €{SUBTOTAL / 100:,.2f}",
             "Tax 7%: €5.99",
             "Tax 19%: €228.00",
@@ -178,7 +178,7 @@ class TestTheCustomerSeesTheLines:
         [mail] = smtp.mailbox.wait_for(1)
         text = text_part(mail)
         for expected in (
-            "3 × 400,00\xa0€, MwSt. 19\xa0%: 1.200,00\xa0€",
+            "3 × 400,00\xa0€ = 1.200,00\xa0€ (MwSt. 19\xa0%)",
             "MwSt. 7\xa0%: 5,99\xa0€",
             "Zwischensumme",
             "Gesamtbetrag: 1.543,99\xa0€",

@@ -123,7 +123,7 @@ class TestEmails:
             (
                 "en",
                 [
-                    "3 × €400.00, Tax 19%: €1,200.00",
+                    "3 × €400.00 = €1,200.00 (Tax 19%)",  # the line's net amount, then its rate (not "Tax 19%: €1,200.00")
                     "Tax 7%: €5.99",
                     "Subtotal: €1,310.00",
                     "Total: €1,543.99",
@@ -133,7 +133,8 @@ class TestEmails:
             (
                 "de",
                 [
-                    "MwSt. 19\xa0%: 1.200,00\xa0€",
+                    "3 × 400,00\xa0€ = 1.200,00\xa0€ (MwSt. 19\xa0%)",
+                    "MwSt. 19\xa0%: 228,00\xa0€",
                     "Zwischensumme: 1.310,00\xa0€",
                     "Gesamtbetrag: 1.543,99\xa0€",
                     "Ausgestellt am: 23. November 2026",
