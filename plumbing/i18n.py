@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -76,23 +77,57 @@ def currency_digits(currency: str) -> int:
     return int(get_currency_precision(currency.upper()))
 
 
+# The currencies Stripe can charge: its "Supported presentment currencies", https://docs.stripe.com/currencies#presentment-currencies
+# (checked 2026-11-24). The page draws that list with a script, so text copies of it lack it; this is the list as
+# public transcriptions of the page give it (for a German account, and a later one that adds XCG).
+# Babel knows every ISO 4217 code, also those no one can pay in: XXX (no currency), XAU (gold), XTS (testing), XDR, fund
+# codes such as USN or CHE. Stripe refuses them, and the customer would get an invoice they cannot pay.
+STRIPE_CURRENCIES = frozenset(
+    """
+    usd aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bif bmd bnd bob brl bsd bwp byn bzd cad cdf chf clp cny
+    cop crc cve czk djf dkk dop dzd egp etb eur fjd fkp gbp gel gip gmd gnf gtq gyd hkd hnl htg huf idr ils inr isk jmd
+    jpy kes kgs khr kmf krw kyd kzt lak lbp lkr lrd lsl mad mdl mga mkd mmk mnt mop mur mvr mwk mxn myr mzn nad ngn nio
+    nok npr nzd pab pen pgk php pkr pln pyg qar ron rsd rub rwf sar sbd scr sek sgd shp sle sos srd std szl thb tjs top
+    try ttd twd tzs uah ugx uyu uzs vnd vuv wst xaf xcd xcg xof xpf yer zar zmw
+    """.split()
+)
+# Stripe's zero-decimal currencies (same page): every other one is sent to Stripe in hundredths. UGX is on that list,
+# but the page's "Special cases" say it is still sent in hundredths, like ISK.
+STRIPE_ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf vnd vuv xaf xof xpf".split())
+
+
 def check_currency(currency: str) -> str:
-    """Return the currency in Stripe's lower-case form, or raise MoneyError."""
+    """Return the currency in Stripe's lower-case form, or raise MoneyError. Only currencies Stripe can charge, and
+    only those whose minor unit (Babel's, which our amounts use) is the one Stripe expects: for ALL, ISK or UGX Babel
+    counts whole units and Stripe hundredths, so an invoice for 100 ALL would be charged 1.00 ALL."""
     code = currency.strip().upper()
     if len(code) != 3 or not is_currency(code):
         raise MoneyError(f"unknown currency {currency!r} (use an ISO 4217 code such as EUR)")
+    if code.lower() not in STRIPE_CURRENCIES:
+        raise MoneyError(f"currency {code} cannot be charged with Stripe (use a currency Stripe supports, such as EUR)")
+    if (currency_digits(code) == 0) != (code.lower() in STRIPE_ZERO_DECIMAL):
+        raise MoneyError(f"currency {code} is not supported: Stripe counts it in other units than Paylink does")
     return code.lower()
 
 
+# What the README promises for an amount: ASCII digits with an optional decimal point (a minus only to say why it is
+# refused). Decimal() alone also reads "1_000", "1e2", " Infinity" and other scripts' digits ("١٢٠").
+_AMOUNT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
 def to_minor_units(amount: str, currency: str) -> int:
-    """'120.50' EUR -> 12050; rejects more decimals than the currency has, zero and negatives."""
+    """'120.50' EUR -> 12050; rejects anything but plain digits, more decimals than the currency has, zero and negatives."""
     code = check_currency(currency)
     digits = currency_digits(code)
     try:
-        value = Decimal(amount.strip())
-    except (InvalidOperation, AttributeError):
+        text = amount.strip()
+    except AttributeError:
         raise MoneyError(f"amount {amount!r} is not a number") from None
-    if not value.is_finite() or value <= 0:
+    if not _AMOUNT.fullmatch(text):
+        example = "120.50" if digits else "1200"
+        raise MoneyError(f"amount {amount!r} is not a number (write digits and an optional decimal point, e.g. {example})")
+    value = Decimal(text)
+    if value <= 0:
         raise MoneyError(f"amount {amount!r} must be greater than zero")
     exponent = value.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > digits:
