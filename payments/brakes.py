@@ -111,6 +111,21 @@ def setup_intents_per_link(settings: Settings, link_hex: str, invoice_number: st
     )
 
 
+def setup_intents_per_invoice(settings: Settings, invoice_id_hex: str, invoice_number: str) -> Brake:
+    """The same limit for all of the invoice's links together: each colleague link (up to 3 a day from the
+    page) would otherwise bring a fresh budget of its own."""
+    return Brake(
+        "setup_intents",
+        "invoice",
+        invoice_id_hex,
+        settings.setup_intents_per_link_day,
+        DAY,
+        "SETUP_INTENTS_PER_LINK_DAY",
+        f"invoice {invoice_number} (all its links)",
+        f"invoice:{invoice_number}",
+    )
+
+
 def setup_intents_per_client(settings: Settings, client: str) -> Brake:
     label, subject = _client(client)
     return Brake("setup_intents", "client", client, settings.setup_intents_per_link_day, DAY, "SETUP_INTENTS_PER_LINK_DAY", label, subject)

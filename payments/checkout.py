@@ -147,12 +147,16 @@ async def start_new_card(
     """A SetupIntent for the link's payer (payments/payers.py); the page confirms it with Stripe.js.
     Returns its client secret.
 
-    At most SETUP_INTENTS_PER_LINK_DAY per link, and per client address (`client`, a keyed hash), in
-    a day: counted before anything is created at Stripe (a Stripe customer included)."""
+    At most SETUP_INTENTS_PER_LINK_DAY per link, per invoice (all its links: a colleague's too), and per
+    client address (`client`, a keyed hash), in a day: counted before anything is created at Stripe (a
+    Stripe customer included)."""
     async with sessions() as session:
         link, invoice, customer = await _payable_link(session, link_id)
     _check_payable(invoice)
-    limits = [brakes.setup_intents_per_link(settings, link_id.hex, invoice.number)]
+    limits = [
+        brakes.setup_intents_per_link(settings, link_id.hex, invoice.number),
+        brakes.setup_intents_per_invoice(settings, invoice.id.hex, invoice.number),
+    ]
     if client:
         limits.append(brakes.setup_intents_per_client(settings, client))
     await brakes.take(sessions, settings, *limits)

@@ -49,6 +49,21 @@ def trips_audited(settings: Settings, subject: str) -> list[tuple[Any, ...]]:
 class TestSetupIntentsPerLink:
     """A card tester posting to one link's new-card endpoint gets at most SETUP_INTENTS_PER_LINK_DAY SetupIntents."""
 
+    def test_colleague_links_bring_no_budget_of_their_own(
+        self, cli: Any, localstripe: LocalStripe, server: Any, browser_client: httpx.Client
+    ) -> None:
+        """Whoever holds the link can send it to 3 colleagues a day, each link its own: the limit is the invoice's too."""
+        issued = issue_invoice(cli, localstripe)
+        page = browser_client.get(issued.url)
+        mine = [browser_client.post(f"{page.url}/setup", data={"csrf": csrf_of(page.text)}, headers=address(n)) for n in range(10)]
+        assert [a.status_code for a in mine] == [200] * 10
+        colleague = cli("link", "issue", issued.number, "--to", "ap@example.com", "--json").json()["link"]["url"]
+        with httpx.Client(base_url=server.base, timeout=30, follow_redirects=True) as them:
+            theirs = them.get(colleague)
+            answer = them.post(f"{theirs.url}/setup", data={"csrf": csrf_of(theirs.text)}, headers=address(50))
+        assert answer.status_code == 429
+        assert len(setup_intents_for(localstripe, issued.stripe_customer)) == 10
+
     def test_forty_setups_make_at_most_ten_setup_intents(
         self,
         backend: str,
