@@ -177,6 +177,9 @@ def _parse(text: str, today: date) -> tuple[list[ImportRow], list[BadRow]]:
     has_items = any(c in header for c in ITEM_COLUMNS)
     missing = [c for c in REQUIRED if c not in header and not (c == "amount" and has_items)]
     if missing:
+        first_line = text.lstrip("\ufeff").split("\n", 1)[0]
+        if ";" in first_line and "," not in first_line:  # a spreadsheet set to a language that writes 1,5 saves with ";"
+            raise ImportError_("the columns are separated by ';': save the file as CSV with commas (e.g. \"CSV UTF-8 (comma delimited)\")")
         raise ImportError_(f"the header row lacks the column(s): {', '.join(missing)} (expected {','.join(REQUIRED + OPTIONAL)})")
     if has_items and not {"item_description", "item_unit_amount"} <= set(header):
         raise ImportError_(f"line items need at least the columns item_description and item_unit_amount (all: {','.join(ITEM_COLUMNS)})")
@@ -249,7 +252,7 @@ def _parse(text: str, today: date) -> tuple[list[ImportRow], list[BadRow]]:
                 BadRow(
                     first.line,
                     f"the same invoice (email, amount, currency, description, due date) is also on line {seen_keys[invoice.import_key]}; "
-                    "give each a number",
+                    "if it is there twice by mistake, remove one; if they are two invoices, give each its own number",
                 )
             )
             continue

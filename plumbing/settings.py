@@ -154,7 +154,7 @@ class Settings:
             merchant_name=config("MERCHANT_NAME", default="Paylink Demo Ltd"),
             finance_email=config("FINANCE_EMAIL", default=None),
             default_locale=config("DEFAULT_LOCALE", default="en"),
-            outbox_in_process=config("OUTBOX_IN_PROCESS", cast=bool, default=False),
+            outbox_in_process=_on_off(config, "OUTBOX_IN_PROCESS", False),
             outbox_batch_size=_positive(config, "OUTBOX_BATCH_SIZE", 100),
             outbox_backoff_base_seconds=config("OUTBOX_BACKOFF_BASE_SECONDS", cast=float, default=30.0),
             outbox_backoff_max_seconds=config("OUTBOX_BACKOFF_MAX_SECONDS", cast=float, default=3600.0),
@@ -291,7 +291,7 @@ def _merchant(config: Config) -> dict[str, Any]:
         "merchant_support_phone": config("MERCHANT_SUPPORT_PHONE", default=None) or None,
         "merchant_logo_path": check_logo(Path(logo)) if logo else None,
         "merchant_brand_color": brand_color(config("MERCHANT_BRAND_COLOR", default=None)),
-        "invoice_pdf_attach": config("INVOICE_PDF_ATTACH", cast=bool, default=False),
+        "invoice_pdf_attach": _on_off(config, "INVOICE_PDF_ATTACH", False),
     }
 
 

@@ -109,6 +109,7 @@ class TestFinanceSendsToAccountsPayable:
             assert other_number not in page and "open invoices" not in page  # never the customer's other invoices
             assert "Save this card" not in page
             assert "Pay by card" in page
+            assert "Paying by card needs JavaScript" in page and "saved card" not in page  # (without JavaScript: no "or a saved card")
             paid = pay_with_new_card(colleague, localstripe, url, CARD_OK, save=True)
             assert paid.status_code == 200, paid.text
             assert "Payment received" in paid.text

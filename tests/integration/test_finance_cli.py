@@ -658,3 +658,12 @@ def test_a_bad_setting_is_quoted_whole(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError) as missing:
         Settings.from_env({k: v for k, v in env.items() if k != "LINK_SECRET_KEYS"})
     assert str(missing.value) == "Config 'LINK_SECRET_KEYS' is missing, and has no default."
+
+
+def test_on_off_settings_read_alike(env: dict[str, str]) -> None:
+    """Every on/off setting takes on/off, true/false, yes/no, 1/0 (INVOICE_PDF_ATTACH and OUTBOX_IN_PROCESS took true/false only)."""
+    for word, value in (("on", True), ("yes", True), ("1", True), ("off", False), ("no", False), ("false", False)):
+        settings = Settings.from_env({**env, "INVOICE_PDF_ATTACH": word, "OUTBOX_IN_PROCESS": word})
+        assert (settings.invoice_pdf_attach, settings.outbox_in_process) == (value, value)
+    with pytest.raises(ConfigError, match="INVOICE_PDF_ATTACH must be on or off, not 'maybe'"):
+        Settings.from_env({**env, "INVOICE_PDF_ATTACH": "maybe"})
