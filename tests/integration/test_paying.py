@@ -120,7 +120,11 @@ class TestDeclines:
         assert "Payment received" in paid.text
         statuses = sorted(pi.status for pi in localstripe.payment_intents_for(issued.stripe_customer))
         assert statuses == ["requires_payment_method", "succeeded"]
-        assert invoice_status(cli, issued.number)["status"] == "paid"
+        shown = invoice_status(cli, issued.number)
+        assert shown["status"] == "paid"
+        # The online receipt names its number, as the PDF and the email do.
+        [receipt] = [p["receipt_number"] for p in shown["payments"] if p["receipt_number"]]
+        assert f"<dt>Receipt number</dt><dd>{receipt}</dd>" in browser_client.get(issued.url).text
 
 
 class TestBadRequests:
