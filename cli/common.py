@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, NoReturn
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from links.errors import LinkError
@@ -188,8 +189,34 @@ def emit(ctx: Context, result: dict[str, Any], human: Callable[[], None]) -> Non
         human()
 
 
-def table(*columns: str) -> Table:
-    return Table(*columns, show_edge=False, header_style="bold")
+def table(*columns: str | Column, show_lines: bool = False) -> Table:
+    return Table(*columns, show_edge=False, header_style="bold", show_lines=show_lines)
+
+
+def whole(header: str) -> Column:
+    """A column whose values are never cut nor wrapped: invoice numbers, amounts, dates, statuses."""
+    return Column(header, no_wrap=True)
+
+
+def free(header: str) -> Column:
+    """A column of free text (names, emails, notes): it wraps, and a long word (an email) folds onto the next line."""
+    return Column(header, overflow="fold")
+
+
+FREE_TEXT_MIN = 20  # narrower, an email or a note takes more lines than the row's figures: the table counts as too wide
+
+
+def fits(out: Table, width: int) -> bool:
+    """Whether every `whole` column shows in full within `width`, the free-text columns left at least
+    FREE_TEXT_MIN wide. When a table is too wide rich shortens every column alike ("INV-000…",
+    "€1,486.…"), so a command that can show its rows another way (fewer, taller columns) asks first."""
+    padding = out.padding[1] + out.padding[3]
+    needed = len(out.columns) - 1  # the rules between columns (tables here have no outer edge)
+    for column in out.columns:
+        lines = [line for cell in (column.header, *column.cells) for line in str(cell).splitlines()]
+        widest = max((cell_len(line) for line in lines), default=0)
+        needed += padding + (widest if column.no_wrap else min(widest, FREE_TEXT_MIN))
+    return needed <= width
 
 
 @contextmanager

@@ -6,7 +6,23 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-from cli.common import Context, Parser, Services, Subcommands, command, command_group, emit, parse_date, sync_quietly, table
+from rich.table import Column, Table
+
+from cli.common import (
+    Context,
+    Parser,
+    Services,
+    Subcommands,
+    command,
+    command_group,
+    emit,
+    fits,
+    free,
+    parse_date,
+    sync_quietly,
+    table,
+    whole,
+)
 from cli.links import link_record, print_link, ttl_warning
 from links.customers import find_customer
 from links.errors import LinkError
@@ -171,8 +187,10 @@ def _row_record(row: DeskRow) -> dict[str, Any]:
     }
 
 
-def _totals_record(currency: str, total: CurrencyTotal) -> dict[str, Any]:
+def _totals_record(currency: str, total: CurrencyTotal, refunded: int = 0) -> dict[str, Any]:
     amounts = {"due": total.due, "paid": total.paid, "outstanding": total.outstanding, "overdue": total.overdue}
+    if refunded:  # as the table shows them: only where something was paid back
+        amounts.update(refunded=refunded, net_paid=total.paid - refunded)
     money = _formatter(currency)
     return {"invoices": total.invoices, **amounts, "formatted": {name: money(value) for name, value in amounts.items()}}
 
@@ -361,42 +379,95 @@ async def list_(ctx: Context, services: Services) -> None:
     async with services.readers() as session:
         rows = await desk_rows(session, status=a.status, customer_email=a.customer, overdue=a.overdue, since=a.since)
     sums = currency_totals(rows)
+    refunded = _refunded_per_currency(rows)
 
     def human() -> None:
-        out = table("Number", "Customer", "Amount", "Paid", "Status", "Issued", "Due", "Attention")
-        for row in rows:
-            invoice = row.invoice
-            labels = [FLAG_LABELS[f] + (f" {row.days_overdue}d" if f == "overdue" else "") for f in row.flags]
-            out.add_row(
-                invoice.number,
-                row.customer.email,
-                format_money(invoice.amount_due, invoice.currency),
-                format_money(invoice.amount_paid, invoice.currency) if invoice.amount_paid else "-",
-                invoice.status,
-                _day(invoice.created_at),
-                _day(invoice.due_date),
-                ", ".join(labels),
-            )
-        ctx.console.print(out)
+        ctx.console.print(_list_table(rows, ctx.console.width))
         if not rows:
             ctx.console.print("No invoices.")
             return
-        per_currency = table("Currency", "Invoices", "Due", "Paid", "Outstanding", "Overdue")
-        for currency, total in sums.items():
-            per_currency.add_row(
-                currency.upper(),
-                str(total.invoices),
-                *(format_money(v, currency) for v in (total.due, total.paid, total.outstanding, total.overdue)),
-            )
         ctx.console.print()
         ctx.console.print("Totals per currency (void invoices count as invoices, not as amounts due):")
-        ctx.console.print(per_currency)
+        ctx.console.print(_totals_table(sums, refunded, ctx.console.width))
 
     emit(
         ctx,
-        {"invoices": [_row_record(r) for r in rows], "totals": {c: _totals_record(c, t) for c, t in sums.items()}},
+        {"invoices": [_row_record(r) for r in rows], "totals": {c: _totals_record(c, t, refunded.get(c, 0)) for c, t in sums.items()}},
         human,
     )
+
+
+def _refunded_per_currency(rows: list[DeskRow]) -> dict[str, int]:
+    """What was paid back, per currency, of the listed invoices: only currencies with a refund."""
+    refunded: dict[str, int] = {}
+    for row in rows:
+        if row.invoice.amount_refunded:
+            currency = row.invoice.currency
+            refunded[currency] = refunded.get(currency, 0) + row.invoice.amount_refunded
+    return refunded
+
+
+def _list_table(rows: list[DeskRow], width: int) -> Table:
+    """One row per invoice. Numbers, amounts, statuses and dates are never cut; when the terminal is too
+    narrow for a column each (80 columns), related values share a column, one under the other."""
+    refunds = any(row.invoice.amount_refunded for row in rows)
+    cells = []
+    for row in rows:
+        invoice = row.invoice
+        money = _formatter(invoice.currency)
+        labels = [FLAG_LABELS[f] + (f" {row.days_overdue}d" if f == "overdue" else "") for f in row.flags]
+        cells.append(
+            {
+                "number": invoice.number,
+                "customer": row.customer.email,
+                "amount": money(invoice.amount_due),
+                "paid": money(invoice.amount_paid) if invoice.amount_paid else "-",
+                "refunded": money(invoice.amount_refunded) if invoice.amount_refunded else "-",
+                "status": invoice.status,
+                "issued": _day(invoice.created_at),
+                "due": _day(invoice.due_date),
+                "attention": ", ".join(labels),
+            }
+        )
+    money_columns = ["amount", "paid", *(["refunded"] if refunds else [])]
+    wide = table(
+        whole("Number"), free("Customer"), whole("Amount"), whole("Paid"), *([whole("Refunded")] if refunds else []),
+        whole("Status"), whole("Issued"), whole("Due"), free("Attention"),
+    )  # fmt: skip
+    for c in cells:
+        wide.add_row(c["number"], c["customer"], *(c[name] for name in money_columns), c["status"], c["issued"], c["due"], c["attention"])
+    if fits(wide, width):
+        return wide
+    first = Column("Number\nCustomer", overflow="fold", min_width=max((len(c["number"]) for c in cells), default=6))
+    amounts = whole("Amount\nPaid" + ("\nRefunded" if refunds else ""))
+    stacked = table(first, amounts, whole("Status"), whole("Issued\nDue"), free("Attention"), show_lines=True)
+    for c in cells:
+        figures = [c["amount"], c["paid"], *([c["refunded"]] if c["refunded"] != "-" else [])]
+        stacked.add_row(f"{c['number']}\n{c['customer']}", "\n".join(figures), c["status"], f"{c['issued']}\n{c['due']}", c["attention"])
+    return stacked
+
+
+def _totals_table(sums: dict[str, CurrencyTotal], refunded: dict[str, int], width: int) -> Table:
+    """Per currency: due, paid, outstanding, overdue; with any refund, also refunded and net paid (paid
+    less refunded: what was kept), which share the Paid column when the terminal is narrow."""
+    paid_headers = ["Paid", *(["Refunded", "Net paid"] if refunded else [])]
+    rows = []
+    for currency, total in sums.items():
+        money = _formatter(currency)
+        back = refunded.get(currency, 0)
+        paid = [money(total.paid), *([money(back), money(total.paid - back)] if refunded else [])]
+        rows.append((currency.upper(), str(total.invoices), money(total.due), paid, money(total.outstanding), money(total.overdue)))
+    wide = table(whole("Currency"), whole("Invoices"), whole("Due"), *map(whole, paid_headers), whole("Outstanding"), whole("Overdue"))
+    for currency, count, due, paid, outstanding, overdue in rows:
+        wide.add_row(currency, count, due, *paid, outstanding, overdue)
+    if fits(wide, width):
+        return wide
+    stacked = table(
+        whole("Currency"), whole("Invoices"), whole("Due"), whole("\n".join(paid_headers)), whole("Outstanding"), whole("Overdue")
+    )
+    for currency, count, due, paid, outstanding, overdue in rows:
+        stacked.add_row(currency, count, due, "\n".join(paid), outstanding, overdue)
+    return stacked
 
 
 async def show(ctx: Context, services: Services) -> None:

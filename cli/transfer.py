@@ -6,6 +6,7 @@ import asyncio
 import csv
 import sys
 from pathlib import Path
+from typing import Any
 
 from cli.common import Context, Parser, Services, Subcommands, UserError, command, emit, jsonable, parse_date, print_json, progress
 from links import importer
@@ -157,5 +158,12 @@ async def export(ctx: Context, services: Services) -> None:
     writer.writeheader()
     with progress(ctx, len(rows), "Exporting") as advance:
         for row in rows:
-            writer.writerow({k: spreadsheet_safe(jsonable(v)) if v is not None else "" for k, v in row.items()})
+            writer.writerow({k: _csv_cell(v) for k, v in row.items()})
             advance(1)
+
+
+def _csv_cell(value: Any) -> Any:
+    """One CSV cell; a list (one value per payment, e.g. payment_intents) is joined with "; ", oldest first."""
+    if isinstance(value, list):
+        value = "; ".join("" if v is None else str(jsonable(v)) for v in value)
+    return spreadsheet_safe(jsonable(value)) if value is not None else ""

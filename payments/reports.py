@@ -26,8 +26,11 @@ EXPORT_COLUMNS = (
     "number", "customer_email", "customer_name", "status", "currency", "amount_due", "amount_due_formatted", "amount_paid",
     "amount_paid_formatted", "amount_refunded", "description", "due_date", "created_at", "paid_at", "stripe_payment_intent",
     "card", "link_sent_at", "link_first_opened_at", "link_last_opened_at", "link_opens", "needs_attention", "balance", "payments",
-    "allocation",
+    "allocation", "payment_intents", "receipt_numbers", "payment_amounts",
 )  # fmt: skip
+# The last three: every successful payment of the invoice, oldest first, one value per payment (JSON: lists;
+# CSV: joined with "; "). A part-paid invoice has several, and finance matches each PaymentIntent to a payout;
+# stripe_payment_intent and card stay the latest payment's, and payments their count, for the tools that read them.
 
 
 # CSV injection (formula injection), OWASP: https://owasp.org/www-community/attacks/CSV_Injection
@@ -52,36 +55,30 @@ def spreadsheet_safe(value: Any) -> Any:
 
 
 async def export_rows(session: AsyncSession, since: date | None) -> list[dict[str, Any]]:
-    """One row per invoice, with its paying PaymentIntent and link activity, ready for an accounting import."""
+    """One row per invoice, with the PaymentIntents that paid it and link activity, ready for an accounting import."""
     query = select(Invoice, Customer).join(Customer, Customer.id == Invoice.customer_id).order_by(Invoice.created_at, Invoice.number)
     if since is not None:
         query = query.where(Invoice.created_at >= datetime.combine(since, time.min, tzinfo=UTC))
     invoices = (await session.execute(query)).all()
     ids = [i.id for i, _ in invoices]
-    payments: dict[Any, Payment] = {}
-    counts: dict[Any, int] = {}
+    paid_by: dict[Any, list[tuple[Payment, int]]] = {}  # invoice id -> (payment, this invoice's share) per successful payment
     splits: dict[Any, list[str]] = {}  # invoice id -> "pi_…: INV-1 10000 + INV-2 20000" per pay-all payment that paid it
     links: dict[Any, tuple[Any, Any, Any, int]] = {}
     for chunk in chunked(ids):
         paid = await session.execute(
-            select(Payment)
-            .where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED, Payment.scope != "all")
-            .order_by(Payment.succeeded_at)
+            select(Payment).where(Payment.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED, Payment.scope != "all")
         )
         for p in paid.scalars():
-            payments[p.invoice_id] = p
-            counts[p.invoice_id] = counts.get(p.invoice_id, 0) + 1
+            paid_by.setdefault(p.invoice_id, []).append((p, p.amount))
         shared = await session.execute(
-            select(PaymentAllocation.invoice_id, Payment)
+            select(PaymentAllocation.invoice_id, PaymentAllocation.amount, Payment)
             .join(Payment, Payment.id == PaymentAllocation.payment_id)
             .where(PaymentAllocation.invoice_id.in_(chunk), Payment.status == PaymentStatus.SUCCEEDED)
-            .order_by(Payment.succeeded_at)
         )
         pay_all = list(shared.all())
-        lines = await _allocation_lines(session, list({p.id for _, p in pay_all}))
-        for invoice_id, p in pay_all:
-            payments[invoice_id] = p
-            counts[invoice_id] = counts.get(invoice_id, 0) + 1
+        lines = await _allocation_lines(session, list({p.id for _, _, p in pay_all}))
+        for invoice_id, share, p in pay_all:
+            paid_by.setdefault(invoice_id, []).append((p, share))
             splits.setdefault(invoice_id, []).append(f"{p.stripe_payment_intent_id}: {lines.get(p.id, '')}")
         activity = await session.execute(
             select(
@@ -97,7 +94,9 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
         links.update({row[0]: (row[1], row[2], row[3], int(row[4] or 0)) for row in activity})
     rows = []
     for invoice, customer in invoices:
-        payment = payments.get(invoice.id)
+        # Its own payments and the pay-all payments it was part of, oldest first; the last one is "the" payment.
+        paid_parts = sorted(paid_by.get(invoice.id, []), key=lambda part: (part[0].succeeded_at or part[0].created_at, part[0].created_at))
+        payment = paid_parts[-1][0] if paid_parts else None
         sent, first_open, last_open, opens = links.get(invoice.id, (None, None, None, 0))
         rows.append(
             {
@@ -123,8 +122,11 @@ async def export_rows(session: AsyncSession, since: date | None) -> list[dict[st
                 "link_opens": opens,
                 "needs_attention": invoice.needs_attention,
                 "balance": max(invoice.amount_due - invoice.amount_paid, 0) if invoice.status in InvoiceStatus.UNSETTLED else 0,
-                "payments": counts.get(invoice.id, 0),  # payments that counted (part payments: more than one)
+                "payments": len(paid_parts),  # payments that counted (part payments: more than one)
                 "allocation": "; ".join(splits.get(invoice.id, [])) or None,  # paid together with other invoices
+                "payment_intents": [p.stripe_payment_intent_id for p, _ in paid_parts],
+                "receipt_numbers": [p.receipt_number for p, _ in paid_parts],
+                "payment_amounts": [share for _, share in paid_parts],  # minor units; a pay-all payment: this invoice's share
             }
         )
     return rows
