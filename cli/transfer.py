@@ -49,7 +49,10 @@ async def import_csv(ctx: Context, services: Services) -> None:
     a = ctx.args
     try:
         text = await asyncio.to_thread(Path(a.file).read_text, encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # e.g. Excel's "CSV" in Windows-1252
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise UserError(f'cannot read {a.file}: it is not UTF-8 (line {line} is not): save it as "CSV UTF-8" and import it again') from None
+    except OSError as exc:
         raise UserError(f"cannot read {a.file}: {exc}") from None
     try:
         rows, bad = importer.parse_csv(text)

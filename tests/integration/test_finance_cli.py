@@ -667,3 +667,11 @@ def test_on_off_settings_read_alike(env: dict[str, str]) -> None:
         assert (settings.invoice_pdf_attach, settings.outbox_in_process) == (value, value)
     with pytest.raises(ConfigError, match="INVOICE_PDF_ATTACH must be on or off, not 'maybe'"):
         Settings.from_env({**env, "INVOICE_PDF_ATTACH": "maybe"})
+
+
+def test_a_file_that_is_not_utf8_says_how_to_save_it(cli, tmp_path: Path) -> None:
+    latin1 = tmp_path / "excel.csv"
+    latin1.write_bytes("email,name,amount,currency,description\nj@example.com,Jürgen Müller,12.50,eur,Beratung\n".encode("cp1252"))
+    result = cli("import", str(latin1))
+    assert result.code == 1 and 'it is not UTF-8 (line 2 is not): save it as "CSV UTF-8"' in result.err
+    assert cli("invoice", "list", "--json").json()["invoices"] == []
