@@ -51,8 +51,9 @@ from starlette.routing import Route
 
 from links import customers, fresh_links, verification
 from links.lines import lines_of, totals
-from links.models import Invoice, InvoiceStatus
+from links.models import InvoiceStatus
 from links.opens import OpenRecorder
+from links.partial import balance_of
 from payments import abandon, brakes, checkout, documents, payers
 from payments.gateway import GatewayError, GatewayUnavailable, StripeGateway
 from payments.models import Payment, PaymentStatus
@@ -377,9 +378,8 @@ def render_pay_state(
         return render_page(request, "revoked.html", locale=locale, status_code=410, **context)
     live = page.live_payment
     if invoice.status == InvoiceStatus.PROCESSING or (live is not None and live.status in PaymentStatus.IN_FLIGHT):
-        charging = live.amount if live is not None else _balance(invoice)  # (a part, the balance or a pay-all total)
         csrf = csrf_token(request, settings, page.link.id)
-        return render_page(request, "processing.html", locale=locale, charging=charging, csrf=csrf, **context)
+        return render_page(request, "processing.html", locale=locale, charging=_charging(page), csrf=csrf, **context)
     return render_page(
         request,
         "pay.html",
@@ -409,8 +409,10 @@ async def _remember_locale(request: Request, access: LinkAccess) -> None:
             await customers.remember_locale(session, settings, access.link_id, locale)
 
 
-def _balance(invoice: Invoice) -> int:
-    return max(invoice.amount_due - invoice.amount_paid, 0)
+def _charging(page: PayPage) -> int:
+    """What the live attempt charges (a part, the balance or a pay-all total), else the balance."""
+    live = page.live_payment
+    return live.amount if live is not None else balance_of(page.invoice.amount_due, page.invoice.amount_paid)
 
 
 async def _show(
@@ -467,8 +469,7 @@ async def _authenticate(request: Request, access: LinkAccess, client_secret: str
         invoice=page.invoice,
         customer=page.customer,
         **_lines_context(page),
-        # What the bank is asked to confirm: this attempt's amount (a part, the balance or a pay-all total).
-        charging=page.live_payment.amount if page.live_payment is not None else _balance(page.invoice),
+        charging=_charging(page),  # what the bank is asked to confirm: this attempt's amount
         client_secret=client_secret,
         publishable_key=app.settings.stripe_publishable_key,
         stripe_js_url=app.settings.stripe_js_url,
