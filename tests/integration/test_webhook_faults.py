@@ -63,21 +63,27 @@ class TestEventsThatCanNeverBeApplied:
         assert (response.status_code, response.json()["duplicate"]) == (200, False)
 
 
+def one_batch(settings: Settings, *events: dict[str, Any]) -> list[Any]:
+    """The events applied as one batch of the SQLite writer (what a burst of deliveries becomes)."""
+    from payments.sqlite_batches import SqliteBatchWriter
+
+    writer = SqliteBatchWriter(settings)
+    try:
+        return writer.apply_batch(list(events))
+    finally:
+        in_thread(asyncio.run, writer.close())
+
+
 class TestRefusedAmongGoodOnes:
     """In one batch of the SQLite writer, a broken event is refused alone; its neighbours are applied."""
 
     def test_batch_with_a_broken_event(self, cli: Any, localstripe: LocalStripe, settings: Settings) -> None:
         from payments.events import EventRefused
-        from payments.sqlite_batches import SqliteBatchWriter
 
         issued = issue_invoice(cli, localstripe, CARD_OK)
         good = event("evt_batch_good", "payment_intent.succeeded", {"object": paid_intent_for(localstripe, issued)})
         broken = event("evt_batch_broken", "payment_intent.succeeded", {"object": {"id": "pi_q", "amount": None}})
-        writer = SqliteBatchWriter(settings)
-        try:
-            results = writer.apply_batch([broken, good])
-        finally:
-            in_thread(asyncio.run, writer.close())
+        results = one_batch(settings, broken, good)
         assert isinstance(results[0], EventRefused) and results[1] is True
         assert invoice_status(cli, issued.number)["status"] == "paid"
         assert db_query(settings.database_url, "SELECT count(*) FROM webhook_events WHERE id LIKE 'evt_batch_%'") == [(2,)]
@@ -130,16 +136,11 @@ class TestUnstorableAmongGoodOnes:
         self, cli: Any, localstripe: LocalStripe, settings: Settings, caplog: pytest.LogCaptureFixture
     ) -> None:
         from payments.events import EventRefused
-        from payments.sqlite_batches import SqliteBatchWriter
 
         issued = issue_invoice(cli, localstripe, CARD_OK)
         good = event("evt_batch_good", "payment_intent.succeeded", {"object": paid_intent_for(localstripe, issued)})
         unstorable = {**event("evt_batch_huge", "payment_intent.succeeded", None), "created": 2**70}
-        writer = SqliteBatchWriter(settings)
-        try:
-            results = writer.apply_batch([unstorable, good])
-        finally:
-            in_thread(asyncio.run, writer.close())
+        results = one_batch(settings, unstorable, good)
         assert isinstance(results[0], EventRefused) and results[1] is True
         assert invoice_status(cli, issued.number)["status"] == "paid"
         assert db_query(settings.database_url, "SELECT id FROM webhook_events WHERE id LIKE 'evt_batch_%'") == [("evt_batch_good",)]
